@@ -1,0 +1,55 @@
+# apm-ext: a Lambda extension for Elastic APM. See README.md.
+# all: the static musl binary; test: unit (sanitizers) + end-to-end;
+# bench: cold start, memory, latency; fuzz: libFuzzer targets; layer: zips.
+
+ARCH       ?= x86_64
+MUSL_CC    ?= musl-gcc
+BEARSSL_A  ?= /usr/lib/$(ARCH)-linux-gnu/libbearssl.a
+CFLAGS_REL  = -std=c11 -Os -Wall -Wextra -ffunction-sections -fdata-sections \
+              -fno-asynchronous-unwind-tables -fno-stack-protector \
+              -D_GNU_SOURCE -I/usr/include/bearssl
+LDFLAGS_REL = -static -s -Wl,--gc-sections
+HOST_CC    ?= cc
+TEST_FLAGS  = -std=c11 -g -O1 -Wall -Wextra -Werror -D_GNU_SOURCE \
+              -DAPM_EXT_TEST -fsanitize=address,undefined -fno-omit-frame-pointer \
+              -I/usr/include/bearssl -I.
+
+.PHONY: all deps test unit e2e bench fuzz layer demo clean
+
+all: apm-ext
+
+deps:
+	@sh test/deps.sh
+
+apm-ext: apm-ext.c apm-ext.h
+	@command -v $(MUSL_CC) >/dev/null && [ -f $(BEARSSL_A) ] || sh test/deps.sh
+	$(MUSL_CC) $(CFLAGS_REL) -o $@ apm-ext.c $(BEARSSL_A) $(LDFLAGS_REL)
+	@echo "apm-ext: $$(stat -c %s $@) bytes"
+
+build/unit: test/unit.c apm-ext.c apm-ext.h
+	@mkdir -p build
+	$(HOST_CC) $(TEST_FLAGS) -o $@ test/unit.c $(BEARSSL_A)
+
+unit: build/unit
+	./build/unit
+
+e2e: apm-ext
+	python3 test/e2e.py --binary ./apm-ext
+
+test: apm-ext build/unit
+	@sh test/run-all.sh
+
+bench: apm-ext
+	python3 test/bench.py --binary ./apm-ext
+
+fuzz:
+	@sh test/fuzz.sh $(FUZZ_SECONDS)
+
+layer:
+	@sh layer/build.sh
+
+demo: apm-ext
+	@sh test/demo.sh
+
+clean:
+	rm -rf build apm-ext layer/*.zip

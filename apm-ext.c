@@ -1,0 +1,4286 @@
+/*
+ * apm-ext - an AWS Lambda extension for Elastic APM.
+ *
+ * Inside a Lambda sandbox, Elastic's APM agents send their data to a local
+ * HTTP server on port 8200 that this daemon runs. It queues each agent
+ * request as received (same bytes, same Content-Encoding) and streams it to
+ * the real APM server over kept-alive HTTP/1.1, retrying with backoff what
+ * fails. It speaks the Lambda Extensions API (register, then a long-polling
+ * /event/next) and the Telemetry API, and holds each invocation (in the
+ * default syncflush strategy) only until its data is delivered, so nothing
+ * waits in a frozen sandbox. One process, one thread, one poll() loop over
+ * non-blocking sockets; memory is reserved at start-up and never grown.
+ *
+ * CONTENTS (keep this order; new code goes in its section)
+ *   1. Includes, shims and internal limits
+ *   2. Utilities: errors, strings, clock, log
+ *   3. JSON reader and writer
+ *   4. HTTP/1.1 head parser
+ *   5. Chunked decoder
+ *   6. Settings, URLs, durations, backoff
+ *   7. Lambda events and telemetry records
+ *   8. State: connections, queue, invocation, config
+ *   9. Payload queue
+ *  10. Sockets and I/O table
+ *  11. TLS glue
+ *  12. Upstream connections: forwarder and proxy
+ *  13. Local receiver: agent connections
+ *  14. Telemetry listener and platform events
+ *  15. Lambda Extensions API client
+ *  16. Event loop
+ *  17. Configuration and main
+ */
+
+/* == 1. Includes, shims and internal limits == */
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <bearssl.h>
+
+#include "apm-ext.h"
+
+/*
+ * Debian's libbearssl.a is built with _FORTIFY_SOURCE and calls these; musl
+ * does not provide them. Same contract as glibc's: abort on overflow.
+ */
+void *__memcpy_chk(void *dst, const void *src, size_t n, size_t dstlen);
+void *__memset_chk(void *dst, int c, size_t n, size_t dstlen);
+void *
+__memcpy_chk(void *dst, const void *src, size_t n, size_t dstlen)
+{
+	if (n > dstlen)
+		abort();
+	return memcpy(dst, src, n);
+}
+void *
+__memset_chk(void *dst, int c, size_t n, size_t dstlen)
+{
+	if (n > dstlen)
+		abort();
+	return memset(dst, c, n);
+}
+
+#define MAX_AGENT_CONNS 64      /* agent connections; the idlest is evicted */
+#define MAX_UPSTREAM 4          /* connections to the APM server */
+#define RX_BUF 16384            /* receive buffer of a connection */
+#define TX_BUF 16384            /* send buffer of a connection */
+#define BLOCK_SIZE 32768        /* queue block */
+#define QUEUE_BYTES_DEFAULT (16u << 20)
+#define TEL_BODY_MAX (2u << 20) /* telemetry POST body (2 x maxBytes) */
+#define TEL_TOKENS 2048         /* tokens of one telemetry record */
+#define REG_MAX 16384           /* /register/transaction body */
+#define PROXY_BODY_MAX 65536    /* proxied request or response body */
+#define ERRTEXT_MAX 512         /* upstream error text kept for the log */
+#define SHUTDOWN_MARGIN_MS 150  /* exit this long before deadlineMs */
+#define DEADLINE_MARGIN_MS 100  /* an invocation ends this long before its deadline */
+#define TELEMETRY_PORT_DEFAULT 8201
+#define REPORT_WAIT_MS 500      /* at SHUTDOWN, wait this long for the last report */
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#define LIT(s) (s), (sizeof(s) - 1)
+
+#ifdef APM_EXT_TEST
+#define NEVER(x) (assert_never(#x, (x)))
+static int
+assert_never(const char *what, int x)
+{
+	if (x) {
+		fprintf(stderr, "NEVER failed: %s\n", what);
+		abort();
+	}
+	return 0;
+}
+#else
+#define NEVER(x) (x)
+#endif
+
+/* == 2. Utilities: errors, strings, clock, log == */
+
+static const char *const err_messages[] = {
+#define APM_ERR_MSG(name, msg) msg,
+	APM_ERRORS(APM_ERR_MSG)
+#undef APM_ERR_MSG
+};
+
+const char *
+apm_err_str(enum apm_err e)
+{
+	if ((unsigned)e >= APM_E__COUNT)
+		return "unknown error";
+	return err_messages[e];
+}
+
+static int
+lower(int c)
+{
+	return c >= 'A' && c <= 'Z' ? c + 32 : c;
+}
+
+int
+apm_str_ieq(struct apm_str s, const char *lit)
+{
+	size_t n = strlen(lit);
+	if (s.len != n)
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		if (lower((unsigned char)s.ptr[i]) != lower((unsigned char)lit[i]))
+			return 0;
+	return 1;
+}
+
+static int
+str_has_prefix(struct apm_str s, const char *lit)
+{
+	size_t n = strlen(lit);
+	return s.len >= n && memcmp(s.ptr, lit, n) == 0;
+}
+
+/* Copy a view into a fixed array, truncating; always NUL-terminated. */
+static void
+str_copy(char *dst, size_t cap, struct apm_str s)
+{
+	size_t n = MIN(s.len, cap - 1);
+	memcpy(dst, s.ptr, n);
+	dst[n] = 0;
+}
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t
+epoch_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+enum log_level { LOG_TRACE, LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR,
+	LOG_CRITICAL, LOG_OFF };
+static const char *const log_names[] = { "trace", "debug", "info", "warn",
+	"error", "critical", "off" };
+static int log_threshold = LOG_INFO;
+
+/*
+ * One JSON line per event on stderr: time, level, msg. msg is printf-formatted
+ * then escaped, so callers pass plain words; a secret is never an argument.
+ */
+__attribute__((format(printf, 2, 3))) static void
+log_at(int level, const char *fmt, ...)
+{
+	char msg[1024], line[2300];
+	if (level < log_threshold)
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	int64_t us = epoch_us();
+	time_t secs = (time_t)(us / 1000000);
+	struct tm tm;
+	gmtime_r(&secs, &tm);
+	int n = snprintf(line, sizeof line,
+	    "{\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03dZ\",\"level\":\"%s\","
+	    "\"logger\":\"apm-ext\",\"msg\":\"", tm.tm_year + 1900, tm.tm_mon + 1,
+	    tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+	    (int)(us / 1000 % 1000), log_names[level]);
+	int e = apm_json_escape(msg, strlen(msg), line + n, sizeof line - n - 4);
+	if (e < 0)
+		e = 0;
+	n += e;
+	memcpy(line + n, "\"}\n", 3);
+	n += 3;
+	ssize_t w = write(2, line, (size_t)n);
+	(void)w;
+}
+
+#define log_trace(...) log_at(LOG_TRACE, __VA_ARGS__)
+#define log_debug(...) log_at(LOG_DEBUG, __VA_ARGS__)
+#define log_info(...) log_at(LOG_INFO, __VA_ARGS__)
+#define log_warn(...) log_at(LOG_WARN, __VA_ARGS__)
+#define log_error(...) log_at(LOG_ERROR, __VA_ARGS__)
+
+/* == 3. JSON reader and writer ==
+ * A recursive-descent validator that emits jsmn-like tokens. Depth is bounded
+ * by APM_JSON_MAX_DEPTH, so recursion is too. Offsets are 32-bit: inputs are
+ * bounded far below 4 GiB by every caller.
+ */
+
+struct json_parser {
+	const char *js;
+	size_t len, pos;
+	struct apm_json_tok *toks;
+	unsigned cap, n, depth;
+	enum apm_err err;
+};
+
+static int json_value(struct json_parser *p);
+
+static void
+json_ws(struct json_parser *p)
+{
+	while (p->pos < p->len) {
+		char c = p->js[p->pos];
+		if (c != ' ' && c != '\t' && c != '\n' && c != '\r')
+			break;
+		p->pos++;
+	}
+}
+
+static int
+json_fail(struct json_parser *p, enum apm_err e)
+{
+	p->err = e;
+	return -1;
+}
+
+/* Reserve the next token; returns its index or -1 when the array is full. */
+static int
+json_tok(struct json_parser *p, int type, size_t start)
+{
+	if (p->toks) {
+		if (p->n >= p->cap)
+			return json_fail(p, APM_E_JSON_TOO_LARGE);
+		struct apm_json_tok *t = &p->toks[p->n];
+		t->type = (uint8_t)type;
+		t->start = (uint32_t)start;
+		t->end = (uint32_t)start;
+		t->size = 0;
+	}
+	return (int)p->n++;
+}
+
+static void
+json_close(struct json_parser *p, int i, size_t end, uint32_t size)
+{
+	if (p->toks) {
+		p->toks[i].end = (uint32_t)end;
+		p->toks[i].size = size;
+	}
+}
+
+static int
+hexval(int c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	c = lower(c);
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	return -1;
+}
+
+static int
+json_string(struct json_parser *p)
+{
+	size_t start = ++p->pos; /* past the opening quote */
+	while (p->pos < p->len) {
+		unsigned char c = (unsigned char)p->js[p->pos];
+		if (c == '"') {
+			int i = json_tok(p, APM_JSON_STRING, start);
+			if (i < 0)
+				return -1;
+			json_close(p, i, p->pos, 0);
+			p->pos++;
+			return i;
+		}
+		if (c < 0x20)
+			return json_fail(p, APM_E_BAD_JSON);
+		if (c == '\\') {
+			if (++p->pos >= p->len)
+				break;
+			c = (unsigned char)p->js[p->pos];
+			if (c == 'u') {
+				if (p->len - p->pos < 5)
+					break;
+				for (int k = 1; k <= 4; k++)
+					if (hexval(p->js[p->pos + k]) < 0)
+						return json_fail(p, APM_E_BAD_JSON);
+				p->pos += 4;
+			} else if (!strchr("\"\\/bfnrt", c) || c == 0) {
+				return json_fail(p, APM_E_BAD_JSON);
+			}
+		}
+		p->pos++;
+	}
+	return json_fail(p, APM_E_BAD_JSON);
+}
+
+static int
+json_digits(struct json_parser *p)
+{
+	size_t s = p->pos;
+	while (p->pos < p->len && p->js[p->pos] >= '0' && p->js[p->pos] <= '9')
+		p->pos++;
+	return p->pos > s ? 0 : -1;
+}
+
+static int
+json_number(struct json_parser *p)
+{
+	size_t start = p->pos;
+	if (p->js[p->pos] == '-')
+		p->pos++;
+	if (p->pos < p->len && p->js[p->pos] == '0')
+		p->pos++;
+	else if (json_digits(p) < 0)
+		return json_fail(p, APM_E_BAD_JSON);
+	if (p->pos < p->len && p->js[p->pos] == '.') {
+		p->pos++;
+		if (json_digits(p) < 0)
+			return json_fail(p, APM_E_BAD_JSON);
+	}
+	if (p->pos < p->len && (p->js[p->pos] == 'e' || p->js[p->pos] == 'E')) {
+		p->pos++;
+		if (p->pos < p->len && (p->js[p->pos] == '+' || p->js[p->pos] == '-'))
+			p->pos++;
+		if (json_digits(p) < 0)
+			return json_fail(p, APM_E_BAD_JSON);
+	}
+	int i = json_tok(p, APM_JSON_NUMBER, start);
+	if (i >= 0)
+		json_close(p, i, p->pos, 0);
+	return i;
+}
+
+static int
+json_literal(struct json_parser *p, const char *lit, int type)
+{
+	size_t n = strlen(lit);
+	if (p->len - p->pos < n || memcmp(p->js + p->pos, lit, n) != 0)
+		return json_fail(p, APM_E_BAD_JSON);
+	int i = json_tok(p, type, p->pos);
+	p->pos += n;
+	if (i >= 0)
+		json_close(p, i, p->pos, 0);
+	return i;
+}
+
+/* Objects and arrays share one loop: an object element is key ':' value. */
+static int
+json_container(struct json_parser *p, int is_obj)
+{
+	if (++p->depth > APM_JSON_MAX_DEPTH)
+		return json_fail(p, APM_E_JSON_TOO_LARGE);
+	int i = json_tok(p, is_obj ? APM_JSON_OBJECT : APM_JSON_ARRAY, p->pos);
+	if (i < 0)
+		return -1;
+	char close = is_obj ? '}' : ']';
+	uint32_t size = 0;
+	p->pos++;
+	json_ws(p);
+	if (p->pos < p->len && p->js[p->pos] == close)
+		goto done;
+	for (;;) {
+		json_ws(p);
+		if (is_obj) {
+			if (p->pos >= p->len || p->js[p->pos] != '"')
+				return json_fail(p, APM_E_BAD_JSON);
+			if (json_string(p) < 0)
+				return -1;
+			json_ws(p);
+			if (p->pos >= p->len || p->js[p->pos] != ':')
+				return json_fail(p, APM_E_BAD_JSON);
+			p->pos++;
+		}
+		if (json_value(p) < 0)
+			return -1;
+		size++;
+		json_ws(p);
+		if (p->pos >= p->len)
+			return json_fail(p, APM_E_BAD_JSON);
+		if (p->js[p->pos] == close)
+			break;
+		if (p->js[p->pos] != ',')
+			return json_fail(p, APM_E_BAD_JSON);
+		p->pos++;
+	}
+done:
+	p->pos++;
+	p->depth--;
+	json_close(p, i, p->pos, size);
+	return i;
+}
+
+static int
+json_value(struct json_parser *p)
+{
+	json_ws(p);
+	if (p->pos >= p->len)
+		return json_fail(p, APM_E_BAD_JSON);
+	char c = p->js[p->pos];
+	switch (c) {
+	case '{': return json_container(p, 1);
+	case '[': return json_container(p, 0);
+	case '"': return json_string(p);
+	case 't': return json_literal(p, "true", APM_JSON_TRUE);
+	case 'f': return json_literal(p, "false", APM_JSON_FALSE);
+	case 'n': return json_literal(p, "null", APM_JSON_NULL);
+	default:
+		if (c == '-' || (c >= '0' && c <= '9'))
+			return json_number(p);
+		return json_fail(p, APM_E_BAD_JSON);
+	}
+}
+
+int
+apm_json_parse(const char *js, size_t len, struct apm_json_tok *toks,
+    unsigned cap, size_t *end, enum apm_err *err)
+{
+	struct json_parser p = { js, len, 0, toks, cap, 0, 0, APM_E_OK };
+	enum apm_err dummy;
+	if (!err)
+		err = &dummy;
+	*err = APM_E_OK;
+	if (len >= UINT32_MAX) {
+		*err = APM_E_JSON_TOO_LARGE;
+		return APM_MALFORMED;
+	}
+	if (json_value(&p) < 0) {
+		*err = p.err;
+		return APM_MALFORMED;
+	}
+	if (end) {
+		*end = p.pos;
+	} else {
+		json_ws(&p);
+		if (p.pos != len) {
+			*err = APM_E_BAD_JSON;
+			return APM_MALFORMED;
+		}
+	}
+	return (int)p.n;
+}
+
+int
+apm_json_skip(const struct apm_json_tok *toks, int n, int i)
+{
+	int j = i + 1;
+	while (j < n && toks[j].start < toks[i].end)
+		j++;
+	return j;
+}
+
+int
+apm_json_eq(const char *js, const struct apm_json_tok *t, const char *lit)
+{
+	size_t n = strlen(lit);
+	return t->type == APM_JSON_STRING && t->end - t->start == n &&
+	    memcmp(js + t->start, lit, n) == 0;
+}
+
+int
+apm_json_get(const char *js, const struct apm_json_tok *toks, int n, int obj,
+    const char *key)
+{
+	if (obj < 0 || obj >= n || toks[obj].type != APM_JSON_OBJECT)
+		return -1;
+	int j = obj + 1;
+	for (uint32_t k = 0; k < toks[obj].size && j + 1 < n; k++) {
+		if (apm_json_eq(js, &toks[j], key))
+			return j + 1;
+		j = apm_json_skip(toks, n, j + 1);
+	}
+	return -1;
+}
+
+static int
+utf8_put(char *out, size_t cap, size_t o, uint32_t cp)
+{
+	char b[4];
+	int n;
+	if (cp < 0x80) {
+		b[0] = (char)cp;
+		n = 1;
+	} else if (cp < 0x800) {
+		b[0] = (char)(0xC0 | cp >> 6);
+		b[1] = (char)(0x80 | (cp & 0x3F));
+		n = 2;
+	} else if (cp < 0x10000) {
+		b[0] = (char)(0xE0 | cp >> 12);
+		b[1] = (char)(0x80 | (cp >> 6 & 0x3F));
+		b[2] = (char)(0x80 | (cp & 0x3F));
+		n = 3;
+	} else {
+		b[0] = (char)(0xF0 | cp >> 18);
+		b[1] = (char)(0x80 | (cp >> 12 & 0x3F));
+		b[2] = (char)(0x80 | (cp >> 6 & 0x3F));
+		b[3] = (char)(0x80 | (cp & 0x3F));
+		n = 4;
+	}
+	if (o + (size_t)n >= cap)
+		return -1;
+	memcpy(out + o, b, (size_t)n);
+	return n;
+}
+
+static uint32_t
+hex4(const char *s)
+{
+	uint32_t v = 0;
+	for (int k = 0; k < 4; k++)
+		v = v << 4 | (uint32_t)hexval(s[k]);
+	return v;
+}
+
+int
+apm_json_str(const char *js, const struct apm_json_tok *t, char *out,
+    size_t cap)
+{
+	size_t o = 0;
+	if (cap == 0 || t->type != APM_JSON_STRING)
+		return -1;
+	for (uint32_t i = t->start; i < t->end; i++) {
+		char c = js[i];
+		if (c == '\\') {
+			c = js[++i];
+			const char *map = "\"\"\\\\//b\bf\fn\nr\rt\t";
+			const char *m = strchr(map, c);
+			if (c == 'u') {
+				uint32_t cp = hex4(js + i + 1);
+				i += 4;
+				if (cp >= 0xD800 && cp < 0xDC00 && i + 6 < t->end &&
+				    js[i + 1] == '\\' && js[i + 2] == 'u') {
+					uint32_t lo = hex4(js + i + 3);
+					if (lo >= 0xDC00 && lo < 0xE000) {
+						cp = 0x10000 + ((cp - 0xD800) << 10) +
+						    (lo - 0xDC00);
+						i += 6;
+					}
+				}
+				int w = utf8_put(out, cap, o, cp);
+				if (w < 0)
+					return -1;
+				o += (size_t)w;
+				continue;
+			}
+			if (!m)
+				return -1;
+			c = m[1];
+		}
+		if (o + 1 >= cap)
+			return -1;
+		out[o++] = c;
+	}
+	out[o] = 0;
+	return (int)o;
+}
+
+int
+apm_json_int(const char *js, const struct apm_json_tok *t, int64_t *out)
+{
+	double d;
+	if (t->type != APM_JSON_NUMBER)
+		return -1;
+	int64_t v = 0;
+	uint32_t i = t->start;
+	int neg = js[i] == '-';
+	i += (uint32_t)neg;
+	for (; i < t->end && js[i] >= '0' && js[i] <= '9'; i++) {
+		if (v > (INT64_MAX - 9) / 10)
+			return -1;
+		v = v * 10 + (js[i] - '0');
+	}
+	if (i < t->end && js[i] != '.') { /* exponent: go through double */
+		if (apm_json_double(js, t, &d) < 0 || d > 9e18 || d < -9e18)
+			return -1;
+		*out = (int64_t)d;
+		return 0;
+	}
+	*out = neg ? -v : v;
+	return 0;
+}
+
+int
+apm_json_double(const char *js, const struct apm_json_tok *t, double *out)
+{
+	char buf[64];
+	size_t n = t->end - t->start;
+	if (t->type != APM_JSON_NUMBER || n >= sizeof buf)
+		return -1;
+	memcpy(buf, js + t->start, n);
+	buf[n] = 0;
+	*out = strtod(buf, NULL);
+	return 0;
+}
+
+int
+apm_json_escape(const char *s, size_t len, char *out, size_t cap)
+{
+	static const char hex[] = "0123456789abcdef";
+	size_t o = 0;
+	for (size_t i = 0; i < len; i++) {
+		unsigned char c = (unsigned char)s[i];
+		char esc = 0;
+		switch (c) {
+		case '"': esc = '"'; break;
+		case '\\': esc = '\\'; break;
+		case '\n': esc = 'n'; break;
+		case '\r': esc = 'r'; break;
+		case '\t': esc = 't'; break;
+		case '\b': esc = 'b'; break;
+		case '\f': esc = 'f'; break;
+		}
+		if (esc || c < 0x20) {
+			size_t need = esc ? 2 : 6;
+			if (o + need > cap)
+				return -1;
+			out[o++] = '\\';
+			if (esc) {
+				out[o++] = esc;
+			} else {
+				memcpy(out + o, "u00", 3);
+				out[o + 3] = hex[c >> 4];
+				out[o + 4] = hex[c & 15];
+				o += 5;
+			}
+			continue;
+		}
+		if (o + 1 > cap)
+			return -1;
+		out[o++] = (char)c;
+	}
+	return (int)o;
+}
+
+/* == 4. HTTP/1.1 head parser ==
+ * One parser for requests and responses. It first finds the blank line that
+ * ends the head (scanning only what is new since prev_len), then parses the
+ * whole head once. Header values are trimmed views into buf.
+ */
+
+static int
+is_tchar(int c)
+{
+	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') ||
+	    (c >= 'A' && c <= 'Z') || (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+/* Offset just past the head's terminating empty line, or 0 if not found. */
+static size_t
+http_head_end(const char *buf, size_t len, size_t prev_len)
+{
+	size_t i = prev_len > 3 ? prev_len - 3 : 0;
+	for (; i < len; i++) {
+		if (buf[i] != '\n')
+			continue;
+		if (i + 1 < len && buf[i + 1] == '\n')
+			return i + 2;
+		if (i + 2 < len && buf[i + 1] == '\r' && buf[i + 2] == '\n')
+			return i + 3;
+	}
+	return 0;
+}
+
+/* The next line of buf[*pos..end), without its CRLF or LF. */
+static struct apm_str
+http_line(const char *buf, size_t end, size_t *pos)
+{
+	size_t s = *pos, e = s;
+	while (e < end && buf[e] != '\n')
+		e++;
+	*pos = e < end ? e + 1 : e;
+	if (e > s && buf[e - 1] == '\r')
+		e--;
+	return (struct apm_str){ buf + s, e - s };
+}
+
+static int
+http_fail(struct apm_http_msg *m, enum apm_err e)
+{
+	m->error = e;
+	return APM_MALFORMED;
+}
+
+static int
+http_parse_version(struct apm_str v, struct apm_http_msg *m)
+{
+	if (v.len != 8 || memcmp(v.ptr, "HTTP/1.", 7) != 0 ||
+	    (v.ptr[7] != '0' && v.ptr[7] != '1'))
+		return -1;
+	m->minor_version = v.ptr[7] - '0';
+	m->close = m->minor_version == 0;
+	return 0;
+}
+
+static int
+http_request_line(struct apm_str l, struct apm_http_msg *m)
+{
+	const char *sp1 = memchr(l.ptr, ' ', l.len);
+	if (!sp1 || sp1 == l.ptr)
+		return -1;
+	const char *rest = sp1 + 1;
+	size_t rlen = l.len - (size_t)(rest - l.ptr);
+	const char *sp2 = memchr(rest, ' ', rlen);
+	if (!sp2 || sp2 == rest)
+		return -1;
+	m->method = (struct apm_str){ l.ptr, (size_t)(sp1 - l.ptr) };
+	m->target = (struct apm_str){ rest, (size_t)(sp2 - rest) };
+	for (size_t i = 0; i < m->method.len; i++)
+		if (!is_tchar((unsigned char)m->method.ptr[i]))
+			return -1;
+	for (size_t i = 0; i < m->target.len; i++) {
+		unsigned char c = (unsigned char)m->target.ptr[i];
+		if (c <= 0x20 || c == 0x7f)
+			return -1;
+	}
+	struct apm_str v = { sp2 + 1, l.len - (size_t)(sp2 + 1 - l.ptr) };
+	return http_parse_version(v, m);
+}
+
+static int
+http_status_line(struct apm_str l, struct apm_http_msg *m)
+{
+	if (l.len < 12 || http_parse_version((struct apm_str){ l.ptr, 8 }, m) < 0)
+		return -1;
+	if (l.ptr[8] != ' ')
+		return -1;
+	int st = 0;
+	for (int k = 9; k < 12; k++) {
+		if (l.ptr[k] < '0' || l.ptr[k] > '9')
+			return -1;
+		st = st * 10 + (l.ptr[k] - '0');
+	}
+	if (st < 100 || (l.len > 12 && l.ptr[12] != ' '))
+		return -1;
+	m->status = st;
+	m->reason = l.len > 13 ? (struct apm_str){ l.ptr + 13, l.len - 13 } :
+	    (struct apm_str){ l.ptr + l.len, 0 };
+	return 0;
+}
+
+/* Interpret the headers that frame the body and the connection. */
+static int
+http_derive(struct apm_http_msg *m)
+{
+	for (size_t i = 0; i < m->num_headers; i++) {
+		struct apm_str n = m->headers[i].name, v = m->headers[i].value;
+		if (apm_str_ieq(n, "content-length")) {
+			uint64_t cl;
+			if (apm_uint_parse(v.ptr, v.len, (uint64_t)1 << 62, &cl) < 0 ||
+			    (m->content_length >= 0 && (uint64_t)m->content_length != cl))
+				return http_fail(m, APM_E_BAD_LENGTH);
+			m->content_length = (int64_t)cl;
+		} else if (apm_str_ieq(n, "transfer-encoding")) {
+			if (!apm_str_ieq(v, "chunked"))
+				return http_fail(m, APM_E_BAD_TRANSFER_ENCODING);
+			m->chunked = 1;
+		} else if (apm_str_ieq(n, "connection")) {
+			if (apm_str_ieq(v, "close"))
+				m->close = 1;
+			else if (apm_str_ieq(v, "keep-alive"))
+				m->close = 0;
+		} else if (apm_str_ieq(n, "expect")) {
+			m->expect_continue = apm_str_ieq(v, "100-continue");
+		}
+	}
+	if (m->chunked && m->content_length >= 0)
+		return http_fail(m, APM_E_BAD_LENGTH);
+	return 0;
+}
+
+static int
+http_header_line(struct apm_str l, struct apm_http_header *h)
+{
+	const char *colon = memchr(l.ptr, ':', l.len);
+	if (!colon || colon == l.ptr)
+		return -1;
+	for (const char *c = l.ptr; c < colon; c++)
+		if (!is_tchar((unsigned char)*c))
+			return -1;
+	const char *v = colon + 1, *e = l.ptr + l.len;
+	while (v < e && (*v == ' ' || *v == '\t'))
+		v++;
+	while (e > v && (e[-1] == ' ' || e[-1] == '\t'))
+		e--;
+	for (const char *c = v; c < e; c++) {
+		unsigned char u = (unsigned char)*c;
+		if ((u < 0x20 && u != '\t') || u == 0x7f)
+			return -1;
+	}
+	h->name = (struct apm_str){ l.ptr, (size_t)(colon - l.ptr) };
+	h->value = (struct apm_str){ v, (size_t)(e - v) };
+	return 0;
+}
+
+static int
+http_parse_head(const char *buf, size_t len, size_t prev_len,
+    struct apm_http_msg *m, struct apm_http_header *headers, size_t cap,
+    int is_request)
+{
+	memset(m, 0, sizeof *m);
+	m->headers = headers;
+	m->content_length = -1;
+	size_t skip = 0;
+	/* RFC 9112 2.2: ignore empty lines before a request line. */
+	while (is_request && skip < len && (buf[skip] == '\r' || buf[skip] == '\n'))
+		skip++;
+	size_t end = http_head_end(buf, MIN(len, APM_HTTP_MAX_HEAD),
+	    prev_len > skip ? prev_len : skip);
+	if (end == 0)
+		return len >= APM_HTTP_MAX_HEAD ?
+		    http_fail(m, APM_E_HEAD_TOO_LARGE) : APM_NEED_MORE;
+	size_t pos = skip;
+	struct apm_str l = http_line(buf, end, &pos);
+	if ((is_request ? http_request_line(l, m) : http_status_line(l, m)) < 0)
+		return http_fail(m, APM_E_BAD_START_LINE);
+	for (;;) {
+		l = http_line(buf, end, &pos);
+		if (l.len == 0)
+			break;
+		if (m->num_headers >= cap)
+			return http_fail(m, APM_E_TOO_MANY_HEADERS);
+		if (http_header_line(l, &headers[m->num_headers]) < 0)
+			return http_fail(m, APM_E_BAD_HEADER);
+		m->num_headers++;
+	}
+	if (http_derive(m) < 0)
+		return APM_MALFORMED;
+	return (int)end;
+}
+
+int
+apm_http_parse_request(const char *buf, size_t len, size_t prev_len,
+    struct apm_http_msg *m, struct apm_http_header *headers, size_t cap)
+{
+	return http_parse_head(buf, len, prev_len, m, headers, cap, 1);
+}
+
+int
+apm_http_parse_response(const char *buf, size_t len, size_t prev_len,
+    struct apm_http_msg *m, struct apm_http_header *headers, size_t cap)
+{
+	return http_parse_head(buf, len, prev_len, m, headers, cap, 0);
+}
+
+struct apm_str
+apm_http_header_get(const struct apm_http_msg *m, const char *name)
+{
+	for (size_t i = 0; i < m->num_headers; i++)
+		if (apm_str_ieq(m->headers[i].name, name))
+			return m->headers[i].value;
+	return (struct apm_str){ NULL, 0 };
+}
+
+/* == 5. Chunked decoder ==
+ * A byte-at-a-time state machine except inside chunk data, which moves in
+ * one memmove; its state never holds input bytes, so any split works.
+ */
+
+enum { CH_SIZE, CH_EXT, CH_SIZE_LF, CH_DATA, CH_DATA_CR, CH_DATA_LF,
+	CH_TRAILER_BOL, CH_TRAILER, CH_TRAILER_LF, CH_END_LF, CH_DONE };
+
+static int
+chunk_fail(struct apm_chunk_dec *d)
+{
+	d->error = APM_E_BAD_CHUNK;
+	return APM_MALFORMED;
+}
+
+/* One framing byte; returns 1 when the body is complete, -1 on error. */
+static int
+chunk_byte(struct apm_chunk_dec *d, char c)
+{
+	int v;
+	switch (d->state) {
+	case CH_SIZE:
+		if ((v = hexval((unsigned char)c)) >= 0) {
+			if (++d->digits > 15)
+				return -1;
+			d->remaining = d->remaining << 4 | (uint64_t)v;
+			return 0;
+		}
+		if (d->digits == 0)
+			return -1;
+		if (c == ';' || c == ' ' || c == '\t')
+			d->state = CH_EXT;
+		else if (c == '\r')
+			d->state = CH_SIZE_LF;
+		else if (c == '\n')
+			goto size_done;
+		else
+			return -1;
+		return 0;
+	case CH_EXT:
+		if (++d->line_len > APM_CHUNK_MAX_LINE)
+			return -1;
+		if (c == '\r')
+			d->state = CH_SIZE_LF;
+		else if (c == '\n')
+			goto size_done;
+		return 0;
+	case CH_SIZE_LF:
+		if (c != '\n')
+			return -1;
+	size_done:
+		d->digits = 0;
+		d->line_len = 0;
+		d->state = d->remaining ? CH_DATA : CH_TRAILER_BOL;
+		return 0;
+	case CH_DATA_CR:
+		if (c == '\r')
+			d->state = CH_DATA_LF;
+		else if (c == '\n')
+			d->state = CH_SIZE;
+		else
+			return -1;
+		return 0;
+	case CH_DATA_LF:
+		if (c != '\n')
+			return -1;
+		d->state = CH_SIZE;
+		return 0;
+	case CH_TRAILER_BOL:
+		if (c == '\r') {
+			d->state = CH_END_LF;
+			return 0;
+		}
+		if (c == '\n')
+			return 1;
+		d->state = CH_TRAILER;
+		/* fall through */
+	case CH_TRAILER:
+		if (++d->trailer_len > APM_CHUNK_MAX_TRAILER)
+			return -1;
+		if (c == '\r')
+			d->state = CH_TRAILER_LF;
+		else if (c == '\n')
+			d->state = CH_TRAILER_BOL;
+		return 0;
+	case CH_TRAILER_LF:
+		if (c != '\n')
+			return -1;
+		d->state = CH_TRAILER_BOL;
+		return 0;
+	case CH_END_LF:
+		return c == '\n' ? 1 : -1;
+	}
+	return -1;
+}
+
+ssize_t
+apm_chunk_decode(struct apm_chunk_dec *d, char *buf, size_t *len)
+{
+	size_t in = 0, out = 0, n = *len;
+	if (d->state == CH_DONE) {
+		*len = 0;
+		return (ssize_t)n;
+	}
+	while (in < n) {
+		if (d->state == CH_DATA) {
+			size_t take = (size_t)MIN(d->remaining, (uint64_t)(n - in));
+			memmove(buf + out, buf + in, take);
+			in += take;
+			out += take;
+			d->remaining -= take;
+			if (d->remaining == 0)
+				d->state = CH_DATA_CR;
+			continue;
+		}
+		int r = chunk_byte(d, buf[in++]);
+		if (r < 0) {
+			*len = out;
+			return chunk_fail(d);
+		}
+		if (r == 1) {
+			d->state = CH_DONE;
+			memmove(buf + out, buf + in, n - in);
+			*len = out;
+			return (ssize_t)(n - in);
+		}
+	}
+	*len = out;
+	return APM_NEED_MORE;
+}
+
+/* == 6. Settings, URLs, durations, backoff == */
+
+int
+apm_uint_parse(const char *s, size_t len, uint64_t max, uint64_t *out)
+{
+	uint64_t v = 0;
+	if (len == 0 || len > 20)
+		return -1;
+	for (size_t i = 0; i < len; i++) {
+		if (s[i] < '0' || s[i] > '9')
+			return -1;
+		unsigned d = (unsigned)(s[i] - '0');
+		if (v > (max - d) / 10)
+			return -1;
+		v = v * 10 + d;
+	}
+	*out = v;
+	return 0;
+}
+
+int
+apm_bool_parse(const char *s, size_t len, int *out)
+{
+	struct apm_str v = { s, len };
+	static const char *const yes[] = { "true", "1", "yes", "on", "t", "y" };
+	static const char *const no[] = { "false", "0", "no", "off", "f", "n" };
+	for (size_t i = 0; i < sizeof yes / sizeof *yes; i++) {
+		if (apm_str_ieq(v, yes[i])) {
+			*out = 1;
+			return 0;
+		}
+		if (apm_str_ieq(v, no[i])) {
+			*out = 0;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+int
+apm_duration_parse(const char *s, size_t len, int64_t *ms)
+{
+	static const struct { const char *unit; double ms; } units[] = {
+		{ "ns", 1e-6 }, { "us", 1e-3 }, { "\xc2\xb5s", 1e-3 },
+		{ "ms", 1 }, { "s", 1000 }, { "m", 60000 }, { "h", 3600000 },
+	};
+	double total = 0;
+	size_t i = 0;
+	while (i < len && (s[i] == ' ' || s[i] == '\t'))
+		i++;
+	while (len > i && (s[len - 1] == ' ' || s[len - 1] == '\t'))
+		len--;
+	if (i == len)
+		return -1;
+	while (i < len) {
+		size_t start = i;
+		double v = 0, scale = 1;
+		int digits = 0, dot = 0;
+		for (; i < len && ((s[i] >= '0' && s[i] <= '9') || s[i] == '.'); i++) {
+			if (s[i] == '.') {
+				if (dot++)
+					return -1;
+				continue;
+			}
+			digits++;
+			if (dot)
+				scale /= 10;
+			v = v * 10 + (s[i] - '0');
+		}
+		if (!digits)
+			return -1;
+		v *= scale;
+		size_t u = i;
+		while (i < len && !(s[i] >= '0' && s[i] <= '9') && s[i] != '.')
+			i++;
+		if (u == i) { /* a bare number: seconds, and it must be alone */
+			if (start != 0)
+				return -1;
+			total = v * 1000;
+			break;
+		}
+		size_t k, nunits = sizeof units / sizeof *units;
+		for (k = 0; k < nunits; k++)
+			if (strlen(units[k].unit) == i - u &&
+			    apm_str_ieq((struct apm_str){ s + u, i - u }, units[k].unit))
+				break;
+		/* "m" vs "ms": exact-length match above keeps them apart */
+		if (k == nunits)
+			return -1;
+		total += v * units[k].ms;
+	}
+	if (total > 9e15)
+		return -1;
+	*ms = (int64_t)total;
+	return 0;
+}
+
+int
+apm_url_parse(const char *s, size_t len, struct apm_url *u)
+{
+	memset(u, 0, sizeof *u);
+	struct apm_str v = { s, len };
+	size_t p;
+	if (len > APM_URL_MAX || memchr(s, '?', len) || memchr(s, '#', len))
+		return -1;
+	if (len >= 8 && apm_str_ieq((struct apm_str){ s, 8 }, "https://")) {
+		u->tls = 1;
+		u->port = 443;
+		p = 8;
+	} else if (len >= 7 && apm_str_ieq((struct apm_str){ s, 7 }, "http://")) {
+		u->port = 80;
+		p = 7;
+	} else {
+		return -1;
+	}
+	(void)v;
+	size_t a = p;
+	while (p < len && s[p] != '/')
+		p++;
+	struct apm_str auth = { s + a, p - a }, host, port = { NULL, 0 };
+	if (auth.len == 0 || memchr(auth.ptr, '@', auth.len))
+		return -1;
+	if (auth.ptr[0] == '[') {
+		const char *rb = memchr(auth.ptr, ']', auth.len);
+		if (!rb || rb == auth.ptr + 1)
+			return -1;
+		host = (struct apm_str){ auth.ptr + 1, (size_t)(rb - auth.ptr - 1) };
+		size_t used = (size_t)(rb - auth.ptr) + 1;
+		if (used < auth.len) {
+			if (auth.ptr[used] != ':')
+				return -1;
+			port = (struct apm_str){ auth.ptr + used + 1, auth.len - used - 1 };
+		}
+	} else {
+		const char *colon = memchr(auth.ptr, ':', auth.len);
+		host = (struct apm_str){ auth.ptr, colon ? (size_t)(colon - auth.ptr) : auth.len };
+		if (colon)
+			port = (struct apm_str){ colon + 1, auth.len - host.len - 1 };
+	}
+	if (host.len == 0 || host.len >= sizeof u->host)
+		return -1;
+	for (size_t i = 0; i < host.len; i++) {
+		unsigned char c = (unsigned char)host.ptr[i];
+		if (c <= 0x20 || c >= 0x7f || c == '[' || c == ']')
+			return -1;
+	}
+	if (port.ptr) {
+		uint64_t pv;
+		if (apm_uint_parse(port.ptr, port.len, 65535, &pv) < 0 || pv == 0)
+			return -1;
+		u->port = (uint16_t)pv;
+	}
+	str_copy(u->host, sizeof u->host, host);
+	size_t plen = len - p;
+	while (plen > 0 && s[p + plen - 1] == '/')
+		plen--;
+	if (plen >= sizeof u->prefix)
+		return -1;
+	for (size_t i = 0; i < plen; i++) {
+		unsigned char c = (unsigned char)s[p + i];
+		if (c <= 0x20 || c >= 0x7f)
+			return -1;
+	}
+	str_copy(u->prefix, sizeof u->prefix, (struct apm_str){ s + p, plen });
+	return 0;
+}
+
+int64_t
+apm_backoff_ms(unsigned n, uint32_t rnd)
+{
+	if (n <= 1)
+		return 0;
+	int64_t k = MIN(n - 1, 6u);
+	int64_t base = k * k * 1000;
+	int64_t jitter = (int64_t)(rnd % 2001) - 1000; /* -1000..1000 per mille of 10% */
+	return base + base * jitter / 10000;
+}
+
+/* == 7. Lambda events and telemetry records == */
+
+/* Copy the string value of key in object obj into out; "" when absent. */
+static void
+json_get_str(const char *js, const struct apm_json_tok *t, int n, int obj,
+    const char *key, char *out, size_t cap)
+{
+	int i = apm_json_get(js, t, n, obj, key);
+	out[0] = 0;
+	if (i >= 0 && apm_json_str(js, &t[i], out, cap) < 0)
+		out[0] = 0;
+}
+
+static double
+json_get_num(const char *js, const struct apm_json_tok *t, int n, int obj,
+    const char *key, int *found)
+{
+	double d = 0;
+	int i = apm_json_get(js, t, n, obj, key);
+	int ok = i >= 0 && apm_json_double(js, &t[i], &d) == 0;
+	if (found)
+		*found = ok;
+	return ok ? d : 0;
+}
+
+int
+apm_lambda_event_parse(const char *js, size_t len, struct apm_lambda_event *ev)
+{
+	struct apm_json_tok t[128];
+	memset(ev, 0, sizeof *ev);
+	int n = apm_json_parse(js, len, t, 128, NULL, NULL);
+	if (n < 1 || t[0].type != APM_JSON_OBJECT)
+		return -1;
+	int i = apm_json_get(js, t, n, 0, "eventType");
+	if (i < 0 || t[i].type != APM_JSON_STRING)
+		return -1;
+	if (apm_json_eq(js, &t[i], "INVOKE"))
+		ev->type = APM_EV_INVOKE;
+	else if (apm_json_eq(js, &t[i], "SHUTDOWN"))
+		ev->type = APM_EV_SHUTDOWN;
+	i = apm_json_get(js, t, n, 0, "deadlineMs");
+	if (i < 0 || apm_json_int(js, &t[i], &ev->deadline_ms) < 0)
+		return -1;
+	json_get_str(js, t, n, 0, "requestId", ev->request_id, sizeof ev->request_id);
+	json_get_str(js, t, n, 0, "invokedFunctionArn", ev->function_arn,
+	    sizeof ev->function_arn);
+	json_get_str(js, t, n, 0, "shutdownReason", ev->shutdown_reason,
+	    sizeof ev->shutdown_reason);
+	for (char *c = ev->shutdown_reason; *c; c++)
+		*c = (char)lower((unsigned char)*c);
+	i = apm_json_get(js, t, n, 0, "tracing");
+	if (i >= 0)
+		json_get_str(js, t, n, i, "value", ev->trace, sizeof ev->trace);
+	if (ev->type == APM_EV_INVOKE && ev->request_id[0] == 0)
+		return -1;
+	return 0;
+}
+
+static int64_t
+days_from_civil(int64_t y, int64_t m, int64_t d)
+{
+	y -= m <= 2;
+	int64_t era = (y >= 0 ? y : y - 399) / 400;
+	int64_t yoe = y - era * 400;
+	int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+	int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+	return era * 146097 + doe - 719468;
+}
+
+static int
+digits_at(const char *s, size_t len, size_t at, int n, int64_t *out)
+{
+	int64_t v = 0;
+	if (at + (size_t)n > len)
+		return -1;
+	for (int k = 0; k < n; k++) {
+		char c = s[at + (size_t)k];
+		if (c < '0' || c > '9')
+			return -1;
+		v = v * 10 + (c - '0');
+	}
+	*out = v;
+	return 0;
+}
+
+int
+apm_time_parse(const char *s, size_t len, int64_t *us)
+{
+	int64_t y, mo, d, h, mi, se, frac = 0, off = 0;
+	if (digits_at(s, len, 0, 4, &y) || len < 19 || s[4] != '-' ||
+	    digits_at(s, len, 5, 2, &mo) || s[7] != '-' ||
+	    digits_at(s, len, 8, 2, &d) || (s[10] != 'T' && s[10] != ' ') ||
+	    digits_at(s, len, 11, 2, &h) || s[13] != ':' ||
+	    digits_at(s, len, 14, 2, &mi) || s[16] != ':' ||
+	    digits_at(s, len, 17, 2, &se))
+		return -1;
+	if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || se > 60)
+		return -1;
+	size_t i = 19;
+	if (i < len && s[i] == '.') {
+		int nd = 0;
+		for (i++; i < len && s[i] >= '0' && s[i] <= '9'; i++, nd++)
+			if (nd < 6)
+				frac = frac * 10 + (s[i] - '0');
+		if (nd == 0)
+			return -1;
+		for (; nd < 6; nd++)
+			frac *= 10;
+	}
+	if (i < len && (s[i] == 'Z' || s[i] == 'z')) {
+		i++;
+	} else if (i < len && (s[i] == '+' || s[i] == '-')) {
+		int64_t oh, om;
+		if (digits_at(s, len, i + 1, 2, &oh) || i + 3 >= len ||
+		    s[i + 3] != ':' || digits_at(s, len, i + 4, 2, &om))
+			return -1;
+		off = (oh * 60 + om) * (s[i] == '+' ? 1 : -1);
+		i += 6;
+	} else {
+		return -1;
+	}
+	if (i != len)
+		return -1;
+	int64_t secs = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 +
+	    se - off * 60;
+	*us = secs * 1000000 + frac;
+	return 0;
+}
+
+int
+apm_tel_record_parse(const char *js, const struct apm_json_tok *t, int n,
+    struct apm_tel_record *r)
+{
+	static const struct { const char *name; int type; } types[] = {
+		{ "platform.start", APM_TEL_START },
+		{ "platform.runtimeDone", APM_TEL_RUNTIME_DONE },
+		{ "platform.report", APM_TEL_REPORT },
+		{ "function", APM_TEL_FUNCTION },
+		{ "platform.logsDropped", APM_TEL_LOGS_DROPPED },
+	};
+	memset(r, 0, sizeof *r);
+	if (n < 1 || t[0].type != APM_JSON_OBJECT)
+		return -1;
+	int ti = apm_json_get(js, t, n, 0, "type");
+	if (ti < 0 || t[ti].type != APM_JSON_STRING)
+		return -1;
+	for (size_t k = 0; k < sizeof types / sizeof *types; k++)
+		if (apm_json_eq(js, &t[ti], types[k].name))
+			r->type = types[k].type;
+	int tm = apm_json_get(js, t, n, 0, "time");
+	if (tm >= 0 && t[tm].type == APM_JSON_STRING &&
+	    apm_time_parse(js + t[tm].start, t[tm].end - t[tm].start, &r->time_us) < 0)
+		r->time_us = 0;
+	int rec = apm_json_get(js, t, n, 0, "record");
+	if (rec < 0)
+		return r->type == APM_TEL_OTHER ? 0 : -1;
+	if (r->type == APM_TEL_FUNCTION) {
+		r->log_is_string = t[rec].type == APM_JSON_STRING;
+		r->log = (struct apm_str){ js + t[rec].start, t[rec].end - t[rec].start };
+		return 0;
+	}
+	if (t[rec].type != APM_JSON_OBJECT)
+		return r->type == APM_TEL_OTHER ? 0 : -1;
+	json_get_str(js, t, n, rec, "requestId", r->request_id, sizeof r->request_id);
+	json_get_str(js, t, n, rec, "status", r->status, sizeof r->status);
+	int mi = apm_json_get(js, t, n, rec, "metrics");
+	if (mi >= 0) {
+		r->duration_ms = json_get_num(js, t, n, mi, "durationMs", NULL);
+		r->billed_ms = json_get_num(js, t, n, mi, "billedDurationMs", NULL);
+		r->init_ms = json_get_num(js, t, n, mi, "initDurationMs", &r->has_init);
+		r->memory_mb = (int64_t)json_get_num(js, t, n, mi, "memorySizeMB", NULL);
+		r->max_memory_mb = (int64_t)json_get_num(js, t, n, mi,
+		    "maxMemoryUsedMB", NULL);
+	}
+	return 0;
+}
+
+/* == 8. State: connections, queue, invocation, config ==
+ * All process state lives in one static struct g. Buffers come from one
+ * anonymous mapping made after register, so pages cost RSS only once used.
+ */
+
+/* How a message body is framed, and how much of it has been decoded. */
+enum body_mode { BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_EOF };
+
+struct body {
+	int mode;               /* enum body_mode */
+	uint64_t left;          /* BODY_LENGTH: bytes still to come */
+	struct apm_chunk_dec ch; /* BODY_CHUNKED: decoder state */
+	size_t have;            /* decoded bytes at the start of rx */
+	uint64_t total;         /* decoded bytes so far, for limits */
+	int done;               /* the whole body has been decoded */
+};
+
+/* Byte streams shared by every connection kind. */
+struct conn {
+	int fd;                 /* -1: slot free */
+	char *rx;               /* received bytes [0, rx_len) */
+	size_t rx_len, rx_cap;
+	char *tx;               /* bytes to send [tx_off, tx_len) */
+	size_t tx_len, tx_off, tx_cap;
+	size_t head_prev;       /* head parser's prev_len */
+	int head_done;          /* the head has been parsed and removed */
+	struct body body;
+	int64_t deadline;       /* monotonic ms; 0 = none */
+	int64_t last_active;    /* monotonic ms of the last byte moved */
+	int close_after;        /* close once tx has drained */
+	int eof;                /* peer closed its side */
+	br_ssl_client_context *tls; /* upstream over https, else NULL */
+};
+
+enum agent_state { AG_HEAD, AG_BODY, AG_PROXY_WAIT, AG_RESPOND };
+enum agent_route { RT_INTAKE, RT_REGISTER, RT_PROXY, RT_REJECT };
+
+struct agent {
+	struct conn c;
+	int state;              /* enum agent_state */
+	int route;              /* enum agent_route */
+	int status;             /* RT_REJECT: the status to answer */
+	int flushed;            /* ?flushed=true */
+	int keep_alive;
+	int payload;            /* queue slot receiving the body, -1 none */
+	char encoding[32];      /* Content-Encoding of the body */
+	char user_agent[128];
+	char request_id[128];   /* x-elastic-aws-request-id */
+};
+
+enum up_state { UP_CLOSED, UP_CONNECTING, UP_HANDSHAKE, UP_IDLE, UP_BUSY };
+enum up_job { JOB_NONE, JOB_PAYLOAD, JOB_PROXY };
+
+struct upstream {
+	struct conn c;
+	int state;              /* enum up_state */
+	int job;                /* enum up_job */
+	int payload;            /* JOB_PAYLOAD: queue slot */
+	int agent;              /* JOB_PROXY: agent slot, -1 if it left */
+	uint64_t sent;          /* payload bytes framed into tx so far */
+	int sent_last;          /* the terminating chunk is in tx */
+	int reused;             /* a previous exchange completed on it */
+	int resp_started;       /* a response byte has arrived */
+	int status;             /* response status */
+	int resp_close;         /* Connection: close in the response */
+	struct apm_str ctype;   /* proxied response Content-Type (in rx) */
+	char ctype_buf[128];
+	char cenc_buf[64];
+};
+
+/* One agent request held until the APM server accepts it. */
+struct payload {
+	int used;
+	uint64_t seq;           /* arrival order */
+	int first, last;        /* block chain, -1 when empty */
+	uint64_t len;           /* bytes stored */
+	int open;               /* still being received */
+	int aborted;            /* the agent's request broke off */
+	int inflight;           /* an upstream connection is sending it */
+	int own;                /* events we made: plain ndjson */
+	int stale_retries;      /* resent after a dead kept-alive connection */
+	char encoding[32];
+	char user_agent[128];
+};
+
+struct queue {
+	char *mem;              /* nblocks * BLOCK_SIZE */
+	int *next;              /* chain links, -1 ends */
+	int *free_stack;        /* recycled blocks, reused first (warm pages) */
+	int free_top, fresh, nblocks;
+	struct payload *p;      /* npayloads slots */
+	unsigned npayloads, used;
+	uint64_t seq;
+	uint64_t dropped, dropped_bytes, rejected, delivered, delivered_bytes;
+};
+
+struct config {
+	struct apm_url server;
+	int has_server;
+	char auth[2048];        /* Authorization value; never logged */
+	const char *runtime_api;
+	uint16_t receiver_port, telemetry_port;
+	int64_t receiver_timeout_ms, forwarder_timeout_ms;
+	int background;
+	unsigned buffer_requests;
+	size_t queue_bytes, max_body;
+	int verify_cert, capture_logs, disable_telemetry;
+	const char *ca_file, *ca_pem;
+	const char *function_name, *function_version, *region, *memory_mb;
+};
+
+enum phase { PH_INIT, PH_WAIT, PH_INVOKE, PH_SHUTDOWN };
+
+struct invocation {
+	int active;             /* an INVOKE is being handled */
+	uint64_t number;        /* invocations so far */
+	char request_id[128];
+	char arn[256];
+	char trace[256];
+	int64_t t_invoke;       /* monotonic ms */
+	int64_t deadline;       /* monotonic ms */
+	int ended;              /* ?flushed=true, runtimeDone or deadline */
+	int64_t t_end;
+	int agent_flushed;
+};
+
+enum lambda_req { LR_NONE, LR_NEXT };
+
+struct lambda {
+	struct conn c;
+	char id[128];           /* Lambda-Extension-Identifier */
+	char host[128];         /* AWS_LAMBDA_RUNTIME_API */
+	struct sockaddr_storage addr;
+	socklen_t addrlen;
+	int req;                /* enum lambda_req in flight */
+};
+
+static struct {
+	struct config cfg;
+	struct queue q;
+	struct agent agents[MAX_AGENT_CONNS];
+	struct upstream up[MAX_UPSTREAM];
+	struct lambda lam;
+	struct invocation inv;
+	int phase;              /* enum phase */
+	int64_t exit_at;        /* PH_SHUTDOWN: monotonic ms */
+	int64_t shutdown_at;    /* when SHUTDOWN arrived */
+	int end_pending;        /* the end of the invocation came before INVOKE */
+	char done_pending[128]; /* runtimeDone seen before its INVOKE: request id */
+	char done_pending_status[32];
+	int listen_fd[3];       /* 127.0.0.1, ::1, telemetry */
+	struct sockaddr_storage server_addr;
+	socklen_t server_addrlen;
+	int server_resolved;
+	unsigned failures;      /* consecutive delivery failures */
+	int64_t retry_at;       /* no delivery starts before this */
+	uint32_t rnd;
+	volatile sig_atomic_t got_term;
+	int warned_no_server;
+	char *reg;              /* last /register/transaction body */
+	size_t reg_len;
+	char reg_request_id[128];
+	uint64_t evicted, over_limit;
+} g;
+
+static void conn_close(struct conn *c);
+static void tel_inv_track(void);
+static void tel_proxy_transaction(const char *status);
+static int tel_report_pending(void);
+static void tel_agent_metadata(const char *p, size_t n);
+static void tel_registered(const char *tx, size_t n);
+static void tel_runtime_done(const char *rid, const char *status);
+
+/* == 9. Payload queue ==
+ * Agent bodies are stored in chains of fixed blocks, appended as they arrive
+ * and freed only once the APM server answered 2xx (or the payload was given
+ * up), so a failed delivery can always be retried from the first byte.
+ */
+
+static int
+queue_block_alloc(struct queue *q)
+{
+	if (q->free_top > 0)
+		return q->free_stack[--q->free_top];
+	if (q->fresh < q->nblocks)
+		return q->fresh++;
+	return -1;
+}
+
+static void
+queue_free(struct queue *q, int slot)
+{
+	struct payload *p = &q->p[slot];
+	for (int b = p->first; b >= 0; b = q->next[b])
+		q->free_stack[q->free_top++] = b;
+	memset(p, 0, sizeof *p);
+	q->used--;
+}
+
+/* Oldest payload that may be dropped (complete, not being sent). */
+static int
+queue_oldest_droppable(struct queue *q)
+{
+	int best = -1;
+	for (unsigned i = 0; i < q->npayloads; i++) {
+		struct payload *p = &q->p[i];
+		if (p->used && !p->open && !p->inflight &&
+		    (best < 0 || p->seq < q->p[best].seq))
+			best = (int)i;
+	}
+	return best;
+}
+
+/*
+ * Make room while the APM server is failing: drop the oldest complete
+ * payload. While it is accepting data we never drop: the caller waits.
+ */
+static int
+queue_make_room(struct queue *q)
+{
+	if (g.failures == 0)
+		return -1;
+	int s = queue_oldest_droppable(q);
+	if (s < 0)
+		return -1;
+	q->dropped++;
+	q->dropped_bytes += q->p[s].len;
+	log_warn("queue full while the APM server fails: dropped the oldest "
+	    "payload (%llu bytes); %llu dropped so far",
+	    (unsigned long long)q->p[s].len, (unsigned long long)q->dropped);
+	queue_free(q, s);
+	return 0;
+}
+
+/* A new open payload; returns its slot or -1 (full: back-pressure). */
+static int
+queue_open(struct queue *q, const char *encoding, const char *user_agent,
+    int own)
+{
+	if (q->used >= q->npayloads && queue_make_room(q) < 0)
+		return -1;
+	for (unsigned i = 0; i < q->npayloads; i++) {
+		struct payload *p = &q->p[i];
+		if (p->used)
+			continue;
+		memset(p, 0, sizeof *p);
+		p->used = 1;
+		p->open = 1;
+		p->own = own;
+		p->seq = ++q->seq;
+		p->first = p->last = -1;
+		snprintf(p->encoding, sizeof p->encoding, "%s", encoding);
+		snprintf(p->user_agent, sizeof p->user_agent, "%s", user_agent);
+		q->used++;
+		return (int)i;
+	}
+	return -1;
+}
+
+/* Append; returns the bytes taken (fewer when blocks run out). */
+static size_t
+queue_append(struct queue *q, int slot, const char *data, size_t n)
+{
+	struct payload *p = &q->p[slot];
+	size_t done = 0;
+	while (done < n) {
+		size_t fill = (size_t)(p->len % BLOCK_SIZE);
+		if (p->last < 0 || (fill == 0 && p->len > 0)) {
+			int b = queue_block_alloc(q);
+			if (b < 0 && queue_make_room(q) == 0)
+				b = queue_block_alloc(q);
+			if (b < 0)
+				break;
+			q->next[b] = -1;
+			if (p->last >= 0)
+				q->next[p->last] = b;
+			else
+				p->first = b;
+			p->last = b;
+			fill = 0;
+		}
+		size_t take = MIN(n - done, (size_t)BLOCK_SIZE - fill);
+		memcpy(q->mem + (size_t)p->last * BLOCK_SIZE + fill, data + done, take);
+		p->len += take;
+		done += take;
+	}
+	return done;
+}
+
+/* The stored bytes of payload slot from offset off: a view up to a block end. */
+static struct apm_str
+queue_view(struct queue *q, int slot, uint64_t off)
+{
+	struct payload *p = &q->p[slot];
+	int b = p->first;
+	for (uint64_t skip = off / BLOCK_SIZE; skip > 0 && b >= 0; skip--)
+		b = q->next[b];
+	if (b < 0 || off >= p->len)
+		return (struct apm_str){ NULL, 0 };
+	size_t in = (size_t)(off % BLOCK_SIZE);
+	size_t n = (size_t)MIN((uint64_t)(BLOCK_SIZE - in), p->len - off);
+	return (struct apm_str){ q->mem + (size_t)b * BLOCK_SIZE + in, n };
+}
+
+/* == 10. Sockets and I/O table ==
+ * Every socket call of the loop goes through io, so tests can fail the n-th
+ * call or return short counts (SQLite's test_syscall.c).
+ */
+
+struct apm_io {
+	ssize_t (*send)(int, const void *, size_t, int);
+	ssize_t (*recv)(int, void *, size_t, int);
+	int (*connect)(int, const struct sockaddr *, socklen_t);
+	int (*accept4)(int, struct sockaddr *, socklen_t *, int);
+};
+static struct apm_io io = { send, recv, connect, accept4 };
+
+static int
+sock_nonblock(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+	return fl < 0 ? -1 : fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+/* Parse "host:port" with a numeric host into addr. 0 or -1. */
+static int
+sock_addr_numeric(const char *host, uint16_t port, struct sockaddr_storage *ss,
+    socklen_t *len)
+{
+	memset(ss, 0, sizeof *ss);
+	struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+	struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+	if (inet_pton(AF_INET, host, &s4->sin_addr) == 1) {
+		s4->sin_family = AF_INET;
+		s4->sin_port = htons(port);
+		*len = sizeof *s4;
+		return 0;
+	}
+	if (inet_pton(AF_INET6, host, &s6->sin6_addr) == 1) {
+		s6->sin6_family = AF_INET6;
+		s6->sin6_port = htons(port);
+		*len = sizeof *s6;
+		return 0;
+	}
+	return -1;
+}
+
+/* Numeric or, failing that, resolved (blocking getaddrinfo; see README). */
+static int
+sock_resolve(const char *host, uint16_t port, struct sockaddr_storage *ss,
+    socklen_t *len)
+{
+	if (sock_addr_numeric(host, port, ss, len) == 0)
+		return 0;
+	if (strcmp(host, "localhost") == 0)
+		return sock_addr_numeric("127.0.0.1", port, ss, len);
+	struct addrinfo hints = { 0 }, *res = NULL;
+	hints.ai_socktype = SOCK_STREAM;
+	char ps[8];
+	snprintf(ps, sizeof ps, "%u", port);
+	int rc = getaddrinfo(host, ps, &hints, &res);
+	if (rc != 0 || !res) {
+		log_error("cannot resolve %s: %s", host, gai_strerror(rc));
+		return -1;
+	}
+	memcpy(ss, res->ai_addr, res->ai_addrlen);
+	*len = res->ai_addrlen;
+	freeaddrinfo(res);
+	return 0;
+}
+
+/* A non-blocking connect in progress (or done); fd or -1. */
+static int
+sock_connect(const struct sockaddr_storage *ss, socklen_t len)
+{
+	int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	if (io.connect(fd, (const struct sockaddr *)ss, len) < 0 &&
+	    errno != EINPROGRESS) {
+		int e = errno;
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	return fd;
+}
+
+static int
+sock_listen(int family, const char *addr, uint16_t port)
+{
+	struct sockaddr_storage ss;
+	socklen_t len;
+	if (sock_addr_numeric(addr, port, &ss, &len) < 0)
+		return -1;
+	int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	int one = 1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	if (family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+	if (bind(fd, (struct sockaddr *)&ss, len) < 0 || listen(fd, 128) < 0) {
+		int e = errno;
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	return fd;
+}
+
+/* == 11. TLS glue == */
+
+struct upstream;
+static int
+tls_start(struct upstream *u)
+{
+	(void)u;
+	log_error("https is not supported yet");
+	return -1;
+}
+
+static int
+tls_step(struct upstream *u, int can_read, int can_write)
+{
+	(void)u; (void)can_read; (void)can_write;
+	return -1;
+}
+
+/* == 12. Upstream connections: forwarder and proxy == */
+
+static void
+buf_reset(struct conn *c)
+{
+	c->rx_len = c->tx_len = c->tx_off = 0;
+	c->head_prev = 0;
+	c->head_done = 0;
+	c->close_after = 0;
+	c->eof = 0;
+	memset(&c->body, 0, sizeof c->body);
+}
+
+static void
+conn_close(struct conn *c)
+{
+	if (c->fd >= 0)
+		close(c->fd);
+	c->fd = -1;
+	c->deadline = 0;
+	buf_reset(c);
+}
+
+/* Append formatted text to tx; -1 when it does not fit. */
+__attribute__((format(printf, 2, 3))) static int
+tx_printf(struct conn *c, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	size_t room = c->tx_cap - c->tx_len;
+	int n = vsnprintf(c->tx + c->tx_len, room, fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= room)
+		return -1;
+	c->tx_len += (size_t)n;
+	return 0;
+}
+
+static int
+tx_put(struct conn *c, const void *p, size_t n)
+{
+	if (c->tx_cap - c->tx_len < n)
+		return -1;
+	memcpy(c->tx + c->tx_len, p, n);
+	c->tx_len += n;
+	return 0;
+}
+
+/*
+ * Send what tx holds. Returns 0 (all sent, or would block), -1 on error.
+ * Plain sockets here; TLS connections go through tls_flush.
+ */
+static int
+conn_flush(struct conn *c)
+{
+	while (c->tx_off < c->tx_len) {
+		ssize_t n = io.send(c->fd, c->tx + c->tx_off, c->tx_len - c->tx_off,
+		    MSG_NOSIGNAL);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				return 0;
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		c->tx_off += (size_t)n;
+		c->last_active = now_ms();
+	}
+	c->tx_off = c->tx_len = 0;
+	return 0;
+}
+
+/* Read what is there into rx. 1 data read, 0 would block/full, -1 error/EOF. */
+static int
+conn_fill(struct conn *c)
+{
+	int got = 0;
+	while (c->rx_len < c->rx_cap) {
+		ssize_t n = io.recv(c->fd, c->rx + c->rx_len, c->rx_cap - c->rx_len, 0);
+		if (n == 0) {
+			c->eof = 1;
+			return -1;
+		}
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				break;
+			return -1;
+		}
+		c->rx_len += (size_t)n;
+		c->last_active = now_ms();
+		got = 1;
+		if ((size_t)n < 4096)
+			break;
+	}
+	return got;
+}
+
+/* Set up body framing from a parsed head. */
+static void
+body_init(struct body *b, const struct apm_http_msg *m, int is_response)
+{
+	memset(b, 0, sizeof *b);
+	if (m->chunked) {
+		b->mode = BODY_CHUNKED;
+	} else if (m->content_length > 0) {
+		b->mode = BODY_LENGTH;
+		b->left = (uint64_t)m->content_length;
+	} else if (m->content_length < 0 && is_response && m->status != 204 &&
+	    m->status != 304 && m->status >= 200) {
+		b->mode = BODY_EOF;
+	} else {
+		b->mode = BODY_NONE;
+		b->done = 1;
+	}
+}
+
+/*
+ * Decode what arrived after the decoded part: rx[have..len). Afterwards
+ * rx[0..have) is decoded body and, once done, rx[have..len) is whatever
+ * followed the body. 1 done, 0 more needed, -1 bad framing.
+ */
+static int
+body_step(struct body *b, char *rx, size_t *rx_len, int eof)
+{
+	size_t raw = *rx_len - b->have;
+	if (b->done)
+		return 1;
+	if (b->mode == BODY_CHUNKED) {
+		size_t n = raw;
+		ssize_t r = apm_chunk_decode(&b->ch, rx + b->have, &n);
+		b->have += n;
+		b->total += n;
+		if (r == APM_MALFORMED)
+			return -1;
+		*rx_len = b->have + (r >= 0 ? (size_t)r : 0);
+		if (r >= 0)
+			b->done = 1;
+	} else if (b->mode == BODY_LENGTH) {
+		size_t take = (size_t)MIN((uint64_t)raw, b->left);
+		b->have += take;
+		b->total += take;
+		b->left -= take;
+		b->done = b->left == 0;
+	} else if (b->mode == BODY_EOF) {
+		b->have += raw;
+		b->total += raw;
+		b->done = eof;
+	}
+	return b->done;
+}
+
+/* Remove the first n bytes of rx (consumed body or head). */
+static void
+rx_consume(struct conn *c, size_t n)
+{
+	memmove(c->rx, c->rx + n, c->rx_len - n);
+	c->rx_len -= n;
+	if (c->body.have >= n)
+		c->body.have -= n;
+	else
+		c->body.have = 0;
+}
+
+static void
+upstream_host_header(char *out, size_t cap)
+{
+	const struct apm_url *u = &g.cfg.server;
+	int v6 = strchr(u->host, ':') != NULL;
+	int dflt = u->port == (u->tls ? 443 : 80);
+	if (dflt)
+		snprintf(out, cap, v6 ? "[%s]" : "%s", u->host);
+	else
+		snprintf(out, cap, v6 ? "[%s]:%u" : "%s:%u", u->host, u->port);
+}
+
+
+/* Open a connection to the APM server for slot u. 0 or -1. */
+static int
+upstream_connect(struct upstream *u)
+{
+	if (!g.server_resolved) {
+		if (sock_resolve(g.cfg.server.host, g.cfg.server.port,
+		    &g.server_addr, &g.server_addrlen) < 0)
+			return -1;
+		g.server_resolved = 1;
+	}
+	int fd = sock_connect(&g.server_addr, g.server_addrlen);
+	if (fd < 0) {
+		log_debug("connect to the APM server: %s", strerror(errno));
+		return -1;
+	}
+	/* tx may already hold the request that asked for this connection */
+	u->c.rx_len = 0;
+	u->c.head_prev = 0;
+	u->c.head_done = 0;
+	u->c.eof = 0;
+	u->c.close_after = 0;
+	memset(&u->c.body, 0, sizeof u->c.body);
+	u->c.fd = fd;
+	u->state = UP_CONNECTING;
+	u->reused = 0;
+	u->c.last_active = now_ms();
+	return 0;
+}
+
+static void fwd_done(struct upstream *u, int ok, int retryable,
+    const char *why);
+
+/* Start the request for payload slot s on u (connected or not). */
+static void
+upstream_begin_payload(struct upstream *u, int s)
+{
+	struct payload *p = &g.q.p[s];
+	char host[300];
+	upstream_host_header(host, sizeof host);
+	u->job = JOB_PAYLOAD;
+	u->payload = s;
+	u->sent = 0;
+	u->sent_last = 0;
+	u->resp_started = 0;
+	p->inflight = 1;
+	struct conn *c = &u->c;
+	c->tx_len = c->tx_off = 0;
+	tx_printf(c, "POST %s/intake/v2/events HTTP/1.1\r\nHost: %s\r\n"
+	    "Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
+	    "User-Agent: " APM_EXT_NAME "/" APM_EXT_VERSION "%s%s%s\r\n",
+	    g.cfg.server.prefix, host, p->user_agent[0] ? " (" : "",
+	    p->user_agent, p->user_agent[0] ? ")" : "");
+	if (p->encoding[0] && strcmp(p->encoding, "identity") != 0)
+		tx_printf(c, "Content-Encoding: %s\r\n", p->encoding);
+	if (g.cfg.auth[0])
+		tx_printf(c, "Authorization: %s\r\n", g.cfg.auth);
+	tx_printf(c, "\r\n");
+	c->deadline = now_ms() + g.cfg.forwarder_timeout_ms;
+}
+
+/*
+ * Frame more payload bytes as chunks into tx. Streams a payload that is still
+ * being received; the last chunk goes once it is complete.
+ */
+static void
+upstream_frame_body(struct upstream *u)
+{
+	struct conn *c = &u->c;
+	struct payload *p = &g.q.p[u->payload];
+	while (!u->sent_last) {
+		size_t room = c->tx_cap - c->tx_len;
+		if (u->sent < p->len) {
+			if (room < 64)
+				return;
+			struct apm_str v = queue_view(&g.q, u->payload, u->sent);
+			size_t n = MIN(v.len, room - 32);
+			tx_printf(c, "%zx\r\n", n);
+			tx_put(c, v.ptr, n);
+			tx_put(c, "\r\n", 2);
+			u->sent += n;
+		} else if (!p->open) {
+			if (tx_put(c, "0\r\n\r\n", 5) < 0)
+				return;
+			u->sent_last = 1;
+			c->deadline = now_ms() + g.cfg.forwarder_timeout_ms;
+		} else {
+			return; /* wait for the agent */
+		}
+	}
+}
+
+static void
+upstream_idle(struct upstream *u)
+{
+	u->job = JOB_NONE;
+	u->payload = -1;
+	u->agent = -1;
+	u->state = UP_IDLE;
+	u->reused = 1;
+	u->c.deadline = 0;
+	buf_reset(&u->c);
+}
+
+static void agent_proxy_answer(int ai, struct upstream *u, int ok);
+
+/* Tear down a connection that failed; hand its job back or fail it. */
+static void
+upstream_fail(struct upstream *u, const char *why)
+{
+	int stale = u->reused && !u->resp_started;
+	int job = u->job;
+	conn_close(&u->c);
+	u->state = UP_CLOSED;
+	if (job == JOB_PAYLOAD) {
+		struct payload *p = &g.q.p[u->payload];
+		if (stale && p->stale_retries++ == 0) {
+			/* A kept-alive connection the server closed while we were
+			 * frozen or idle: no answer was started, so resend on a
+			 * new connection without counting a failure. */
+			log_debug("kept-alive connection was dead (%s); resending", why);
+			p->inflight = 0;
+		} else {
+			fwd_done(u, 0, 1, why);
+		}
+	} else if (job == JOB_PROXY) {
+		if (u->agent >= 0)
+			agent_proxy_answer(u->agent, u, 0);
+	}
+	u->job = JOB_NONE;
+	u->payload = -1;
+	u->agent = -1;
+	u->reused = 0;
+}
+
+/*
+ * The APM server answered (or failed) payload u->payload. ok: 2xx.
+ * retryable: keep it for a later attempt with backoff.
+ */
+static void
+fwd_done(struct upstream *u, int ok, int retryable, const char *why)
+{
+	int s = u->payload;
+	struct payload *p = &g.q.p[s];
+	p->inflight = 0;
+	if (ok) {
+		g.q.delivered++;
+		g.q.delivered_bytes += p->len;
+		if (g.failures)
+			log_info("APM server accepts data again after %u failures",
+			    g.failures);
+		g.failures = 0;
+		g.retry_at = 0;
+		log_debug("delivered %llu bytes", (unsigned long long)p->len);
+		queue_free(&g.q, s);
+		return;
+	}
+	if (!retryable) {
+		g.q.rejected++;
+		log_error("APM server rejected a payload of %llu bytes (%s); dropped, "
+		    "%llu rejected so far", (unsigned long long)p->len, why,
+		    (unsigned long long)g.q.rejected);
+		queue_free(&g.q, s);
+		return;
+	}
+	g.failures++;
+	g.rnd = g.rnd * 1103515245u + 12345u;
+	int64_t delay = apm_backoff_ms(g.failures, g.rnd >> 8);
+	g.retry_at = now_ms() + delay;
+	p->stale_retries = 0;
+	if (g.failures == 1 || g.failures % 10 == 0)
+		log_warn("delivery to the APM server failed (%s); failure %u, "
+		    "retrying in %lld ms", why, g.failures, (long long)delay);
+	else
+		log_debug("delivery failed (%s); failure %u, retry in %lld ms",
+		    why, g.failures, (long long)delay);
+	if (g.failures >= 3)
+		g.server_resolved = 0; /* the address may have moved */
+}
+
+/* The response is complete: settle the job, keep the connection if allowed. */
+static void
+upstream_response_done(struct upstream *u)
+{
+	struct conn *c = &u->c;
+	int keep = !u->resp_close && u->sent_last;
+	if (u->job == JOB_PAYLOAD) {
+		char why[ERRTEXT_MAX + 64];
+		size_t n = MIN(c->body.have, (size_t)ERRTEXT_MAX);
+		char text[ERRTEXT_MAX + 1];
+		for (size_t i = 0; i < n; i++)
+			text[i] = (c->rx[i] >= 0x20 && c->rx[i] < 0x7f) ? c->rx[i] : ' ';
+		text[n] = 0;
+		snprintf(why, sizeof why, "HTTP %d %s", u->status, text);
+		int ok = u->status >= 200 && u->status < 300;
+		int retryable = u->status == 429 || u->status == 408 ||
+		    u->status >= 500;
+		fwd_done(u, ok, retryable, why);
+	} else if (u->job == JOB_PROXY && u->agent >= 0) {
+		agent_proxy_answer(u->agent, u, 1);
+	}
+	if (keep) {
+		upstream_idle(u);
+	} else {
+		conn_close(c);
+		u->state = UP_CLOSED;
+		u->job = JOB_NONE;
+	}
+}
+
+/* Parse what the APM server sent. */
+static void
+upstream_read(struct upstream *u)
+{
+	struct conn *c = &u->c;
+	if (!c->head_done) {
+		struct apm_http_header h[APM_HTTP_MAX_HEADERS];
+		struct apm_http_msg m;
+		int r = apm_http_parse_response(c->rx, c->rx_len, c->head_prev, &m,
+		    h, APM_HTTP_MAX_HEADERS);
+		c->head_prev = c->rx_len;
+		if (r == APM_NEED_MORE) {
+			if (c->eof)
+				upstream_fail(u, "connection closed before an answer");
+			return;
+		}
+		if (r < 0 || m.status < 200) {
+			if (r >= 0 && m.status == 100) { /* interim: skip it */
+				rx_consume(c, (size_t)r);
+				c->head_prev = 0;
+				return upstream_read(u);
+			}
+			upstream_fail(u, r < 0 ? apm_err_str(m.error) : "bad status");
+			return;
+		}
+		u->status = m.status;
+		u->resp_close = m.close;
+		struct apm_str ct = apm_http_header_get(&m, "content-type");
+		struct apm_str ce = apm_http_header_get(&m, "content-encoding");
+		str_copy(u->ctype_buf, sizeof u->ctype_buf, ct);
+		str_copy(u->cenc_buf, sizeof u->cenc_buf, ce);
+		body_init(&c->body, &m, 1);
+		if (c->body.mode == BODY_EOF)
+			u->resp_close = 1;
+		rx_consume(c, (size_t)r);
+		c->head_done = 1;
+	}
+	int r = body_step(&c->body, c->rx, &c->rx_len, c->eof);
+	if (r < 0) {
+		upstream_fail(u, "malformed response body");
+		return;
+	}
+	if (u->job == JOB_PAYLOAD && c->body.have > ERRTEXT_MAX) {
+		/* only the start of an error text is kept */
+		memmove(c->rx + ERRTEXT_MAX, c->rx + c->body.have,
+		    c->rx_len - c->body.have);
+		c->rx_len -= c->body.have - ERRTEXT_MAX;
+		c->body.have = ERRTEXT_MAX;
+	}
+	if (r == 1) {
+		upstream_response_done(u);
+		return;
+	}
+	if (c->rx_len == c->rx_cap) {
+		upstream_fail(u, "response too large");
+		return;
+	}
+	if (c->eof)
+		upstream_fail(u, "connection closed mid-answer");
+}
+
+/* One step of an upstream connection after poll. */
+static void
+upstream_step(struct upstream *u, short revents)
+{
+	struct conn *c = &u->c;
+	if (u->state == UP_CONNECTING) {
+		int err = 0;
+		socklen_t len = sizeof err;
+		if (!(revents & (POLLOUT | POLLERR | POLLHUP)))
+			return;
+		getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+		if (err) {
+			char why[128];
+			snprintf(why, sizeof why, "connect: %s", strerror(err));
+			upstream_fail(u, why);
+			return;
+		}
+		if (c->tls) {
+			u->state = UP_HANDSHAKE;
+			if (tls_start(u) < 0)
+				return;
+		} else {
+			u->state = u->job == JOB_NONE ? UP_IDLE : UP_BUSY;
+		}
+	}
+	if (c->tls) {
+		if (tls_step(u, revents & (POLLIN | POLLHUP | POLLERR),
+		    revents & POLLOUT) < 0)
+			return;
+	} else {
+		if (revents & (POLLIN | POLLHUP | POLLERR)) {
+			if (conn_fill(c) < 0 && !c->eof) {
+				upstream_fail(u, strerror(errno));
+				return;
+			}
+			if (c->rx_len > 0)
+				u->resp_started = 1;
+		}
+	}
+	if (u->state == UP_IDLE) {
+		if (c->eof || c->rx_len > 0) { /* closed while idle, or garbage */
+			conn_close(c);
+			u->state = UP_CLOSED;
+		}
+		return;
+	}
+	if (u->state != UP_BUSY)
+		return;
+	if (c->rx_len > 0 || c->eof) {
+		upstream_read(u);
+		if (u->state != UP_BUSY || c->fd < 0)
+			return;
+	}
+	if (u->job == JOB_PAYLOAD)
+		upstream_frame_body(u);
+	if (!c->tls && conn_flush(c) < 0)
+		upstream_fail(u, strerror(errno));
+}
+
+/* poll() interest of an upstream connection. */
+static short
+upstream_events(struct upstream *u)
+{
+	struct conn *c = &u->c;
+	if (u->state == UP_CONNECTING)
+		return POLLOUT;
+	short ev = POLLIN;
+	if (u->state == UP_BUSY) {
+		if (c->tx_off < c->tx_len)
+			ev |= POLLOUT;
+		if (u->job == JOB_PAYLOAD && !u->sent_last) {
+			struct payload *p = &g.q.p[u->payload];
+			if (u->sent < p->len || !p->open)
+				ev |= POLLOUT;
+		}
+	}
+	return ev;
+}
+
+/* A free connection slot (idle first, then closed), or NULL. */
+static struct upstream *
+upstream_free_slot(void)
+{
+	struct upstream *closed = NULL;
+	for (int i = 0; i < MAX_UPSTREAM; i++) {
+		struct upstream *u = &g.up[i];
+		if (u->state == UP_IDLE && u->job == JOB_NONE)
+			return u;
+		if (u->state == UP_CLOSED && !closed)
+			closed = u;
+	}
+	return closed;
+}
+
+/* Put a job on slot u: connect if needed. 0 or -1. */
+static int
+upstream_assign(struct upstream *u)
+{
+	if (u->state == UP_CLOSED) {
+		if (upstream_connect(u) < 0)
+			return -1;
+		if (g.cfg.server.tls && tls_start(u) < 0) {
+			conn_close(&u->c);
+			u->state = UP_CLOSED;
+			return -1;
+		}
+	} else {
+		u->state = UP_BUSY;
+	}
+	return 0;
+}
+
+/* Start deliveries that can start: oldest payload first. */
+static void
+fwd_schedule(void)
+{
+	int64_t now = now_ms();
+	if (!g.cfg.has_server || now < g.retry_at)
+		return;
+	int busy = 0;
+	for (int i = 0; i < MAX_UPSTREAM; i++)
+		busy += g.up[i].job == JOB_PAYLOAD;
+	while (busy < MAX_UPSTREAM - 1) {
+		int best = -1;
+		for (unsigned i = 0; i < g.q.npayloads; i++) {
+			struct payload *p = &g.q.p[i];
+			if (!p->used || p->inflight || (p->open && p->len == 0))
+				continue;
+			if (best < 0 || p->seq < g.q.p[best].seq)
+				best = (int)i;
+		}
+		if (best < 0)
+			return;
+		struct upstream *u = upstream_free_slot();
+		if (!u)
+			return;
+		upstream_begin_payload(u, best);
+		if (upstream_assign(u) < 0) {
+			u->state = UP_CLOSED;
+			fwd_done(u, 0, 1, "cannot connect");
+			u->job = JOB_NONE;
+			return;
+		}
+		busy++;
+	}
+}
+
+/* Remove a payload from the connection sending it (the agent broke off). */
+static void
+fwd_payload_aborted(int s)
+{
+	for (int i = 0; i < MAX_UPSTREAM; i++) {
+		struct upstream *u = &g.up[i];
+		if (u->job == JOB_PAYLOAD && u->payload == s) {
+			/* The server has a partial body: end that request by closing;
+			 * the payload is given up. */
+			conn_close(&u->c);
+			u->state = UP_CLOSED;
+			u->job = JOB_NONE;
+			u->payload = -1;
+		}
+	}
+	queue_free(&g.q, s);
+}
+
+/* Bytes and payloads still held, for the shutdown log. */
+static void
+fwd_held(uint64_t *count, uint64_t *bytes)
+{
+	*count = *bytes = 0;
+	for (unsigned i = 0; i < g.q.npayloads; i++)
+		if (g.q.p[i].used) {
+			(*count)++;
+			*bytes += g.q.p[i].len;
+		}
+}
+
+/* == 13. Local receiver: agent connections ==
+ * One request at a time per connection: its answer is written and drained
+ * before the next pipelined head is parsed. An intake body moves into the
+ * queue as it is decoded; when the queue is full the connection is simply
+ * not read (back-pressure) and the agent's TCP window closes.
+ */
+
+static void invocation_end(const char *why);
+
+static int
+agent_index(struct agent *a)
+{
+	return (int)(a - g.agents);
+}
+
+/* Give up the payload an agent request was filling (it broke off). */
+static void
+agent_abort_payload(struct agent *a, const char *why)
+{
+	if (a->payload < 0)
+		return;
+	struct payload *p = &g.q.p[a->payload];
+	if (p->len > 0)
+		log_warn("agent request broke off after %llu bytes (%s); "
+		    "its partial body is discarded", (unsigned long long)p->len, why);
+	if (p->inflight)
+		fwd_payload_aborted(a->payload);
+	else
+		queue_free(&g.q, a->payload);
+	a->payload = -1;
+}
+
+static void
+agent_close(struct agent *a)
+{
+	agent_abort_payload(a, "connection closed");
+	for (int i = 0; i < MAX_UPSTREAM; i++)
+		if (g.up[i].job == JOB_PROXY && g.up[i].agent == agent_index(a))
+			g.up[i].agent = -1;
+	conn_close(&a->c);
+	a->state = AG_HEAD;
+}
+
+static const char *
+status_text(int status)
+{
+	switch (status) {
+	case 200: return "OK";
+	case 202: return "Accepted";
+	case 400: return "Bad Request";
+	case 408: return "Request Timeout";
+	case 413: return "Payload Too Large";
+	case 415: return "Unsupported Media Type";
+	case 422: return "Unprocessable Entity";
+	case 431: return "Request Header Fields Too Large";
+	case 501: return "Not Implemented";
+	case 502: return "Bad Gateway";
+	case 503: return "Service Unavailable";
+	default: return "Status";
+	}
+}
+
+/* Queue an answer with a small JSON (or empty) body; close after if asked. */
+static void
+agent_respond(struct agent *a, int status, const char *msg, int close_after)
+{
+	struct conn *c = &a->c;
+	char body[300];
+	int n = 0;
+	if (msg)
+		n = snprintf(body, sizeof body, "{\"error\":\"%s\"}\n", msg);
+	c->tx_len = c->tx_off = 0;
+	if (close_after || !a->keep_alive)
+		c->close_after = 1;
+	tx_printf(c, "HTTP/1.1 %d %s\r\nContent-Length: %d\r\n%s%s\r\n%s", status,
+	    status_text(status), n, n ? "Content-Type: application/json\r\n" : "",
+	    c->close_after ? "Connection: close\r\n" : "", n ? body : "");
+	a->state = AG_RESPOND;
+}
+
+/* Refuse a malformed or oversized request: answer, then close. */
+static void
+agent_reject(struct agent *a, int status, const char *why)
+{
+	g.over_limit++;
+	log_warn("agent request refused with %d: %s", status, why);
+	agent_abort_payload(a, why);
+	agent_respond(a, status, why, 1);
+	a->c.rx_len = 0;
+}
+
+static int
+path_is(struct apm_str target, const char *path, struct apm_str *query)
+{
+	size_t n = strlen(path);
+	const char *q = memchr(target.ptr, '?', target.len);
+	size_t plen = q ? (size_t)(q - target.ptr) : target.len;
+	if (plen != n || memcmp(target.ptr, path, n) != 0)
+		return 0;
+	*query = q ? (struct apm_str){ q + 1, target.len - plen - 1 } :
+	    (struct apm_str){ NULL, 0 };
+	return 1;
+}
+
+static int
+query_has(struct apm_str q, const char *kv)
+{
+	size_t n = strlen(kv);
+	for (size_t i = 0; i + n <= q.len; i++)
+		if ((i == 0 || q.ptr[i - 1] == '&') && memcmp(q.ptr + i, kv, n) == 0 &&
+		    (i + n == q.len || q.ptr[i + n] == '&'))
+			return 1;
+	return 0;
+}
+
+/* Headers a proxy must not pass on (ours replace them, or hop-by-hop). */
+static int
+proxy_drops_header(struct apm_str name)
+{
+	static const char *const drop[] = { "authorization", "host",
+		"connection", "content-length", "transfer-encoding", "keep-alive",
+		"te", "upgrade", "proxy-authorization", "proxy-connection",
+		"expect" };
+	for (size_t i = 0; i < sizeof drop / sizeof *drop; i++)
+		if (apm_str_ieq(name, drop[i]))
+			return 1;
+	return 0;
+}
+
+/* Write the upstream request head of a proxied call into the agent's tx. */
+static int
+agent_proxy_head(struct agent *a, const struct apm_http_msg *m)
+{
+	struct conn *c = &a->c;
+	char host[300];
+	upstream_host_header(host, sizeof host);
+	c->tx_len = c->tx_off = 0;
+	int bad = tx_printf(c, "%.*s %s%.*s HTTP/1.1\r\nHost: %s\r\n",
+	    (int)m->method.len, m->method.ptr, g.cfg.server.prefix,
+	    (int)m->target.len, m->target.ptr, host);
+	if (g.cfg.auth[0])
+		bad |= tx_printf(c, "Authorization: %s\r\n", g.cfg.auth);
+	for (size_t i = 0; i < m->num_headers; i++) {
+		const struct apm_http_header *h = &m->headers[i];
+		if (!proxy_drops_header(h->name))
+			bad |= tx_printf(c, "%.*s: %.*s\r\n", (int)h->name.len,
+			    h->name.ptr, (int)h->value.len, h->value.ptr);
+	}
+	return bad;
+}
+
+static void
+agent_head(struct agent *a)
+{
+	struct conn *c = &a->c;
+	struct apm_http_header h[APM_HTTP_MAX_HEADERS];
+	struct apm_http_msg m;
+	int r = apm_http_parse_request(c->rx, c->rx_len, c->head_prev, &m, h,
+	    APM_HTTP_MAX_HEADERS);
+	c->head_prev = c->rx_len;
+	if (r == APM_NEED_MORE)
+		return;
+	if (r < 0) {
+		int st = m.error == APM_E_HEAD_TOO_LARGE ||
+		    m.error == APM_E_TOO_MANY_HEADERS ? 431 :
+		    m.error == APM_E_BAD_TRANSFER_ENCODING ? 501 : 400;
+		agent_reject(a, st, apm_err_str(m.error));
+		return;
+	}
+	struct apm_str q;
+	a->keep_alive = !m.close;
+	a->flushed = 0;
+	a->payload = -1;
+	a->status = 0;
+	str_copy(a->encoding, sizeof a->encoding,
+	    apm_http_header_get(&m, "content-encoding"));
+	str_copy(a->user_agent, sizeof a->user_agent,
+	    apm_http_header_get(&m, "user-agent"));
+	str_copy(a->request_id, sizeof a->request_id,
+	    apm_http_header_get(&m, "x-elastic-aws-request-id"));
+	body_init(&c->body, &m, 0);
+	uint64_t limit;
+	if (apm_str_ieq(m.method, "POST") &&
+	    path_is(m.target, "/intake/v2/events", &q)) {
+		a->route = RT_INTAKE;
+		a->flushed = query_has(q, "flushed=true");
+		limit = g.cfg.max_body;
+	} else if (apm_str_ieq(m.method, "POST") &&
+	    path_is(m.target, "/register/transaction", &q)) {
+		a->route = RT_REGISTER;
+		limit = REG_MAX;
+		struct apm_str ct = apm_http_header_get(&m, "content-type");
+		if (!ct.ptr || ct.len < 45 || memcmp(ct.ptr,
+		    "application/vnd.elastic.apm.transaction+ndjson", 45) != 0) {
+			a->route = RT_REJECT;
+			a->status = 415;
+		} else if (!a->request_id[0]) {
+			a->route = RT_REJECT;
+			a->status = 400;
+		}
+	} else {
+		a->route = RT_PROXY;
+		limit = PROXY_BODY_MAX;
+		if (!g.cfg.has_server) {
+			a->route = RT_REJECT;
+			a->status = 502;
+		} else if (agent_proxy_head(a, &m) < 0) {
+			agent_reject(a, 431, "headers too large to proxy");
+			return;
+		}
+	}
+	if (m.content_length > 0 && (uint64_t)m.content_length > limit) {
+		agent_reject(a, 413, apm_err_str(APM_E_BODY_TOO_LARGE));
+		return;
+	}
+	if (m.expect_continue)
+		(void)io.send(c->fd, "HTTP/1.1 100 Continue\r\n\r\n", 25, MSG_NOSIGNAL);
+	rx_consume(c, (size_t)r);
+	c->head_done = 1;
+	c->head_prev = 0;
+	a->state = AG_BODY;
+}
+
+static void register_transaction(struct agent *a);
+
+/* The whole request is in: act on it and answer. */
+static void
+agent_request_done(struct agent *a)
+{
+	struct conn *c = &a->c;
+	switch (a->route) {
+	case RT_INTAKE:
+		if (a->payload >= 0) {
+			struct payload *p = &g.q.p[a->payload];
+			p->open = 0;
+			if (p->len == 0)
+				queue_free(&g.q, a->payload);
+			a->payload = -1;
+		}
+		agent_respond(a, 202, NULL, 0);
+		if (a->flushed) {
+			if (g.inv.active)
+				g.inv.agent_flushed = 1;
+			invocation_end("agent flushed");
+		}
+		break;
+	case RT_REGISTER:
+		register_transaction(a);
+		break;
+	case RT_REJECT:
+		agent_respond(a, a->status, status_text(a->status), 0);
+		rx_consume(c, c->body.have);
+		break;
+	case RT_PROXY:
+		if (tx_printf(c, "Content-Length: %zu\r\n\r\n", c->body.have) < 0 ||
+		    tx_put(c, c->rx, c->body.have) < 0) {
+			agent_reject(a, 413, "proxied request too large");
+			return;
+		}
+		rx_consume(c, c->body.have);
+		a->state = AG_PROXY_WAIT;
+		break;
+	}
+}
+
+/* Move decoded intake bytes into the queue; 0 when all moved. */
+static int
+agent_push(struct agent *a)
+{
+	struct conn *c = &a->c;
+	if (c->body.have == 0)
+		return 0;
+	if (!g.cfg.has_server) { /* no server: accept and discard */
+		rx_consume(c, c->body.have);
+		return 0;
+	}
+	if (a->payload < 0) {
+		a->payload = queue_open(&g.q, a->encoding, a->user_agent, 0);
+		if (a->payload < 0)
+			return -1;
+		if (!a->encoding[0] || strcmp(a->encoding, "identity") == 0)
+			tel_agent_metadata(c->rx, c->body.have);
+	}
+	size_t n = queue_append(&g.q, a->payload, c->rx, c->body.have);
+	rx_consume(c, n);
+	return c->body.have ? -1 : 0;
+}
+
+static void
+agent_body(struct agent *a)
+{
+	struct conn *c = &a->c;
+	int r = body_step(&c->body, c->rx, &c->rx_len, 0);
+	if (r < 0) {
+		agent_reject(a, 400, apm_err_str(c->body.ch.error));
+		return;
+	}
+	uint64_t limit = a->route == RT_INTAKE ? g.cfg.max_body :
+	    a->route == RT_REGISTER ? REG_MAX : PROXY_BODY_MAX;
+	if (c->body.total > limit) {
+		agent_reject(a, 413, apm_err_str(APM_E_BODY_TOO_LARGE));
+		return;
+	}
+	if (a->route == RT_INTAKE && agent_push(a) < 0)
+		return; /* queue full: wait */
+	if (r == 1)
+		agent_request_done(a);
+}
+
+/* Advance an agent connection as far as its buffers allow. */
+static void
+agent_process(struct agent *a)
+{
+	struct conn *c = &a->c;
+	for (int guard = 0; guard < 64 && c->fd >= 0; guard++) {
+		int before = a->state;
+		size_t rx_before = c->rx_len;
+		if (a->state == AG_RESPOND) {
+			if (conn_flush(c) < 0) {
+				agent_close(a);
+				return;
+			}
+			if (c->tx_len > 0)
+				return;
+			if (c->close_after) {
+				agent_close(a);
+				return;
+			}
+			a->state = AG_HEAD;
+			c->head_done = 0;
+			c->head_prev = 0;
+			memset(&c->body, 0, sizeof c->body);
+		}
+		if (a->state == AG_HEAD && c->rx_len > 0)
+			agent_head(a);
+		else if (a->state == AG_BODY)
+			agent_body(a);
+		if (a->state == before && c->rx_len == rx_before)
+			break;
+	}
+}
+
+/* poll() interest of an agent connection. */
+static short
+agent_events(struct agent *a)
+{
+	struct conn *c = &a->c;
+	switch (a->state) {
+	case AG_RESPOND:
+		return POLLOUT;
+	case AG_PROXY_WAIT:
+		return 0;
+	case AG_BODY:
+		if (c->body.have > 0 || c->rx_len == c->rx_cap)
+			return 0; /* back-pressure */
+		return POLLIN;
+	default:
+		return c->rx_len < c->rx_cap ? POLLIN : 0;
+	}
+}
+
+static void
+agent_timeouts(struct agent *a, int64_t now)
+{
+	struct conn *c = &a->c;
+	int busy = a->state != AG_HEAD || c->rx_len > 0;
+	if (a->state == AG_PROXY_WAIT || (a->state == AG_BODY && c->body.have > 0)) {
+		c->deadline = 0; /* waiting on us, not on the agent */
+		return;
+	}
+	c->deadline = busy ? c->last_active + g.cfg.receiver_timeout_ms : 0;
+	if (c->deadline && now >= c->deadline) {
+		if (a->state == AG_RESPOND) {
+			agent_close(a);
+			return;
+		}
+		log_warn("agent connection idle mid-request for %lld ms; closed",
+		    (long long)g.cfg.receiver_timeout_ms);
+		agent_reject(a, 408, "request timeout");
+	}
+}
+
+static void
+agent_step(struct agent *a, short revents)
+{
+	struct conn *c = &a->c;
+	if (revents & (POLLIN | POLLHUP | POLLERR)) {
+		if (conn_fill(c) < 0 && !c->eof) {
+			agent_close(a);
+			return;
+		}
+	}
+	agent_process(a);
+	if (c->fd >= 0 && c->eof && a->state != AG_RESPOND &&
+	    a->state != AG_PROXY_WAIT) {
+		if (a->state == AG_BODY || c->rx_len > 0)
+			agent_abort_payload(a, "agent closed mid-request");
+		agent_close(a);
+	}
+}
+
+/* The idlest connection with no request under way, for eviction. */
+static int
+agent_evictable(void)
+{
+	int best = -1;
+	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+		struct agent *a = &g.agents[i];
+		if (a->c.fd < 0 || a->state == AG_PROXY_WAIT || a->payload >= 0)
+			continue;
+		if (best < 0 || a->c.last_active < g.agents[best].c.last_active)
+			best = i;
+	}
+	return best;
+}
+
+static void
+agent_accept(int lfd)
+{
+	for (int k = 0; k < 16; k++) {
+		int fd = io.accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0)
+			return;
+		int slot = -1;
+		for (int i = 0; i < MAX_AGENT_CONNS && slot < 0; i++)
+			if (g.agents[i].c.fd < 0)
+				slot = i;
+		if (slot < 0) {
+			slot = agent_evictable();
+			if (slot < 0) {
+				close(fd);
+				g.over_limit++;
+				continue;
+			}
+			g.evicted++;
+			if (g.evicted == 1 || g.evicted % 100 == 0)
+				log_warn("agent connections at the limit (%d): closed the "
+				    "idlest (%llu so far)", MAX_AGENT_CONNS,
+				    (unsigned long long)g.evicted);
+			agent_close(&g.agents[slot]);
+		}
+		struct agent *a = &g.agents[slot];
+		buf_reset(&a->c);
+		a->c.fd = fd;
+		a->c.last_active = now_ms();
+		a->state = AG_HEAD;
+		a->payload = -1;
+		a->keep_alive = 1;
+	}
+}
+
+/* The APM server's answer to a proxied call, or 502. */
+static void
+agent_proxy_answer(int ai, struct upstream *u, int ok)
+{
+	struct agent *a = &g.agents[ai];
+	struct conn *c = &a->c;
+	if (c->fd < 0 || a->state != AG_PROXY_WAIT)
+		return;
+	if (!ok) {
+		agent_respond(a, 502, "APM server unreachable", 0);
+		return;
+	}
+	c->tx_len = c->tx_off = 0;
+	tx_printf(c, "HTTP/1.1 %d %s\r\nContent-Length: %zu\r\n", u->status,
+	    status_text(u->status), u->c.body.have);
+	if (u->ctype_buf[0])
+		tx_printf(c, "Content-Type: %s\r\n", u->ctype_buf);
+	if (u->cenc_buf[0])
+		tx_printf(c, "Content-Encoding: %s\r\n", u->cenc_buf);
+	if (!a->keep_alive)
+		tx_printf(c, "Connection: close\r\n");
+	tx_printf(c, "\r\n");
+	if (tx_put(c, u->c.rx, u->c.body.have) < 0) {
+		agent_respond(a, 502, "APM server answer too large", 0);
+		return;
+	}
+	c->close_after = !a->keep_alive;
+	a->state = AG_RESPOND;
+}
+
+/* Hand waiting proxied calls to free upstream connections. */
+static void
+proxy_schedule(void)
+{
+	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+		struct agent *a = &g.agents[i];
+		if (a->c.fd < 0 || a->state != AG_PROXY_WAIT || a->c.tx_len == 0)
+			continue;
+		struct upstream *u = upstream_free_slot();
+		if (!u)
+			return;
+		struct conn *uc = &u->c;
+		int was_closed = u->state == UP_CLOSED;
+		if (was_closed && upstream_connect(u) < 0) {
+			agent_respond(a, 502, "APM server unreachable", 0);
+			continue;
+		}
+		if (was_closed && g.cfg.server.tls && tls_start(u) < 0) {
+			conn_close(uc);
+			u->state = UP_CLOSED;
+			agent_respond(a, 502, "APM server unreachable", 0);
+			continue;
+		}
+		if (!was_closed)
+			u->state = UP_BUSY;
+		uc->tx_len = uc->tx_off = 0;
+		tx_put(uc, a->c.tx, a->c.tx_len);
+		a->c.tx_len = 0;
+		u->job = JOB_PROXY;
+		u->agent = i;
+		u->payload = -1;
+		u->sent_last = 1;
+		u->resp_started = 0;
+		uc->deadline = now_ms() + g.cfg.forwarder_timeout_ms;
+	}
+}
+
+/* Keep what /register/transaction gave; 200, or 422 for a bad payload. */
+static void
+register_transaction(struct agent *a)
+{
+	struct conn *c = &a->c;
+	size_t n = c->body.have;
+	const char *nl = memchr(c->rx, '\n', n);
+	enum apm_err err;
+	int ok = nl && n <= REG_MAX && str_has_prefix((struct apm_str){ c->rx, n },
+	    "{\"metadata\"") &&
+	    apm_json_parse(c->rx, (size_t)(nl - c->rx), NULL, 0, NULL, &err) > 0;
+	if (ok) {
+		const char *tx = nl + 1;
+		size_t tlen = n - (size_t)(tx - c->rx);
+		while (tlen > 0 && (tx[tlen - 1] == '\n' || tx[tlen - 1] == '\r'))
+			tlen--;
+		ok = str_has_prefix((struct apm_str){ tx, tlen }, "{\"transaction\"") &&
+		    apm_json_parse(tx, tlen, NULL, 0, NULL, &err) > 0;
+	}
+	if (!ok) {
+		log_warn("bad /register/transaction payload; answered 422");
+		agent_respond(a, 422, "invalid transaction registration", 0);
+	} else {
+		memcpy(g.reg, c->rx, n);
+		g.reg_len = n;
+		snprintf(g.reg_request_id, sizeof g.reg_request_id, "%s",
+		    a->request_id);
+		tel_registered(nl + 1, n - (size_t)(nl + 1 - c->rx));
+		log_debug("transaction registered for %s", a->request_id);
+		agent_respond(a, 200, NULL, 0);
+	}
+	rx_consume(c, n);
+}
+
+/* == 14. Telemetry listener and platform events == (see tel_*) */
+
+/* == 15. Lambda Extensions API client ==
+ * Register is a blocking exchange on a fresh socket: it is the first thing
+ * the process does, and the fewest system calls are the fastest cold start.
+ * Afterwards the same connection turns non-blocking and carries /event/next.
+ */
+
+#define EXT_API "/2020-01-01/extension"
+
+/* Blocking request on the Lambda API connection; fills c->rx with the
+ * response. Returns the status (and the head length in *head), or -1. */
+static int
+lambda_call(const char *method, const char *path, const char *extra,
+    const char *body, int *head, struct apm_http_msg *m,
+    struct apm_http_header *h)
+{
+	struct conn *c = &g.lam.c;
+	if (c->fd < 0) {
+		c->fd = socket(g.lam.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (c->fd < 0 || connect(c->fd, (struct sockaddr *)&g.lam.addr,
+		    g.lam.addrlen) < 0) {
+			conn_close(c);
+			return -1;
+		}
+	}
+	size_t blen = body ? strlen(body) : 0;
+	char req[1024];
+	int n = snprintf(req, sizeof req, "%s %s HTTP/1.1\r\nHost: %s\r\n%s"
+	    "Content-Length: %zu\r\n\r\n", method, path, g.lam.host, extra, blen);
+	struct iovec iov[2] = { { req, (size_t)n }, { (void *)body, blen } };
+	if (n >= (int)sizeof req || writev(c->fd, iov, 2) != (ssize_t)(n + (int)blen)) {
+		conn_close(c);
+		return -1;
+	}
+	c->rx_len = 0;
+	for (;;) {
+		ssize_t r = read(c->fd, c->rx + c->rx_len, c->rx_cap - c->rx_len);
+		if (r <= 0) {
+			conn_close(c);
+			return -1;
+		}
+		c->rx_len += (size_t)r;
+		int hl = apm_http_parse_response(c->rx, c->rx_len, 0, m, h,
+		    APM_HTTP_MAX_HEADERS);
+		if (hl == APM_NEED_MORE)
+			continue;
+		if (hl < 0 || (m->content_length > 0 && (size_t)hl +
+		    (size_t)m->content_length > c->rx_cap)) {
+			conn_close(c);
+			return -1;
+		}
+		if (m->content_length > 0 &&
+		    c->rx_len < (size_t)hl + (size_t)m->content_length)
+			continue;
+		*head = hl;
+		if (m->close || m->chunked)
+			conn_close(c); /* simple clients: no chunked answers here */
+		return m->status;
+	}
+}
+
+static int
+lambda_register(const char *name)
+{
+	struct apm_http_header h[APM_HTTP_MAX_HEADERS];
+	struct apm_http_msg m;
+	char extra[512];
+	int head;
+	snprintf(extra, sizeof extra, "Lambda-Extension-Name: %s\r\n"
+	    "Content-Type: application/json\r\n", name);
+	int st = lambda_call("POST", EXT_API "/register", extra,
+	    "{\"events\":[\"INVOKE\",\"SHUTDOWN\"]}", &head, &m, h);
+	if (st != 200) {
+		log_error("register with the Extensions API failed (status %d)", st);
+		return -1;
+	}
+	struct apm_str id = apm_http_header_get(&m, "lambda-extension-identifier");
+	if (!id.len || id.len >= sizeof g.lam.id) {
+		log_error("register answer has no Lambda-Extension-Identifier");
+		return -1;
+	}
+	str_copy(g.lam.id, sizeof g.lam.id, id);
+	return 0;
+}
+
+/* Start the asynchronous GET /event/next. */
+static void
+lambda_send_next(void)
+{
+	struct conn *c = &g.lam.c;
+	if (c->fd < 0) {
+		c->fd = sock_connect(&g.lam.addr, g.lam.addrlen);
+		if (c->fd < 0) {
+			log_error("cannot reach the Extensions API: %s", strerror(errno));
+			return;
+		}
+	} else {
+		sock_nonblock(c->fd);
+	}
+	buf_reset(c);
+	tx_printf(c, "GET " EXT_API "/event/next HTTP/1.1\r\nHost: %s\r\n"
+	    "Lambda-Extension-Identifier: %s\r\n\r\n", g.lam.host, g.lam.id);
+	g.lam.req = LR_NEXT;
+	g.phase = g.phase == PH_SHUTDOWN ? PH_SHUTDOWN : PH_WAIT;
+	if (conn_flush(c) < 0) {
+		conn_close(c);
+		g.lam.req = LR_NONE;
+	}
+	log_debug("called /event/next");
+}
+
+static void lambda_event(const char *js, size_t len);
+
+static void
+lambda_step(short revents)
+{
+	struct conn *c = &g.lam.c;
+	if (revents & POLLOUT && conn_flush(c) < 0)
+		goto broken;
+	if (!(revents & (POLLIN | POLLHUP | POLLERR)))
+		return;
+	if (conn_fill(c) < 0 && !c->eof)
+		goto broken;
+	if (!c->head_done) {
+		struct apm_http_header h[APM_HTTP_MAX_HEADERS];
+		struct apm_http_msg m;
+		int r = apm_http_parse_response(c->rx, c->rx_len, c->head_prev, &m, h,
+		    APM_HTTP_MAX_HEADERS);
+		c->head_prev = c->rx_len;
+		if (r == APM_NEED_MORE) {
+			if (c->eof)
+				goto broken;
+			return;
+		}
+		if (r < 0 || m.status != 200) {
+			log_error("/event/next answered %d (%s)", r < 0 ? 0 : m.status,
+			    r < 0 ? apm_err_str(m.error) : "error");
+			goto broken;
+		}
+		body_init(&c->body, &m, 1);
+		c->close_after = m.close;
+		rx_consume(c, (size_t)r);
+		c->head_done = 1;
+	}
+	int r = body_step(&c->body, c->rx, &c->rx_len, c->eof);
+	if (r < 0 || (r == 0 && (c->eof || c->rx_len == c->rx_cap)))
+		goto broken;
+	if (r == 0)
+		return;
+	g.lam.req = LR_NONE;
+	char ev[4096];
+	size_t n = MIN(c->body.have, sizeof ev);
+	memcpy(ev, c->rx, n);
+	if (c->close_after || c->eof)
+		conn_close(c);
+	else
+		buf_reset(c);
+	lambda_event(ev, n);
+	return;
+broken:
+	/* The Lambda API never breaks in practice; after a broken exchange we
+	 * reconnect and ask again (the event, if any, was lost upstream). */
+	log_warn("the Extensions API connection broke; calling /event/next again");
+	conn_close(c);
+	g.lam.req = LR_NONE;
+	if (g.phase == PH_WAIT)
+		lambda_send_next();
+}
+
+/* == 16. Event loop == */
+
+static void
+invocation_end(const char *why)
+{
+	if (!g.inv.active && g.phase == PH_WAIT) {
+		/* The INVOKE is on its way but not read yet: the agent (or the
+		 * platform) was faster than us. It applies to that invocation. */
+		g.end_pending = 1;
+		return;
+	}
+	if (!g.inv.active || g.inv.ended)
+		return;
+	g.inv.ended = 1;
+	g.inv.t_end = now_ms();
+	log_debug("invocation %s ended: %s", g.inv.request_id, why);
+}
+
+static void
+lambda_event(const char *js, size_t len)
+{
+	struct apm_lambda_event ev;
+	if (apm_lambda_event_parse(js, len, &ev) < 0) {
+		log_error("malformed event from /event/next; asking again");
+		lambda_send_next();
+		return;
+	}
+	int64_t now = now_ms();
+	int64_t left = ev.deadline_ms - epoch_us() / 1000;
+	if (ev.type == APM_EV_SHUTDOWN) {
+		g.phase = PH_SHUTDOWN;
+		g.exit_at = now + left - SHUTDOWN_MARGIN_MS;
+		g.retry_at = 0; /* last chance: try at once */
+		log_info("shutdown (%s), %lld ms left", ev.shutdown_reason,
+		    (long long)left);
+		if (strcmp(ev.shutdown_reason, "timeout") == 0 ||
+		    strcmp(ev.shutdown_reason, "failure") == 0)
+			tel_proxy_transaction(ev.shutdown_reason);
+		g.shutdown_at = now;
+		return;
+	}
+	if (ev.type != APM_EV_INVOKE) {
+		log_warn("unknown event type; ignored");
+		lambda_send_next();
+		return;
+	}
+	memset(&g.inv, 0, sizeof g.inv);
+	g.inv.active = 1;
+	g.inv.number++;
+	snprintf(g.inv.request_id, sizeof g.inv.request_id, "%s", ev.request_id);
+	snprintf(g.inv.arn, sizeof g.inv.arn, "%s", ev.function_arn);
+	snprintf(g.inv.trace, sizeof g.inv.trace, "%s", ev.trace);
+	g.inv.t_invoke = now;
+	g.inv.deadline = now + left;
+	/* Thawed: timers that ran on through the freeze start again. */
+	for (int i = 0; i < MAX_AGENT_CONNS; i++)
+		g.agents[i].c.last_active = now;
+	tel_inv_track();
+	log_debug("invoke %s, %lld ms to deadline", ev.request_id, (long long)left);
+	if (g.end_pending) {
+		g.inv.agent_flushed = 1;
+		invocation_end("agent flushed before INVOKE was read");
+	}
+	g.end_pending = 0;
+	if (g.done_pending[0] && strcmp(g.done_pending, g.inv.request_id) == 0)
+		tel_runtime_done(g.done_pending, g.done_pending_status);
+	g.done_pending[0] = 0;
+	if (g.cfg.background) {
+		lambda_send_next();
+	} else {
+		g.phase = PH_INVOKE;
+	}
+}
+
+/* Nothing held: no payload queued or being received. */
+static int
+loop_idle(void)
+{
+	return g.q.used == 0;
+}
+
+/* Decide about /next and exit; returns the next deadline to wake for. */
+static int64_t
+loop_lambda_tick(int64_t now)
+{
+	if (g.phase == PH_SHUTDOWN) {
+		uint64_t cnt, bytes;
+		int report_wait = tel_report_pending() &&
+		    now < g.shutdown_at + REPORT_WAIT_MS;
+		if ((loop_idle() && !report_wait) || now >= g.exit_at ||
+		    !g.cfg.has_server || g.retry_at > g.exit_at) {
+			fwd_held(&cnt, &bytes);
+			if (cnt)
+				log_error("exiting with %llu payloads (%llu bytes) "
+				    "undelivered", (unsigned long long)cnt,
+				    (unsigned long long)bytes);
+			log_info("exit: %llu payloads delivered (%llu bytes), %llu "
+			    "dropped, %llu rejected by the server",
+			    (unsigned long long)g.q.delivered,
+			    (unsigned long long)g.q.delivered_bytes,
+			    (unsigned long long)g.q.dropped,
+			    (unsigned long long)g.q.rejected);
+			exit(0);
+		}
+		return report_wait ? MIN(g.exit_at, g.shutdown_at + REPORT_WAIT_MS) :
+		    g.exit_at;
+	}
+	if (g.phase != PH_INVOKE || g.lam.req != LR_NONE)
+		return 0;
+	if (!g.inv.ended && now >= g.inv.deadline - DEADLINE_MARGIN_MS)
+		invocation_end("deadline");
+	if (!g.inv.ended)
+		return g.inv.deadline - DEADLINE_MARGIN_MS;
+	int64_t bound = g.inv.t_end + g.cfg.forwarder_timeout_ms;
+	int backing_off = g.retry_at > now;
+	if (loop_idle() || backing_off || now >= bound) {
+		if (!loop_idle())
+			log_info("calling /event/next with %u payloads held (%s)",
+			    g.q.used, backing_off ? "APM server failing" :
+			    "forwarder timeout");
+		g.inv.active = 0;
+		lambda_send_next();
+		return 0;
+	}
+	return bound;
+}
+
+static int64_t
+earliest(int64_t a, int64_t b)
+{
+	if (!a)
+		return b;
+	if (!b)
+		return a;
+	return MIN(a, b);
+}
+
+enum { PK_LISTEN, PK_LAMBDA, PK_AGENT, PK_UP, PK_TEL };
+
+struct pollref {
+	int kind;
+	int idx;
+};
+
+static void tel_accept(int lfd);
+static int tel_poll_add(struct pollfd *pfd, struct pollref *ref, int n);
+static void tel_dispatch(int idx, short revents);
+static int64_t tel_timeouts(int64_t now);
+
+static void
+upstream_timeouts(int64_t now)
+{
+	for (int i = 0; i < MAX_UPSTREAM; i++) {
+		struct upstream *u = &g.up[i];
+		if (u->c.fd < 0 || !u->c.deadline || now < u->c.deadline)
+			continue;
+		if (u->state == UP_BUSY && u->job == JOB_PAYLOAD && !u->sent_last &&
+		    g.q.p[u->payload].open && u->sent >= g.q.p[u->payload].len) {
+			u->c.deadline = 0; /* waiting for the agent, not the server */
+			continue;
+		}
+		upstream_fail(u, "timed out");
+	}
+}
+
+static void
+loop_run(void)
+{
+	struct pollfd pfd[3 + 1 + MAX_AGENT_CONNS + MAX_UPSTREAM + 4];
+	struct pollref ref[sizeof pfd / sizeof *pfd];
+	for (;;) {
+		int64_t now = now_ms();
+		if (g.got_term && g.phase != PH_SHUTDOWN) {
+			g.phase = PH_SHUTDOWN;
+			g.exit_at = now + 1000;
+			log_info("SIGTERM: flushing for up to 1000 ms, then exiting");
+		}
+		fwd_schedule();
+		proxy_schedule();
+		for (int i = 0; i < MAX_AGENT_CONNS; i++)
+			if (g.agents[i].c.fd >= 0) {
+				agent_process(&g.agents[i]);
+				if (g.agents[i].c.fd >= 0)
+					agent_timeouts(&g.agents[i], now);
+			}
+		upstream_timeouts(now);
+		int64_t wake = loop_lambda_tick(now);
+		wake = earliest(wake, tel_timeouts(now));
+		if (g.retry_at > now && !loop_idle())
+			wake = earliest(wake, g.retry_at);
+		int n = 0;
+		for (int i = 0; i < 3; i++)
+			if (g.listen_fd[i] >= 0) {
+				pfd[n] = (struct pollfd){ g.listen_fd[i], POLLIN, 0 };
+				ref[n++] = (struct pollref){ PK_LISTEN, i };
+			}
+		if (g.lam.c.fd >= 0 && g.lam.req != LR_NONE) {
+			short ev = POLLIN | (g.lam.c.tx_len ? POLLOUT : 0);
+			pfd[n] = (struct pollfd){ g.lam.c.fd, ev, 0 };
+			ref[n++] = (struct pollref){ PK_LAMBDA, 0 };
+		}
+		for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+			struct agent *a = &g.agents[i];
+			if (a->c.fd < 0)
+				continue;
+			wake = earliest(wake, a->c.deadline);
+			pfd[n] = (struct pollfd){ a->c.fd, agent_events(a), 0 };
+			ref[n++] = (struct pollref){ PK_AGENT, i };
+		}
+		for (int i = 0; i < MAX_UPSTREAM; i++) {
+			struct upstream *u = &g.up[i];
+			if (u->c.fd < 0)
+				continue;
+			wake = earliest(wake, u->c.deadline);
+			pfd[n] = (struct pollfd){ u->c.fd, upstream_events(u), 0 };
+			ref[n++] = (struct pollref){ PK_UP, i };
+		}
+		n = tel_poll_add(pfd, ref, n);
+		int timeout = -1;
+		if (wake) {
+			int64_t d = wake - now_ms();
+			timeout = d <= 0 ? 0 : (int)MIN(d + 1, (int64_t)INT_MAX);
+		}
+		int r = poll(pfd, (nfds_t)n, timeout);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			log_error("poll: %s", strerror(errno));
+			exit(0);
+		}
+		for (int i = 0; i < n && r > 0; i++) {
+			short re = pfd[i].revents;
+			if (!re)
+				continue;
+			switch (ref[i].kind) {
+			case PK_LISTEN:
+				if (ref[i].idx == 2)
+					tel_accept(pfd[i].fd);
+				else
+					agent_accept(pfd[i].fd);
+				break;
+			case PK_LAMBDA:
+				lambda_step(re);
+				break;
+			case PK_AGENT:
+				agent_step(&g.agents[ref[i].idx], re);
+				break;
+			case PK_UP:
+				upstream_step(&g.up[ref[i].idx], re);
+				break;
+			case PK_TEL:
+				tel_dispatch(ref[i].idx, re);
+				break;
+			}
+		}
+	}
+}
+
+/* == 14. Telemetry listener and platform events ==
+ * Lambda POSTs JSON arrays of records to us. A body is validated whole
+ * before any record is acted on, so a 400 (which Lambda retries) never
+ * follows half-applied records.
+ */
+
+#define MAX_TEL_CONNS 2
+
+struct telconn {
+	struct conn c;
+	int state;              /* 0 head, 1 body, 2 respond */
+	int reject;             /* status to answer instead of reading */
+};
+
+/* What the platform and the agent told us about one invocation. */
+struct inv_info {
+	char request_id[128];
+	char arn[256];
+	int64_t deadline_epoch_ms;
+	int64_t start_us;       /* platform.start time, or INVOKE receipt */
+	int reported;           /* platform.report arrived */
+};
+
+static struct {
+	struct telconn conns[MAX_TEL_CONNS];
+	int subscribed;
+	struct inv_info recent[4]; /* ring of the last invocations */
+	unsigned recent_next;
+	uint64_t bad_posts, records, logs_dropped;
+	int own;                /* open payload of our own events, -1 none */
+	char agent_meta[8192];  /* metadata line of the agent, if known */
+	size_t agent_meta_len;
+	char reg_trace_id[64], reg_tx_id[64];
+	int proxy_sent;         /* for g.inv */
+	int runtime_failed;     /* runtimeDone status of g.inv was not success */
+	int64_t shutdown_started;
+} tel = { .own = -1 };
+
+static struct apm_json_tok tel_toks[TEL_TOKENS];
+
+static struct inv_info *
+tel_inv_find(const char *rid)
+{
+	for (unsigned i = 0; i < 4; i++)
+		if (rid[0] && strcmp(tel.recent[i].request_id, rid) == 0)
+			return &tel.recent[i];
+	return NULL;
+}
+
+/* Remember an invocation for the report that follows it. */
+static void
+tel_inv_track(void)
+{
+	struct inv_info *r = &tel.recent[tel.recent_next++ % 4];
+	memset(r, 0, sizeof *r);
+	snprintf(r->request_id, sizeof r->request_id, "%s", g.inv.request_id);
+	snprintf(r->arn, sizeof r->arn, "%s", g.inv.arn);
+	r->start_us = epoch_us();
+	r->deadline_epoch_ms = r->start_us / 1000 + (g.inv.deadline - g.inv.t_invoke);
+	tel.proxy_sent = 0;
+	tel.runtime_failed = 0;
+}
+
+/* At SHUTDOWN: the last invocation's platform.report has not come yet. */
+static int
+tel_report_pending(void)
+{
+	if (!tel.subscribed || g.inv.number == 0)
+		return 0;
+	struct inv_info *inv = tel_inv_find(g.inv.request_id);
+	return inv && !inv->reported;
+}
+
+/* The metadata line of an uncompressed agent payload, for our own events. */
+static void
+tel_agent_metadata(const char *p, size_t n)
+{
+	const char *nl = memchr(p, '\n', n);
+	if (!nl || (size_t)(nl - p) + 1 > sizeof tel.agent_meta ||
+	    !str_has_prefix((struct apm_str){ p, n }, "{\"metadata\""))
+		return;
+	tel.agent_meta_len = (size_t)(nl - p) + 1;
+	memcpy(tel.agent_meta, p, tel.agent_meta_len);
+}
+
+/* Keep the trace and transaction ids of a registered transaction. */
+static void
+tel_registered(const char *tx, size_t n)
+{
+	struct apm_json_tok t[256];
+	int k = apm_json_parse(tx, n, t, 256, NULL, NULL);
+	int obj = k > 0 ? apm_json_get(tx, t, k, 0, "transaction") : -1;
+	tel.reg_trace_id[0] = tel.reg_tx_id[0] = 0;
+	if (obj < 0)
+		return;
+	json_get_str(tx, t, k, obj, "trace_id", tel.reg_trace_id,
+	    sizeof tel.reg_trace_id);
+	json_get_str(tx, t, k, obj, "id", tel.reg_tx_id, sizeof tel.reg_tx_id);
+}
+
+static int
+own_put(const char *s, size_t n)
+{
+	return queue_append(&g.q, tel.own, s, n) == n ? 0 : -1;
+}
+
+static int
+own_puts(const char *s)
+{
+	return own_put(s, strlen(s));
+}
+
+/* Append s escaped as JSON string contents. */
+static int
+own_put_escaped(const char *s, size_t n)
+{
+	char buf[4096];
+	for (size_t i = 0; i < n;) {
+		size_t take = MIN(n - i, sizeof buf / 6);
+		int w = apm_json_escape(s + i, take, buf, sizeof buf);
+		if (w < 0 || own_put(buf, (size_t)w) < 0)
+			return -1;
+		i += take;
+	}
+	return 0;
+}
+
+static void
+own_metadata(void)
+{
+	if (g.reg_len) {
+		const char *nl = memchr(g.reg, '\n', g.reg_len);
+		own_put(g.reg, (size_t)(nl - g.reg) + 1);
+		return;
+	}
+	if (tel.agent_meta_len) {
+		own_put(tel.agent_meta, tel.agent_meta_len);
+		return;
+	}
+	const char *name = getenv("ELASTIC_APM_SERVICE_NAME");
+	const char *ver = getenv("ELASTIC_APM_SERVICE_VERSION");
+	if (!name || !*name)
+		name = g.cfg.function_name;
+	if (!ver || !*ver)
+		ver = g.cfg.function_version;
+	own_puts("{\"metadata\":{\"service\":{\"name\":\"");
+	own_put_escaped(name, strlen(name));
+	own_puts("\",\"version\":\"");
+	own_put_escaped(ver, strlen(ver));
+	own_puts("\",\"agent\":{\"name\":\"" APM_EXT_NAME "\",\"version\":\""
+	    APM_EXT_VERSION "\"},\"framework\":{\"name\":\"AWS Lambda\"}},"
+	    "\"cloud\":{\"provider\":\"aws\",\"region\":\"");
+	own_put_escaped(g.cfg.region, strlen(g.cfg.region));
+	own_puts("\",\"service\":{\"name\":\"lambda\"}}}}\n");
+}
+
+/* Open our own payload (metadata first) if none is open. 0 or -1. */
+static int
+own_begin(void)
+{
+	if (tel.own >= 0)
+		return 0;
+	if (!g.cfg.has_server)
+		return -1;
+	tel.own = queue_open(&g.q, "", "", 1);
+	if (tel.own < 0) {
+		log_warn("queue full: platform events dropped");
+		return -1;
+	}
+	own_metadata();
+	return 0;
+}
+
+/* Close our payload so the forwarder sends it. */
+static void
+own_end(void)
+{
+	if (tel.own < 0)
+		return;
+	g.q.p[tel.own].open = 0;
+	tel.own = -1;
+}
+
+static void
+own_num(const char *key, double v)
+{
+	char b[128];
+	snprintf(b, sizeof b, "\"%s\":{\"value\":%.17g}", key, v);
+	own_puts(b);
+}
+
+/* platform.report -> one metricset with the Lambda metrics. */
+static void
+tel_report(const struct apm_tel_record *r)
+{
+	struct inv_info *inv = tel_inv_find(r->request_id);
+	if (inv)
+		inv->reported = 1;
+	if (own_begin() < 0)
+		return;
+	char b[1024];
+	int64_t ts = r->time_us ? r->time_us : epoch_us();
+	snprintf(b, sizeof b, "{\"metricset\":{\"timestamp\":%lld,\"faas\":{"
+	    "\"coldstart\":%s,\"execution\":\"", (long long)ts,
+	    r->has_init ? "true" : "false");
+	own_puts(b);
+	own_put_escaped(r->request_id, strlen(r->request_id));
+	own_puts("\",\"id\":\"");
+	const char *arn = inv ? inv->arn : g.inv.arn;
+	own_put_escaped(arn, strlen(arn));
+	own_puts("\",\"name\":\"");
+	own_put_escaped(g.cfg.function_name, strlen(g.cfg.function_name));
+	own_puts("\",\"version\":\"");
+	own_put_escaped(g.cfg.function_version, strlen(g.cfg.function_version));
+	own_puts("\"},\"samples\":{");
+	own_num("faas.duration", r->duration_ms);
+	own_puts(",");
+	own_num("faas.billed_duration", r->billed_ms);
+	own_puts(",");
+	if (r->has_init) {
+		own_num("faas.coldstart_duration", r->init_ms);
+		own_puts(",");
+	}
+	if (inv) {
+		own_num("faas.timeout", (double)(inv->deadline_epoch_ms -
+		    inv->start_us / 1000));
+		own_puts(",");
+	}
+	own_num("system.memory.total", (double)r->memory_mb * 1048576.0);
+	own_puts(",");
+	own_num("system.memory.actual.free",
+	    (double)(r->memory_mb - r->max_memory_mb) * 1048576.0);
+	own_puts("}}}\n");
+}
+
+/* A function log line -> one log event. */
+static void
+tel_function_log(const struct apm_tel_record *r)
+{
+	if (!g.cfg.capture_logs || own_begin() < 0)
+		return;
+	char b[256];
+	snprintf(b, sizeof b, "{\"log\":{\"@timestamp\":%lld,\"message\":\"",
+	    (long long)(r->time_us ? r->time_us : epoch_us()));
+	own_puts(b);
+	struct apm_str m = r->log;
+	if (r->log_is_string) { /* already JSON string contents */
+		while (m.len >= 2 && m.ptr[m.len - 2] == '\\' &&
+		    (m.ptr[m.len - 1] == 'n' || m.ptr[m.len - 1] == 'r'))
+			m.len -= 2;
+		own_put(m.ptr, m.len);
+	} else {
+		own_put_escaped(m.ptr, m.len);
+	}
+	own_puts("\",\"faas\":{\"id\":\"");
+	own_put_escaped(g.inv.arn, strlen(g.inv.arn));
+	own_puts("\",\"name\":\"");
+	own_put_escaped(g.cfg.function_name, strlen(g.cfg.function_name));
+	own_puts("\",\"execution\":\"");
+	own_put_escaped(g.inv.request_id, strlen(g.inv.request_id));
+	own_puts("\"}");
+	if (g.inv.active && tel.reg_trace_id[0] &&
+	    strcmp(g.reg_request_id, g.inv.request_id) == 0) {
+		snprintf(b, sizeof b, ",\"trace.id\":\"%s\",\"transaction.id\":\"%s\"",
+		    tel.reg_trace_id, tel.reg_tx_id);
+		own_puts(b);
+	}
+	own_puts("}}\n");
+}
+
+/*
+ * The invocation ended badly and its agent never reported: send the
+ * transaction it registered, with result = status and outcome failure.
+ */
+static void
+tel_proxy_transaction(const char *status)
+{
+	if (tel.proxy_sent || g.inv.agent_flushed || !g.reg_len ||
+	    strcmp(g.reg_request_id, g.inv.request_id) != 0)
+		return;
+	const char *nl = memchr(g.reg, '\n', g.reg_len);
+	const char *tx = nl + 1;
+	size_t tlen = g.reg_len - (size_t)(tx - g.reg);
+	while (tlen && (tx[tlen - 1] == '\n' || tx[tlen - 1] == '\r'))
+		tlen--;
+	struct apm_json_tok *t = tel_toks;
+	int n = apm_json_parse(tx, tlen, t, TEL_TOKENS, NULL, NULL);
+	int obj = n > 0 ? apm_json_get(tx, t, n, 0, "transaction") : -1;
+	if (obj < 0 || t[obj].type != APM_JSON_OBJECT || own_begin() < 0)
+		return;
+	tel.proxy_sent = 1;
+	own_puts("{\"transaction\":{");
+	int j = obj + 1, first = 1, has_span_count = 0;
+	for (uint32_t k = 0; k < t[obj].size; k++) {
+		int v = j + 1, next = apm_json_skip(t, n, v);
+		if (apm_json_eq(tx, &t[j], "span_count"))
+			has_span_count = 1;
+		if (!apm_json_eq(tx, &t[j], "result") &&
+		    !apm_json_eq(tx, &t[j], "outcome") &&
+		    !apm_json_eq(tx, &t[j], "duration")) {
+			if (!first)
+				own_puts(",");
+			/* key with quotes through the end of its value */
+			uint32_t vend = t[v].type == APM_JSON_STRING ? t[v].end + 1 :
+			    t[v].end;
+			own_put(tx + t[j].start - 1, vend - (t[j].start - 1));
+			first = 0;
+		}
+		j = next;
+	}
+	char b[256];
+	snprintf(b, sizeof b, "%s\"result\":\"%s\",\"outcome\":\"failure\","
+	    "\"duration\":%lld%s}}\n", first ? "" : ",", status,
+	    (long long)((g.inv.ended ? g.inv.t_end : now_ms()) - g.inv.t_invoke),
+	    has_span_count ? "" : ",\"span_count\":{\"started\":0}");
+	own_puts(b);
+	own_end();
+	log_info("sent the registered transaction of %s (%s)", g.inv.request_id,
+	    status);
+}
+
+/* platform.runtimeDone: the platform's own end of an invocation. */
+static void
+tel_runtime_done(const char *rid, const char *status)
+{
+	if (!g.inv.active || strcmp(rid, g.inv.request_id) != 0) {
+		if (g.phase == PH_WAIT) { /* before its INVOKE was read */
+			snprintf(g.done_pending, sizeof g.done_pending, "%s", rid);
+			snprintf(g.done_pending_status, sizeof g.done_pending_status,
+			    "%s", status);
+		}
+		return;
+	}
+	if (strcmp(status, "success") != 0) {
+		tel.runtime_failed = 1;
+		tel_proxy_transaction(status);
+	}
+	invocation_end("runtimeDone");
+}
+
+static void
+tel_record(const struct apm_tel_record *r)
+{
+	tel.records++;
+	switch (r->type) {
+	case APM_TEL_START: {
+		struct inv_info *inv = tel_inv_find(r->request_id);
+		if (inv && r->time_us)
+			inv->start_us = r->time_us;
+		break;
+	}
+	case APM_TEL_RUNTIME_DONE:
+		tel_runtime_done(r->request_id, r->status);
+		break;
+	case APM_TEL_REPORT:
+		tel_report(r);
+		break;
+	case APM_TEL_FUNCTION:
+		tel_function_log(r);
+		break;
+	case APM_TEL_LOGS_DROPPED:
+		tel.logs_dropped++;
+		log_warn("Lambda dropped telemetry records (we were too slow)");
+		break;
+	}
+}
+
+/* Act on a whole POST body. Returns the status to answer. */
+static int
+tel_body(const char *js, size_t len)
+{
+	enum apm_err err;
+	if (apm_json_parse(js, len, NULL, 0, NULL, &err) < 0) {
+		tel.bad_posts++;
+		log_warn("telemetry POST refused: %s", apm_err_str(err));
+		return 400;
+	}
+	size_t pos = 0;
+	while (pos < len && js[pos] != '[' && js[pos] != '{')
+		pos++;
+	if (pos == len || js[pos] != '[') {
+		log_warn("telemetry POST refused: not a JSON array");
+		return 400;
+	}
+	pos++;
+	for (;;) {
+		while (pos < len && strchr(" \t\r\n,", js[pos]))
+			pos++;
+		if (pos >= len || js[pos] == ']')
+			break;
+		size_t end;
+		int n = apm_json_parse(js + pos, len - pos, tel_toks, TEL_TOKENS, &end,
+		    &err);
+		if (n < 0) {
+			/* valid JSON but too many tokens for one record: skip it */
+			enum apm_err e2;
+			if (apm_json_parse(js + pos, len - pos, NULL, 0, &end, &e2) < 0)
+				break;
+			log_warn("telemetry record too large; skipped");
+		} else {
+			struct apm_tel_record r;
+			if (apm_tel_record_parse(js + pos, tel_toks, n, &r) == 0)
+				tel_record(&r);
+		}
+		pos += end;
+	}
+	own_end();
+	return 200;
+}
+
+static void
+tel_respond(struct telconn *t, int status, int close_after)
+{
+	struct conn *c = &t->c;
+	c->tx_len = c->tx_off = 0;
+	c->close_after = close_after;
+	tx_printf(c, "HTTP/1.1 %d %s\r\nContent-Length: 0\r\n%s\r\n", status,
+	    status_text(status), close_after ? "Connection: close\r\n" : "");
+	t->state = 2;
+}
+
+static void
+tel_process(struct telconn *t)
+{
+	struct conn *c = &t->c;
+	for (int guard = 0; guard < 8 && c->fd >= 0; guard++) {
+		if (t->state == 2) {
+			if (conn_flush(c) < 0 || (c->tx_len == 0 && c->close_after)) {
+				conn_close(c);
+				return;
+			}
+			if (c->tx_len)
+				return;
+			t->state = 0;
+			c->head_done = 0;
+			c->head_prev = 0;
+			memset(&c->body, 0, sizeof c->body);
+		}
+		if (t->state == 0) {
+			struct apm_http_header h[APM_HTTP_MAX_HEADERS];
+			struct apm_http_msg m;
+			if (c->rx_len == 0)
+				return;
+			int r = apm_http_parse_request(c->rx, c->rx_len, c->head_prev, &m,
+			    h, APM_HTTP_MAX_HEADERS);
+			c->head_prev = c->rx_len;
+			if (r == APM_NEED_MORE)
+				return;
+			if (r < 0 || !apm_str_ieq(m.method, "POST")) {
+				tel.bad_posts++;
+				log_warn("telemetry request refused: %s", r < 0 ?
+				    apm_err_str(m.error) : "not a POST");
+				tel_respond(t, 400, 1);
+				continue;
+			}
+			if (m.content_length > (int64_t)TEL_BODY_MAX) {
+				tel.bad_posts++;
+				log_warn("telemetry POST refused: body too large");
+				tel_respond(t, 413, 1);
+				continue;
+			}
+			body_init(&c->body, &m, 0);
+			rx_consume(c, (size_t)r);
+			c->head_prev = 0;
+			t->state = 1;
+		}
+		if (t->state == 1) {
+			int r = body_step(&c->body, c->rx, &c->rx_len, 0);
+			if (r < 0 || c->body.total > TEL_BODY_MAX) {
+				tel.bad_posts++;
+				log_warn("telemetry POST refused: %s", r < 0 ?
+				    "bad chunked framing" : "body too large");
+				tel_respond(t, r < 0 ? 400 : 413, 1);
+				continue;
+			}
+			if (r == 0)
+				return;
+			int st = tel_body(c->rx, c->body.have);
+			rx_consume(c, c->body.have);
+			tel_respond(t, st, 0);
+		}
+	}
+}
+
+static void
+tel_accept(int lfd)
+{
+	for (int k = 0; k < 8; k++) {
+		int fd = io.accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0)
+			return;
+		struct telconn *t = NULL;
+		for (int i = 0; i < MAX_TEL_CONNS; i++)
+			if (tel.conns[i].c.fd < 0)
+				t = &tel.conns[i];
+		if (!t) { /* Lambda retries; the idlest gives way */
+			t = &tel.conns[0];
+			if (tel.conns[1].c.last_active < t->c.last_active)
+				t = &tel.conns[1];
+			conn_close(&t->c);
+		}
+		buf_reset(&t->c);
+		t->c.fd = fd;
+		t->c.last_active = now_ms();
+		t->state = 0;
+	}
+}
+
+static int
+tel_poll_add(struct pollfd *pfd, struct pollref *ref, int n)
+{
+	for (int i = 0; i < MAX_TEL_CONNS; i++) {
+		struct telconn *t = &tel.conns[i];
+		if (t->c.fd < 0)
+			continue;
+		short ev = t->state == 2 ? POLLOUT :
+		    (t->c.rx_len < t->c.rx_cap ? POLLIN : 0);
+		pfd[n] = (struct pollfd){ t->c.fd, ev, 0 };
+		ref[n++] = (struct pollref){ PK_TEL, i };
+	}
+	return n;
+}
+
+static void
+tel_dispatch(int idx, short revents)
+{
+	struct telconn *t = &tel.conns[idx];
+	if (revents & (POLLIN | POLLHUP | POLLERR)) {
+		if (conn_fill(&t->c) < 0 && !t->c.eof) {
+			conn_close(&t->c);
+			return;
+		}
+	}
+	tel_process(t);
+	if (t->c.fd >= 0 && t->c.eof && t->state != 2)
+		conn_close(&t->c);
+	else if (t->c.fd >= 0 && t->c.rx_len == t->c.rx_cap && t->state != 2) {
+		log_warn("telemetry request too large");
+		tel_respond(t, 413, 1);
+	}
+}
+
+static int64_t
+tel_timeouts(int64_t now)
+{
+	int64_t wake = 0;
+	for (int i = 0; i < MAX_TEL_CONNS; i++) {
+		struct conn *c = &tel.conns[i].c;
+		if (c->fd < 0 || (tel.conns[i].state == 0 && c->rx_len == 0))
+			continue;
+		int64_t d = c->last_active + g.cfg.receiver_timeout_ms;
+		if (now >= d)
+			conn_close(c);
+		else
+			wake = earliest(wake, d);
+	}
+	return wake;
+}
+
+/* Subscribe to the Telemetry API (during init). */
+static void
+tel_subscribe(void)
+{
+	struct apm_http_header h[APM_HTTP_MAX_HEADERS];
+	struct apm_http_msg m;
+	char extra[256], body[512];
+	int head;
+	snprintf(extra, sizeof extra, "Lambda-Extension-Identifier: %s\r\n"
+	    "Content-Type: application/json\r\n", g.lam.id);
+	snprintf(body, sizeof body, "{\"schemaVersion\":\"2022-12-13\",\"types\":"
+	    "[\"platform\"%s],\"buffering\":{\"maxItems\":1000,\"maxBytes\":262144,"
+	    "\"timeoutMs\":25},\"destination\":{\"protocol\":\"HTTP\",\"URI\":"
+	    "\"http://sandbox.localdomain:%u\"}}", g.cfg.capture_logs ?
+	    ",\"function\"" : "", g.cfg.telemetry_port);
+	int st = lambda_call("PUT", "/2022-07-01/telemetry", extra, body, &head,
+	    &m, h);
+	if (st == 200) {
+		tel.subscribed = 1;
+		log_debug("subscribed to the Telemetry API");
+	} else {
+		log_info("Telemetry API not available (status %d): no platform "
+		    "metrics or function logs", st);
+	}
+}
+
+/* == 17. Configuration and main == */
+
+/* A setting that did not parse: one warning naming it, the value and the
+ * default. Secrets never pass through here. */
+static void
+cfg_warn(const char *name, const char *value, const char *dflt)
+{
+	log_warn("%s=\"%.64s\" is not valid; using the default %s", name, value,
+	    dflt);
+}
+
+static int64_t
+cfg_duration(const char *name, const char *seconds_name, int64_t dflt_ms)
+{
+	const char *v = getenv(name);
+	int64_t ms;
+	char d[32];
+	snprintf(d, sizeof d, "%lldms", (long long)dflt_ms);
+	if (v && *v) {
+		if (apm_duration_parse(v, strlen(v), &ms) == 0 && ms > 0)
+			return ms;
+		cfg_warn(name, v, d);
+		return dflt_ms;
+	}
+	v = seconds_name ? getenv(seconds_name) : NULL;
+	if (v && *v) {
+		uint64_t s;
+		if (apm_uint_parse(v, strlen(v), 86400, &s) == 0 && s > 0)
+			return (int64_t)s * 1000;
+		if (apm_duration_parse(v, strlen(v), &ms) == 0 && ms > 0)
+			return ms;
+		cfg_warn(seconds_name, v, d);
+	}
+	return dflt_ms;
+}
+
+static int
+cfg_bool(const char *name, int dflt)
+{
+	const char *v = getenv(name);
+	int b;
+	if (!v || !*v)
+		return dflt;
+	if (apm_bool_parse(v, strlen(v), &b) == 0)
+		return b;
+	cfg_warn(name, v, dflt ? "true" : "false");
+	return dflt;
+}
+
+static uint64_t
+cfg_uint(const char *name, uint64_t dflt, uint64_t min, uint64_t max)
+{
+	const char *v = getenv(name);
+	uint64_t u;
+	char d[32];
+	if (!v || !*v)
+		return dflt;
+	if (apm_uint_parse(v, strlen(v), max, &u) == 0 && u >= min)
+		return u;
+	snprintf(d, sizeof d, "%llu", (unsigned long long)dflt);
+	cfg_warn(name, v, d);
+	return dflt;
+}
+
+static const char *
+env_or(const char *name, const char *dflt)
+{
+	const char *v = getenv(name);
+	return v && *v ? v : dflt;
+}
+
+static void
+cfg_load(struct config *c)
+{
+	const char *lvl = getenv("ELASTIC_APM_LOG_LEVEL");
+	if (lvl && *lvl) {
+		int found = 0;
+		for (int i = 0; i <= LOG_OFF; i++)
+			if (apm_str_ieq((struct apm_str){ lvl, strlen(lvl) }, log_names[i])) {
+				log_threshold = i;
+				found = 1;
+			}
+		if (apm_str_ieq((struct apm_str){ lvl, strlen(lvl) }, "warning")) {
+			log_threshold = LOG_WARN;
+			found = 1;
+		}
+		if (!found)
+			cfg_warn("ELASTIC_APM_LOG_LEVEL", lvl, "info");
+	}
+	const char *url = getenv("ELASTIC_APM_LAMBDA_APM_SERVER");
+	if (url && *url) {
+		if (apm_url_parse(url, strlen(url), &c->server) == 0)
+			c->has_server = 1;
+		else
+			log_error("ELASTIC_APM_LAMBDA_APM_SERVER=\"%.128s\" is not an "
+			    "http(s) URL: agent data will be discarded", url);
+	} else {
+		log_error("ELASTIC_APM_LAMBDA_APM_SERVER is not set: agent data "
+		    "will be accepted and discarded");
+	}
+	const char *key = getenv("ELASTIC_APM_API_KEY");
+	const char *tok = getenv("ELASTIC_APM_SECRET_TOKEN");
+	if (key && *key)
+		snprintf(c->auth, sizeof c->auth, "ApiKey %s", key);
+	else if (tok && *tok)
+		snprintf(c->auth, sizeof c->auth, "Bearer %s", tok);
+	c->receiver_port = (uint16_t)cfg_uint("ELASTIC_APM_DATA_RECEIVER_SERVER_PORT",
+	    8200, 1, 65535);
+	c->telemetry_port = (uint16_t)cfg_uint("APM_EXT_TELEMETRY_PORT",
+	    TELEMETRY_PORT_DEFAULT, 1, 65535);
+	c->receiver_timeout_ms = cfg_duration("ELASTIC_APM_DATA_RECEIVER_TIMEOUT",
+	    "ELASTIC_APM_DATA_RECEIVER_TIMEOUT_SECONDS", 15000);
+	c->forwarder_timeout_ms = cfg_duration("ELASTIC_APM_DATA_FORWARDER_TIMEOUT",
+	    "ELASTIC_APM_DATA_FORWARDER_TIMEOUT_SECONDS", 3000);
+	const char *strat = getenv("ELASTIC_APM_SEND_STRATEGY");
+	if (strat && *strat) {
+		struct apm_str s = { strat, strlen(strat) };
+		if (apm_str_ieq(s, "background"))
+			c->background = 1;
+		else if (!apm_str_ieq(s, "syncflush"))
+			cfg_warn("ELASTIC_APM_SEND_STRATEGY", strat, "syncflush");
+	}
+	c->buffer_requests = (unsigned)cfg_uint(
+	    "ELASTIC_APM_LAMBDA_AGENT_DATA_BUFFER_SIZE", 100, 1, 100000);
+	c->queue_bytes = (size_t)cfg_uint("APM_EXT_QUEUE_BYTES",
+	    QUEUE_BYTES_DEFAULT, 4 * BLOCK_SIZE, (uint64_t)1 << 32);
+	c->max_body = MIN((size_t)APM_MAX_BODY_DEFAULT, c->queue_bytes / 2);
+	c->verify_cert = cfg_bool("ELASTIC_APM_LAMBDA_VERIFY_SERVER_CERT", 1);
+	c->capture_logs = cfg_bool("ELASTIC_APM_LAMBDA_CAPTURE_LOGS", 1);
+	c->disable_telemetry = cfg_bool("ELASTIC_APM_LAMBDA_DISABLE_LOGS_API", 0);
+	c->ca_file = getenv("ELASTIC_APM_SERVER_CA_CERT_FILE");
+	c->ca_pem = getenv("ELASTIC_APM_LAMBDA_SERVER_CA_CERT_PEM");
+	c->function_name = env_or("AWS_LAMBDA_FUNCTION_NAME", "unknown");
+	c->function_version = env_or("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST");
+	c->region = env_or("AWS_REGION", "");
+	c->memory_mb = env_or("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "");
+}
+
+/* One anonymous mapping for every buffer: untouched pages cost nothing. */
+static char *arena_ptr;
+static size_t arena_left;
+
+static void *
+arena_take(size_t n)
+{
+	n = (n + 63) & ~(size_t)63;
+	if (NEVER(n > arena_left))
+		return NULL;
+	void *p = arena_ptr;
+	arena_ptr += n;
+	arena_left -= n;
+	return p;
+}
+
+static void
+conn_bufs(struct conn *c, size_t rx, size_t tx)
+{
+	c->fd = -1;
+	c->rx = arena_take(rx);
+	c->rx_cap = rx;
+	c->tx = arena_take(tx);
+	c->tx_cap = tx;
+}
+
+static int
+state_init(void)
+{
+	struct config *cfg = &g.cfg;
+	struct queue *q = &g.q;
+	q->nblocks = (int)(cfg->queue_bytes / BLOCK_SIZE);
+	q->npayloads = cfg->buffer_requests;
+	size_t total = (size_t)q->nblocks * (BLOCK_SIZE + 2 * sizeof(int)) +
+	    q->npayloads * sizeof(struct payload) +
+	    MAX_AGENT_CONNS * (RX_BUF + RX_BUF + 1024) +
+	    MAX_UPSTREAM * (RX_BUF + TX_BUF) +
+	    MAX_TEL_CONNS * (TEL_BODY_MAX + APM_HTTP_MAX_HEAD + 256) +
+	    RX_BUF + 4096 + REG_MAX + 64 * 32;
+	void *m = mmap(NULL, total, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (m == MAP_FAILED) {
+		log_error("cannot reserve %zu bytes: %s", total, strerror(errno));
+		return -1;
+	}
+	arena_ptr = m;
+	arena_left = total;
+	q->mem = arena_take((size_t)q->nblocks * BLOCK_SIZE);
+	q->next = arena_take((size_t)q->nblocks * sizeof(int));
+	q->free_stack = arena_take((size_t)q->nblocks * sizeof(int));
+	q->p = arena_take(q->npayloads * sizeof(struct payload));
+	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+		conn_bufs(&g.agents[i].c, RX_BUF, RX_BUF + 1024);
+		g.agents[i].payload = -1;
+	}
+	for (int i = 0; i < MAX_UPSTREAM; i++) {
+		conn_bufs(&g.up[i].c, RX_BUF, TX_BUF);
+		g.up[i].payload = g.up[i].agent = -1;
+	}
+	for (int i = 0; i < MAX_TEL_CONNS; i++)
+		conn_bufs(&tel.conns[i].c, TEL_BODY_MAX + APM_HTTP_MAX_HEAD, 256);
+	g.reg = arena_take(REG_MAX);
+	return 0;
+}
+
+static void
+on_term(int sig)
+{
+	(void)sig;
+	g.got_term = 1;
+}
+
+static void
+listeners_open(void)
+{
+	uint16_t port = g.cfg.receiver_port;
+	g.listen_fd[0] = sock_listen(AF_INET, "127.0.0.1", port);
+	if (g.listen_fd[0] < 0)
+		log_error("cannot listen on 127.0.0.1:%u: %s; agents cannot send "
+		    "data", port, strerror(errno));
+	g.listen_fd[1] = sock_listen(AF_INET6, "::1", port);
+	if (g.listen_fd[1] < 0)
+		log_debug("no listener on [::1]:%u: %s", port, strerror(errno));
+	g.listen_fd[2] = -1;
+	if (!g.cfg.disable_telemetry) {
+		g.listen_fd[2] = sock_listen(AF_INET, "0.0.0.0", g.cfg.telemetry_port);
+		if (g.listen_fd[2] < 0)
+			log_warn("cannot listen for telemetry on port %u: %s",
+			    g.cfg.telemetry_port, strerror(errno));
+	}
+}
+
+/* The Extensions API address from AWS_LAMBDA_RUNTIME_API ("host:port"). */
+static int
+lambda_addr(const char *api)
+{
+	struct lambda *l = &g.lam;
+	const char *colon = strrchr(api, ':');
+	uint64_t port;
+	char host[128];
+	if (!colon || (size_t)(colon - api) >= sizeof host ||
+	    apm_uint_parse(colon + 1, strlen(colon + 1), 65535, &port) < 0)
+		return -1;
+	memcpy(host, api, (size_t)(colon - api));
+	host[colon - api] = 0;
+	snprintf(l->host, sizeof l->host, "%s", api);
+	char *h = host;
+	if (h[0] == '[') {
+		h++;
+		h[strlen(h) - 1] = 0;
+	}
+	return sock_resolve(h, (uint16_t)port, &l->addr, &l->addrlen);
+}
+
+#ifdef APM_EXT_TEST
+#define main apm_ext_main
+int apm_ext_main(int argc, char **argv);
+#endif
+
+int
+main(int argc, char **argv)
+{
+	static char lam_rx[RX_BUF], lam_tx[1024];
+	const char *api = getenv("AWS_LAMBDA_RUNTIME_API");
+	const char *name = argc > 0 ? strrchr(argv[0], '/') : NULL;
+	name = name ? name + 1 : (argc > 0 ? argv[0] : APM_EXT_NAME);
+	g.lam.c = (struct conn){ .fd = -1, .rx = lam_rx, .rx_cap = sizeof lam_rx,
+		.tx = lam_tx, .tx_cap = sizeof lam_tx };
+	if (!api || lambda_addr(api) < 0) {
+		log_error("AWS_LAMBDA_RUNTIME_API is missing or malformed");
+		return 1;
+	}
+	/* Register first: the function's init waits for it. */
+	if (lambda_register(name) < 0)
+		return 1;
+	cfg_load(&g.cfg);
+	if (state_init() < 0)
+		return 1;
+	log_debug("registered as %s", name);
+	struct sigaction sa = { 0 };
+	sa.sa_handler = on_term;
+	sigaction(SIGTERM, &sa, NULL);
+	g.rnd = (uint32_t)epoch_us() ^ (uint32_t)getpid() << 16;
+	listeners_open();
+	if (!g.cfg.disable_telemetry)
+		tel_subscribe();
+	if (g.cfg.has_server && g.cfg.server.tls && !g.cfg.verify_cert)
+		log_warn("ELASTIC_APM_LAMBDA_VERIFY_SERVER_CERT=false: the APM "
+		    "server's certificate is not checked");
+	lambda_send_next();
+	g.phase = PH_WAIT;
+	loop_run();
+	return 0;
+}
