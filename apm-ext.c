@@ -47,6 +47,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -1784,22 +1785,496 @@ sock_listen(int family, const char *addr, uint16_t port)
 	return fd;
 }
 
-/* == 11. TLS glue == */
+/* == 11. TLS glue ==
+ * BearSSL engines driven by the poll loop: the engine says which way records
+ * must move (SENDREC, RECVREC) and we move them with non-blocking send/recv;
+ * application bytes move between the engine and the connection's rx/tx.
+ * Trust anchors are decoded once, after the first /next, never for http.
+ */
 
-struct upstream;
-static int
-tls_start(struct upstream *u)
+/* An X.509 "engine" for VERIFY_SERVER_CERT=false: takes the server's key
+ * from its certificate and checks nothing else. */
+struct tls_noverify {
+	const br_x509_class *vtable;
+	br_x509_decoder_context dc;
+	unsigned certs;
+};
+
+struct tls_slot {
+	br_ssl_client_context cc;
+	br_x509_minimal_context xc;
+	struct tls_noverify nv;
+	unsigned char iobuf[BR_SSL_BUFSIZE_BIDI];
+};
+
+static struct {
+	br_x509_trust_anchor *ta;
+	size_t nta, cap;
+	int loaded;
+	br_ssl_session_parameters session; /* for resumption on any slot */
+	int have_session;
+	int last_err;           /* last handshake error logged, to log once */
+	struct tls_slot *slots;
+} tls;
+
+static void
+nv_start_chain(const br_x509_class **ctx, const char *server_name)
 {
-	(void)u;
-	log_error("https is not supported yet");
-	return -1;
+	struct tls_noverify *nv = (struct tls_noverify *)ctx;
+	(void)server_name;
+	nv->certs = 0;
+}
+
+static void
+nv_start_cert(const br_x509_class **ctx, uint32_t length)
+{
+	struct tls_noverify *nv = (struct tls_noverify *)ctx;
+	(void)length;
+	if (nv->certs == 0)
+		br_x509_decoder_init(&nv->dc, NULL, NULL);
+}
+
+static void
+nv_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
+{
+	struct tls_noverify *nv = (struct tls_noverify *)ctx;
+	if (nv->certs == 0)
+		br_x509_decoder_push(&nv->dc, buf, len);
+}
+
+static void
+nv_end_cert(const br_x509_class **ctx)
+{
+	((struct tls_noverify *)ctx)->certs++;
+}
+
+static unsigned
+nv_end_chain(const br_x509_class **ctx)
+{
+	struct tls_noverify *nv = (struct tls_noverify *)ctx;
+	if (nv->certs == 0)
+		return BR_ERR_X509_EMPTY_CHAIN;
+	int err = br_x509_decoder_last_error(&nv->dc);
+	return err ? (unsigned)err : 0;
+}
+
+static const br_x509_pkey *
+nv_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
+{
+	struct tls_noverify *nv = (struct tls_noverify *)(void *)ctx;
+	if (usages)
+		*usages = BR_KEYTYPE_KEYX | BR_KEYTYPE_SIGN;
+	return br_x509_decoder_get_pkey(&nv->dc);
+}
+
+static const br_x509_class tls_noverify_vtable = {
+	sizeof(struct tls_noverify), nv_start_chain, nv_start_cert, nv_append,
+	nv_end_cert, nv_end_chain, nv_get_pkey,
+};
+
+/* A growing byte array, used only while trust anchors are loaded. */
+struct bytes {
+	unsigned char *p;
+	size_t len, cap;
+	int oom;
+};
+
+static void
+bytes_append(void *ctx, const void *src, size_t len)
+{
+	struct bytes *b = ctx;
+	if (b->len + len > b->cap) {
+		size_t cap = MAX(b->cap * 2, b->len + len + 256);
+		unsigned char *p = realloc(b->p, cap);
+		if (!p) {
+			b->oom = 1;
+			return;
+		}
+		b->p = p;
+		b->cap = cap;
+	}
+	memcpy(b->p + b->len, src, len);
+	b->len += len;
+}
+
+static unsigned char *
+dup_bytes(const unsigned char *p, size_t n)
+{
+	unsigned char *d = malloc(n ? n : 1);
+	if (d)
+		memcpy(d, p, n);
+	return d;
+}
+
+/* Decode one DER certificate into a trust anchor. 0 or -1. */
+static int
+tls_add_anchor(const unsigned char *der, size_t len)
+{
+	br_x509_decoder_context dc;
+	struct bytes dn = { 0 };
+	br_x509_decoder_init(&dc, bytes_append, &dn);
+	br_x509_decoder_push(&dc, der, len);
+	const br_x509_pkey *pk = br_x509_decoder_get_pkey(&dc);
+	if (!pk || br_x509_decoder_last_error(&dc) || dn.oom) {
+		free(dn.p);
+		return -1;
+	}
+	if (tls.nta == tls.cap) {
+		size_t cap = tls.cap ? tls.cap * 2 : 64;
+		br_x509_trust_anchor *ta = realloc(tls.ta, cap * sizeof *ta);
+		if (!ta) {
+			free(dn.p);
+			return -1;
+		}
+		tls.ta = ta;
+		tls.cap = cap;
+	}
+	br_x509_trust_anchor *ta = &tls.ta[tls.nta];
+	memset(ta, 0, sizeof *ta);
+	ta->dn.data = dn.p;
+	ta->dn.len = dn.len;
+	ta->flags = br_x509_decoder_isCA(&dc) ? BR_X509_TA_CA : 0;
+	ta->pkey.key_type = pk->key_type;
+	if (pk->key_type == BR_KEYTYPE_RSA) {
+		ta->pkey.key.rsa.n = dup_bytes(pk->key.rsa.n, pk->key.rsa.nlen);
+		ta->pkey.key.rsa.nlen = pk->key.rsa.nlen;
+		ta->pkey.key.rsa.e = dup_bytes(pk->key.rsa.e, pk->key.rsa.elen);
+		ta->pkey.key.rsa.elen = pk->key.rsa.elen;
+	} else if (pk->key_type == BR_KEYTYPE_EC) {
+		ta->pkey.key.ec.curve = pk->key.ec.curve;
+		ta->pkey.key.ec.q = dup_bytes(pk->key.ec.q, pk->key.ec.qlen);
+		ta->pkey.key.ec.qlen = pk->key.ec.qlen;
+	} else {
+		free(dn.p);
+		return -1;
+	}
+	tls.nta++;
+	return 0;
+}
+
+/* Add every CERTIFICATE of a PEM text. Returns how many were added. */
+static size_t
+tls_load_pem(const char *pem, size_t len, const char *what)
+{
+	br_pem_decoder_context pc;
+	struct bytes der = { 0 };
+	size_t added = 0;
+	int in_cert = 0, bad = 0;
+	br_pem_decoder_init(&pc);
+	for (int last = 0; !last;) {
+		size_t n = len ? br_pem_decoder_push(&pc, pem, len) : 0;
+		if (len == 0) { /* a final newline ends a last line without one */
+			br_pem_decoder_push(&pc, "\n", 1);
+			last = 1;
+		}
+		pem += n;
+		len -= n;
+		switch (br_pem_decoder_event(&pc)) {
+		case BR_PEM_BEGIN_OBJ:
+			in_cert = strcmp(br_pem_decoder_name(&pc), "CERTIFICATE") == 0 ||
+			    strcmp(br_pem_decoder_name(&pc), "X509 CERTIFICATE") == 0;
+			der.len = 0;
+			br_pem_decoder_setdest(&pc, in_cert ? bytes_append : NULL, &der);
+			break;
+		case BR_PEM_END_OBJ:
+			if (in_cert && !der.oom) {
+				if (tls_add_anchor(der.p, der.len) == 0)
+					added++;
+				else
+					bad++;
+			}
+			in_cert = 0;
+			break;
+		case BR_PEM_ERROR:
+			log_warn("%s: malformed PEM; %zu certificates read before it",
+			    what, added);
+			len = 0;
+			last = 1;
+			break;
+		default:
+			if (n == 0 && len > 0)
+				last = 1;
+		}
+	}
+	if (bad)
+		log_warn("%s: %d certificates could not be decoded", what, bad);
+	free(der.p);
+	return added;
+}
+
+static char *
+read_file(const char *path, size_t *len)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return NULL;
+	struct bytes b = { 0 };
+	char chunk[16384];
+	ssize_t n;
+	while ((n = read(fd, chunk, sizeof chunk)) > 0)
+		bytes_append(&b, chunk, (size_t)n);
+	close(fd);
+	if (n < 0 || b.oom) {
+		free(b.p);
+		return NULL;
+	}
+	*len = b.len;
+	return (char *)b.p;
+}
+
+static void
+tls_load_file(const char *path, const char *what)
+{
+	size_t len;
+	char *pem = read_file(path, &len);
+	if (!pem) {
+		log_error("%s %s cannot be read: %s", what, path, strerror(errno));
+		return;
+	}
+	size_t n = tls_load_pem(pem, len, path);
+	log_debug("%zu trust anchors from %s", n, path);
+	if (n == 0)
+		log_error("%s %s holds no usable certificate", what, path);
+	free(pem);
+}
+
+/* PEM text from the environment: a literal backslash-n stands for a newline. */
+static void
+tls_load_env_pem(const char *v, const char *what)
+{
+	size_t n = strlen(v), o = 0;
+	char *pem = malloc(n + 1);
+	if (!pem)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		if (v[i] == '\\' && i + 1 < n && v[i + 1] == 'n') {
+			pem[o++] = '\n';
+			i++;
+		} else {
+			pem[o++] = v[i];
+		}
+	}
+	if (tls_load_pem(pem, o, what) == 0)
+		log_error("%s holds no usable certificate", what);
+	free(pem);
+}
+
+/* Load the trust anchors once: system bundle, CA file, CA PEM. */
+static void
+tls_load(void)
+{
+	static const char *const bundles[] = {
+		"/etc/pki/tls/certs/ca-bundle.crt",
+		"/etc/ssl/certs/ca-certificates.crt",
+	};
+	if (tls.loaded)
+		return;
+	tls.loaded = 1;
+	if (!g.cfg.verify_cert)
+		return;
+	for (size_t i = 0; i < sizeof bundles / sizeof *bundles; i++)
+		if (access(bundles[i], R_OK) == 0) {
+			tls_load_file(bundles[i], "CA bundle");
+			break;
+		}
+	if (g.cfg.ca_file && *g.cfg.ca_file)
+		tls_load_file(g.cfg.ca_file, "ELASTIC_APM_SERVER_CA_CERT_FILE");
+	if (g.cfg.ca_pem && *g.cfg.ca_pem)
+		tls_load_env_pem(g.cfg.ca_pem, "ELASTIC_APM_LAMBDA_SERVER_CA_CERT_PEM");
+	if (tls.nta == 0)
+		log_error("no trust anchors (no CA bundle in /etc/pki/tls/certs or "
+		    "/etc/ssl/certs, no ELASTIC_APM_SERVER_CA_CERT_FILE or "
+		    "ELASTIC_APM_LAMBDA_SERVER_CA_CERT_PEM): the https APM server "
+		    "cannot be verified and nothing will be sent to it");
+}
+
+static const char *
+tls_reason(int err)
+{
+	switch (err) {
+	case BR_ERR_X509_NOT_TRUSTED:
+		return "the server certificate is not signed by a trusted CA "
+		    "(unknown CA)";
+	case BR_ERR_X509_BAD_SERVER_NAME:
+		return "the server certificate does not match the host name";
+	case BR_ERR_X509_EXPIRED:
+		return "the server certificate has expired or is not yet valid";
+	case BR_ERR_X509_NOT_CA:
+		return "a certificate in the chain is not a CA";
+	case BR_ERR_X509_BAD_SIGNATURE:
+		return "a certificate signature is invalid";
+	case BR_ERR_X509_WEAK_PUBLIC_KEY:
+		return "the server key is too weak";
+	case BR_ERR_BAD_VERSION:
+	case BR_ERR_UNSUPPORTED_VERSION:
+		return "the server does not speak TLS 1.2";
+	case BR_ERR_BAD_CIPHER_SUITE:
+		return "no cipher suite in common";
+	case BR_ERR_IO:
+		return "connection failed during the TLS exchange";
+	default:
+		if (err >= BR_ERR_RECV_FATAL_ALERT && err < BR_ERR_SEND_FATAL_ALERT)
+			return "the server sent a fatal TLS alert";
+		if (err >= BR_ERR_SEND_FATAL_ALERT)
+			return "we sent a fatal TLS alert (bad server handshake)";
+		return "TLS failure";
+	}
 }
 
 static int
+host_is_ip(const char *h)
+{
+	unsigned char b[16];
+	return inet_pton(AF_INET, h, b) == 1 || inet_pton(AF_INET6, h, b) == 1;
+}
+
+/* Set up the engine of slot u for a new connection (client hello pending). */
+static int
+tls_start(struct upstream *u)
+{
+	struct tls_slot *s = &tls.slots[u - g.up];
+	unsigned char seed[32];
+	tls_load();
+	br_ssl_client_init_full(&s->cc, &s->xc, tls.ta, tls.nta);
+	br_ssl_engine_set_versions(&s->cc.eng, BR_TLS12, BR_TLS12);
+	br_ssl_engine_set_buffer(&s->cc.eng, s->iobuf, sizeof s->iobuf, 1);
+	if (!g.cfg.verify_cert) {
+		s->nv.vtable = &tls_noverify_vtable;
+		br_ssl_engine_set_x509(&s->cc.eng, &s->nv.vtable);
+	}
+	if (getrandom(seed, sizeof seed, 0) == (ssize_t)sizeof seed)
+		br_ssl_engine_inject_entropy(&s->cc.eng, seed, sizeof seed);
+	/* BearSSL checks DNS names only; an IP literal URL gets chain checks. */
+	const char *name = host_is_ip(g.cfg.server.host) ? NULL : g.cfg.server.host;
+	if (tls.have_session)
+		br_ssl_engine_set_session_parameters(&s->cc.eng, &tls.session);
+	if (!br_ssl_client_reset(&s->cc, name, tls.have_session)) {
+		log_error("TLS engine reset failed (%d)",
+		    br_ssl_engine_last_error(&s->cc.eng));
+		return -1;
+	}
+	u->c.tls = &s->cc;
+	return 0;
+}
+
+static void upstream_fail(struct upstream *u, const char *why);
+
+/* The engine closed: a clean close_notify is an EOF, anything else fails. */
+static int
+tls_closed(struct upstream *u)
+{
+	int err = br_ssl_engine_last_error(&u->c.tls->eng);
+	if (err == BR_ERR_OK && u->state != UP_HANDSHAKE) {
+		u->c.eof = 1;
+		return 0;
+	}
+	char why[200];
+	snprintf(why, sizeof why, "TLS: %s (BearSSL error %d)", tls_reason(err), err);
+	if (err != tls.last_err)
+		log_error("cannot connect to the APM server: %s", why);
+	tls.last_err = err;
+	upstream_fail(u, why);
+	return -1;
+}
+
+/*
+ * Move records and application bytes as far as they go without blocking.
+ * 0, or -1 when the connection failed (already torn down).
+ */
+static int
 tls_step(struct upstream *u, int can_read, int can_write)
 {
-	(void)u; (void)can_read; (void)can_write;
-	return -1;
+	struct conn *c = &u->c;
+	br_ssl_engine_context *e = &c->tls->eng;
+	(void)can_read;
+	(void)can_write; /* non-blocking sockets: we just try */
+	for (int guard = 0; guard < 256; guard++) {
+		unsigned st = br_ssl_engine_current_state(e);
+		int progress = 0;
+		size_t len;
+		if (st & BR_SSL_CLOSED)
+			return tls_closed(u);
+		if (u->state == UP_HANDSHAKE && (st & BR_SSL_SENDAPP)) {
+			br_ssl_engine_get_session_parameters(e, &tls.session);
+			tls.have_session = 1;
+			tls.last_err = 0;
+			u->state = u->job == JOB_NONE ? UP_IDLE : UP_BUSY;
+			if (u->job == JOB_NONE)
+				c->deadline = 0;
+			log_debug("TLS handshake done");
+		}
+		if (st & BR_SSL_SENDREC) {
+			unsigned char *b = br_ssl_engine_sendrec_buf(e, &len);
+			ssize_t n = io.send(c->fd, b, len, MSG_NOSIGNAL);
+			if (n > 0) {
+				br_ssl_engine_sendrec_ack(e, (size_t)n);
+				c->last_active = now_ms();
+				progress = 1;
+			} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+				upstream_fail(u, strerror(errno));
+				return -1;
+			}
+		}
+		if (st & BR_SSL_RECVAPP) {
+			unsigned char *b = br_ssl_engine_recvapp_buf(e, &len);
+			size_t n = MIN(len, c->rx_cap - c->rx_len);
+			if (n) {
+				memcpy(c->rx + c->rx_len, b, n);
+				br_ssl_engine_recvapp_ack(e, n);
+				c->rx_len += n;
+				u->resp_started = 1;
+				progress = 1;
+			}
+		}
+		if ((st & BR_SSL_SENDAPP) && c->tx_off < c->tx_len) {
+			unsigned char *b = br_ssl_engine_sendapp_buf(e, &len);
+			size_t n = MIN(len, c->tx_len - c->tx_off);
+			memcpy(b, c->tx + c->tx_off, n);
+			br_ssl_engine_sendapp_ack(e, n);
+			c->tx_off += n;
+			if (c->tx_off == c->tx_len) {
+				c->tx_off = c->tx_len = 0;
+				br_ssl_engine_flush(e, 0);
+			}
+			progress = 1;
+		}
+		if (st & BR_SSL_RECVREC) {
+			unsigned char *b = br_ssl_engine_recvrec_buf(e, &len);
+			ssize_t n = io.recv(c->fd, b, len, 0);
+			if (n > 0) {
+				br_ssl_engine_recvrec_ack(e, (size_t)n);
+				c->last_active = now_ms();
+				progress = 1;
+			} else if (n == 0) {
+				c->eof = 1;
+				if (u->state == UP_HANDSHAKE) {
+					upstream_fail(u, "TLS: the server closed the connection "
+					    "during the handshake");
+					return -1;
+				}
+				return 0;
+			} else if (errno != EAGAIN && errno != EINTR) {
+				upstream_fail(u, strerror(errno));
+				return -1;
+			}
+		}
+		if (!progress)
+			break;
+	}
+	return 0;
+}
+
+/* poll() interest of a TLS connection, from the engine's state. */
+static short
+tls_events(struct upstream *u)
+{
+	unsigned st = br_ssl_engine_current_state(&u->c.tls->eng);
+	short ev = 0;
+	if (st & BR_SSL_SENDREC)
+		ev |= POLLOUT;
+	if (st & BR_SSL_RECVREC)
+		ev |= POLLIN;
+	return ev;
 }
 
 /* == 12. Upstream connections: forwarder and proxy == */
@@ -2003,14 +2478,22 @@ upstream_connect(struct upstream *u)
 	u->c.close_after = 0;
 	memset(&u->c.body, 0, sizeof u->c.body);
 	u->c.fd = fd;
+	u->c.tls = NULL;
 	u->state = UP_CONNECTING;
 	u->reused = 0;
 	u->c.last_active = now_ms();
+	u->c.deadline = u->c.last_active + g.cfg.forwarder_timeout_ms;
+	if (g.cfg.server.tls && tls_start(u) < 0) {
+		conn_close(&u->c);
+		u->state = UP_CLOSED;
+		return -1;
+	}
 	return 0;
 }
 
 static void fwd_done(struct upstream *u, int ok, int retryable,
     const char *why);
+static void fwd_backoff(const char *why);
 
 /* Start the request for payload slot s on u (connected or not). */
 static void
@@ -2107,6 +2590,8 @@ upstream_fail(struct upstream *u, const char *why)
 	} else if (job == JOB_PROXY) {
 		if (u->agent >= 0)
 			agent_proxy_answer(u->agent, u, 0);
+	} else if (!u->reused) {
+		fwd_backoff(why); /* a warm-up connection that failed */
 	}
 	u->job = JOB_NONE;
 	u->payload = -1;
@@ -2144,11 +2629,18 @@ fwd_done(struct upstream *u, int ok, int retryable, const char *why)
 		queue_free(&g.q, s);
 		return;
 	}
+	p->stale_retries = 0;
+	fwd_backoff(why);
+}
+
+/* One more consecutive failure: no delivery starts before the backoff. */
+static void
+fwd_backoff(const char *why)
+{
 	g.failures++;
 	g.rnd = g.rnd * 1103515245u + 12345u;
 	int64_t delay = apm_backoff_ms(g.failures, g.rnd >> 8);
 	g.retry_at = now_ms() + delay;
-	p->stale_retries = 0;
 	if (g.failures == 1 || g.failures % 10 == 0)
 		log_warn("delivery to the APM server failed (%s); failure %u, "
 		    "retrying in %lld ms", why, g.failures, (long long)delay);
@@ -2269,10 +2761,10 @@ upstream_step(struct upstream *u, short revents)
 		}
 		if (c->tls) {
 			u->state = UP_HANDSHAKE;
-			if (tls_start(u) < 0)
-				return;
 		} else {
 			u->state = u->job == JOB_NONE ? UP_IDLE : UP_BUSY;
+			if (u->job == JOB_NONE)
+				c->deadline = 0;
 		}
 	}
 	if (c->tls) {
@@ -2305,7 +2797,9 @@ upstream_step(struct upstream *u, short revents)
 	}
 	if (u->job == JOB_PAYLOAD)
 		upstream_frame_body(u);
-	if (!c->tls && conn_flush(c) < 0)
+	if (c->tls)
+		tls_step(u, 0, 1);
+	else if (conn_flush(c) < 0)
 		upstream_fail(u, strerror(errno));
 }
 
@@ -2316,6 +2810,8 @@ upstream_events(struct upstream *u)
 	struct conn *c = &u->c;
 	if (u->state == UP_CONNECTING)
 		return POLLOUT;
+	if (c->tls)
+		return tls_events(u);
 	short ev = POLLIN;
 	if (u->state == UP_BUSY) {
 		if (c->tx_off < c->tx_len)
@@ -2351,11 +2847,6 @@ upstream_assign(struct upstream *u)
 	if (u->state == UP_CLOSED) {
 		if (upstream_connect(u) < 0)
 			return -1;
-		if (g.cfg.server.tls && tls_start(u) < 0) {
-			conn_close(&u->c);
-			u->state = UP_CLOSED;
-			return -1;
-		}
 	} else {
 		u->state = UP_BUSY;
 	}
@@ -2395,6 +2886,24 @@ fwd_schedule(void)
 		}
 		busy++;
 	}
+}
+
+/*
+ * After the first /next, while the function initialises: load trust anchors
+ * and open (and for https, handshake) one connection, so the first
+ * invocation finds it ready.
+ */
+static void
+fwd_prewarm(void)
+{
+	if (!g.cfg.has_server)
+		return;
+	if (g.cfg.server.tls)
+		tls_load();
+	struct upstream *u = &g.up[0];
+	u->job = JOB_NONE;
+	if (upstream_connect(u) < 0)
+		log_debug("warm-up connection to the APM server failed");
 }
 
 /* Remove a payload from the connection sending it (the agent broke off). */
@@ -2925,12 +3434,6 @@ proxy_schedule(void)
 			agent_respond(a, 502, "APM server unreachable", 0);
 			continue;
 		}
-		if (was_closed && g.cfg.server.tls && tls_start(u) < 0) {
-			conn_close(uc);
-			u->state = UP_CLOSED;
-			agent_respond(a, 502, "APM server unreachable", 0);
-			continue;
-		}
 		if (!was_closed)
 			u->state = UP_BUSY;
 		uc->tx_len = uc->tx_off = 0;
@@ -3334,6 +3837,9 @@ loop_run(void)
 				if (g.agents[i].c.fd >= 0)
 					agent_timeouts(&g.agents[i], now);
 			}
+		for (int i = 0; i < MAX_UPSTREAM; i++)
+			if (g.up[i].c.fd >= 0 && g.up[i].state == UP_BUSY)
+				upstream_step(&g.up[i], 0);
 		upstream_timeouts(now);
 		int64_t wake = loop_lambda_tick(now);
 		wake = earliest(wake, tel_timeouts(now));
@@ -4168,7 +4674,8 @@ state_init(void)
 	    MAX_AGENT_CONNS * (RX_BUF + RX_BUF + 1024) +
 	    MAX_UPSTREAM * (RX_BUF + TX_BUF) +
 	    MAX_TEL_CONNS * (TEL_BODY_MAX + APM_HTTP_MAX_HEAD + 256) +
-	    RX_BUF + 4096 + REG_MAX + 64 * 32;
+	    RX_BUF + 4096 + REG_MAX + 64 * 32 +
+	    MAX_UPSTREAM * (sizeof(struct tls_slot) + 64);
 	void *m = mmap(NULL, total, PROT_READ | PROT_WRITE,
 	    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (m == MAP_FAILED) {
@@ -4192,6 +4699,8 @@ state_init(void)
 	for (int i = 0; i < MAX_TEL_CONNS; i++)
 		conn_bufs(&tel.conns[i].c, TEL_BODY_MAX + APM_HTTP_MAX_HEAD, 256);
 	g.reg = arena_take(REG_MAX);
+	if (cfg->has_server && cfg->server.tls)
+		tls.slots = arena_take(MAX_UPSTREAM * sizeof(struct tls_slot));
 	return 0;
 }
 
@@ -4281,6 +4790,7 @@ main(int argc, char **argv)
 		    "server's certificate is not checked");
 	lambda_send_next();
 	g.phase = PH_WAIT;
+	fwd_prewarm();
 	loop_run();
 	return 0;
 }
