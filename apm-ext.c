@@ -18,17 +18,19 @@
  *   4. HTTP/1.1 head parser
  *   5. Chunked decoder
  *   6. Settings, URLs, durations, backoff
- *   7. Lambda events and telemetry records
- *   8. State: connections, queue, invocation, config
- *   9. Payload queue
- *  10. Sockets and I/O table
- *  11. TLS glue
- *  12. Upstream connections: forwarder and proxy
- *  13. Local receiver: agent connections
- *  14. Telemetry listener and platform events
+ *   7. AWS Signature Version 4 and base64
+ *   8. Lambda events and telemetry records
+ *   9. State: connections, queue, invocation, config
+ *  10. Payload queue
+ *  11. Sockets and I/O table
+ *  12. TLS glue
+ *  13. Upstream connections: forwarder and proxy
+ *  14. Local receiver: agent connections
  *  15. Lambda Extensions API client
- *  16. Event loop
- *  17. Configuration and main
+ *  16. AWS secrets: Secrets Manager and ACM
+ *  17. Telemetry listener and platform events
+ *  18. Event loop
+ *  19. Configuration and main
  */
 
 /* == 1. Includes, shims and internal limits == */
@@ -80,6 +82,9 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 
 #define MAX_AGENT_CONNS 64      /* agent connections; the idlest is evicted */
 #define MAX_UPSTREAM 4          /* connections to the APM server */
+#define AWS_SLOT MAX_UPSTREAM   /* one more connection, for AWS API calls */
+#define NUM_UPSTREAM (MAX_UPSTREAM + 1)
+#define AWS_RX 65536            /* AWS API answer (certificate chains) */
 #define RX_BUF 16384            /* receive buffer of a connection */
 #define TX_BUF 16384            /* send buffer of a connection */
 #define BLOCK_SIZE 32768        /* queue block */
@@ -171,12 +176,30 @@ now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The earlier of two deadlines, where 0 means none. */
+static int64_t
+earliest(int64_t a, int64_t b)
+{
+	if (!a)
+		return b;
+	if (!b)
+		return a;
+	return MIN(a, b);
+}
+
 static int64_t
 epoch_us(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_REALTIME, &ts);
 	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static const char *
+env_or(const char *name, const char *dflt)
+{
+	const char *v = getenv(name);
+	return v && *v ? v : dflt;
 }
 
 enum log_level { LOG_TRACE, LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR,
@@ -1195,7 +1218,418 @@ apm_backoff_ms(unsigned n, uint32_t rnd)
 	return base + base * jitter / 10000;
 }
 
-/* == 7. Lambda events and telemetry records == */
+/* == 7. AWS Signature Version 4 and base64 ==
+ * Pure: canonical request, string to sign and Authorization value, over
+ * BearSSL's SHA-256 and HMAC. Used for Secrets Manager and ACM calls.
+ */
+
+#define SIGV4_MAX_HEADERS 32
+
+struct sbuf {                   /* bounded output; sticks at overflow */
+	char *p;
+	size_t len, cap;
+	int over;
+};
+
+static void
+sb_put(struct sbuf *b, const char *s, size_t n)
+{
+	if (b->over || b->len + n + 1 > b->cap) {
+		b->over = 1;
+		return;
+	}
+	memcpy(b->p + b->len, s, n);
+	b->len += n;
+	b->p[b->len] = 0;
+}
+
+static void
+sb_puts(struct sbuf *b, const char *s)
+{
+	sb_put(b, s, strlen(s));
+}
+
+static int
+sb_done(struct sbuf *b)
+{
+	return b->over ? -1 : (int)b->len;
+}
+
+static int
+uri_unreserved(unsigned char c)
+{
+	return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+	    (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.' || c == '~';
+}
+
+static void
+sb_uri_encode(struct sbuf *b, const char *s, size_t n, int keep_slash)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (uri_unreserved(c) || (keep_slash && c == '/')) {
+			sb_put(b, (const char *)&c, 1);
+		} else {
+			char e[3] = { '%', hex[c >> 4], hex[c & 15] };
+			sb_put(b, e, 3);
+		}
+	}
+}
+
+/* Percent-decode s into out (same capacity as s). Returns the length. */
+static size_t
+uri_decode(const char *s, size_t n, char *out)
+{
+	size_t o = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] == '%' && i + 2 < n && hexval((unsigned char)s[i + 1]) >= 0 &&
+		    hexval((unsigned char)s[i + 2]) >= 0) {
+			out[o++] = (char)(hexval((unsigned char)s[i + 1]) << 4 |
+			    hexval((unsigned char)s[i + 2]));
+			i += 2;
+		} else {
+			out[o++] = s[i];
+		}
+	}
+	return o;
+}
+
+/* RFC 3986 dot-segment removal and empty-segment collapse, then encoding. */
+static void
+sigv4_uri(struct sbuf *b, const char *path)
+{
+	struct apm_str seg[64];
+	int n = 0;
+	size_t len = strlen(path);
+	for (size_t i = 0; i < len;) {
+		while (i < len && path[i] == '/')
+			i++;
+		size_t s = i;
+		while (i < len && path[i] != '/')
+			i++;
+		struct apm_str v = { path + s, i - s };
+		if (v.len == 0 || (v.len == 1 && v.ptr[0] == '.'))
+			continue;
+		if (v.len == 2 && v.ptr[0] == '.' && v.ptr[1] == '.') {
+			if (n > 0)
+				n--;
+			continue;
+		}
+		if (n < 64)
+			seg[n++] = v;
+	}
+	int trailing = len > 0 && (path[len - 1] == '/' ||
+	    (len >= 2 && memcmp(path + len - 2, "/.", 2) == 0) ||
+	    (len >= 3 && memcmp(path + len - 3, "/..", 3) == 0));
+	sb_puts(b, "/");
+	for (int k = 0; k < n; k++) {
+		sb_uri_encode(b, seg[k].ptr, seg[k].len, 0);
+		if (k + 1 < n || trailing)
+			sb_puts(b, "/");
+	}
+}
+
+/* Query parameters decoded, re-encoded, sorted by encoded key then value. */
+static void
+sigv4_query(struct sbuf *b, const char *q)
+{
+	static struct { char k[768], v[1536]; } prm[32], tmp;
+	char raw[512];
+	int n = 0;
+	size_t len = strlen(q);
+	for (size_t i = 0; i < len && n < 32; i++) {
+		size_t s = i;
+		while (i < len && q[i] != '&')
+			i++;
+		const char *eq = memchr(q + s, '=', i - s);
+		size_t kl = eq ? (size_t)(eq - q - s) : i - s;
+		size_t vl = eq ? i - s - kl - 1 : 0;
+		if (kl == 0 || kl >= sizeof raw || vl >= sizeof raw)
+			continue;
+		struct sbuf kb = { prm[n].k, 0, sizeof prm[n].k, 0 };
+		struct sbuf vb = { prm[n].v, 0, sizeof prm[n].v, 0 };
+		prm[n].k[0] = prm[n].v[0] = 0;
+		sb_uri_encode(&kb, raw, uri_decode(q + s, kl, raw), 0);
+		if (eq)
+			sb_uri_encode(&vb, raw, uri_decode(eq + 1, vl, raw), 0);
+		n++;
+	}
+	for (int i = 1; i < n; i++) /* insertion sort: a handful of params */
+		for (int j = i; j > 0; j--) {
+			int c = strcmp(prm[j - 1].k, prm[j].k);
+			if (c < 0 || (c == 0 && strcmp(prm[j - 1].v, prm[j].v) <= 0))
+				break;
+			tmp = prm[j];
+			prm[j] = prm[j - 1];
+			prm[j - 1] = tmp;
+		}
+	for (int i = 0; i < n; i++) {
+		if (i)
+			sb_puts(b, "&");
+		sb_puts(b, prm[i].k);
+		sb_puts(b, "=");
+		sb_puts(b, prm[i].v);
+	}
+}
+
+/* Header names to sign, lower-cased and sorted, duplicates once. */
+struct sigv4_hdrs {
+	char name[SIGV4_MAX_HEADERS][64];
+	int idx[SIGV4_MAX_HEADERS];      /* into the request's headers, sorted */
+	int n;
+};
+
+static int
+sigv4_collect(const struct apm_sigv4 *s, struct sigv4_hdrs *h)
+{
+	h->n = 0;
+	for (size_t i = 0; i < s->num_headers; i++) {
+		struct apm_str nm = s->headers[i].name;
+		if (h->n >= SIGV4_MAX_HEADERS || nm.len == 0 || nm.len >= 64)
+			return -1;
+		for (size_t k = 0; k < nm.len; k++)
+			h->name[h->n][k] = (char)lower((unsigned char)nm.ptr[k]);
+		h->name[h->n][nm.len] = 0;
+		h->idx[h->n] = (int)i;
+		/* stable insertion: equal names keep request order */
+		for (int j = h->n; j > 0 && strcmp(h->name[j - 1], h->name[j]) > 0; j--) {
+			char t[64];
+			int ti = h->idx[j];
+			memcpy(t, h->name[j], 64);
+			memcpy(h->name[j], h->name[j - 1], 64);
+			memcpy(h->name[j - 1], t, 64);
+			h->idx[j] = h->idx[j - 1];
+			h->idx[j - 1] = ti;
+		}
+		h->n++;
+	}
+	return 0;
+}
+
+/* A header value trimmed, inner runs of white space made one space. */
+static void
+sb_header_value(struct sbuf *b, struct apm_str v)
+{
+	int space = 0, started = 0;
+	for (size_t i = 0; i < v.len; i++) {
+		char c = v.ptr[i];
+		if (c == ' ' || c == '\t' || c == '\r' || c == '\n') {
+			space = started;
+			continue;
+		}
+		if (space)
+			sb_puts(b, " ");
+		space = 0;
+		started = 1;
+		sb_put(b, &c, 1);
+	}
+}
+
+static void
+hex_encode(const unsigned char *in, size_t n, char *out)
+{
+	static const char hex[] = "0123456789abcdef";
+	for (size_t i = 0; i < n; i++) {
+		out[2 * i] = hex[in[i] >> 4];
+		out[2 * i + 1] = hex[in[i] & 15];
+	}
+	out[2 * n] = 0;
+}
+
+static void
+sha256_hex(const void *data, size_t n, char out[65])
+{
+	br_sha256_context sc;
+	unsigned char h[32];
+	br_sha256_init(&sc);
+	br_sha256_update(&sc, data, n);
+	br_sha256_out(&sc, h);
+	hex_encode(h, 32, out);
+}
+
+static void
+hmac256(const void *key, size_t klen, const void *msg, size_t mlen,
+    unsigned char out[32])
+{
+	br_hmac_key_context kc;
+	br_hmac_context hc;
+	br_hmac_key_init(&kc, &br_sha256_vtable, key, klen);
+	br_hmac_init(&hc, &kc, 0);
+	br_hmac_update(&hc, msg, mlen);
+	br_hmac_out(&hc, out);
+}
+
+/* "host;x-amz-date;..." of the sorted names, session token included. */
+static void
+sigv4_signed_headers(struct sbuf *b, const struct apm_sigv4 *s,
+    const struct sigv4_hdrs *h)
+{
+	int tok = s->session_token != NULL;
+	for (int i = 0; i < h->n; i++) {
+		if (i > 0 && strcmp(h->name[i], h->name[i - 1]) == 0)
+			continue;
+		if (tok && strcmp(h->name[i], "x-amz-security-token") > 0) {
+			sb_puts(b, b->len && b->p[b->len - 1] != '\n' ? ";" : "");
+			sb_puts(b, "x-amz-security-token");
+			tok = 0;
+		}
+		if (b->len && b->p[b->len - 1] != '\n')
+			sb_puts(b, ";");
+		sb_puts(b, h->name[i]);
+	}
+	if (tok) {
+		sb_puts(b, b->len && b->p[b->len - 1] != '\n' ? ";" : "");
+		sb_puts(b, "x-amz-security-token");
+	}
+}
+
+int
+apm_sigv4_canonical(const struct apm_sigv4 *s, char *out, size_t cap)
+{
+	struct sbuf b = { out, 0, cap, cap == 0 };
+	struct sigv4_hdrs h;
+	char hash[65];
+	if (sigv4_collect(s, &h) < 0)
+		return -1;
+	sb_puts(&b, s->method);
+	sb_puts(&b, "\n");
+	sigv4_uri(&b, s->path);
+	sb_puts(&b, "\n");
+	sigv4_query(&b, s->query ? s->query : "");
+	sb_puts(&b, "\n");
+	int tok = s->session_token != NULL;
+	for (int i = 0; i < h.n; i++) {
+		if (i > 0 && strcmp(h.name[i], h.name[i - 1]) == 0) {
+			sb_puts(&b, ",");
+		} else {
+			if (i > 0)
+				sb_puts(&b, "\n");
+			if (tok && strcmp(h.name[i], "x-amz-security-token") > 0) {
+				sb_puts(&b, "x-amz-security-token:");
+				sb_puts(&b, s->session_token);
+				sb_puts(&b, "\n");
+				tok = 0;
+			}
+			sb_puts(&b, h.name[i]);
+			sb_puts(&b, ":");
+		}
+		sb_header_value(&b, s->headers[h.idx[i]].value);
+	}
+	sb_puts(&b, "\n");
+	if (tok) {
+		sb_puts(&b, "x-amz-security-token:");
+		sb_puts(&b, s->session_token);
+		sb_puts(&b, "\n");
+	}
+	sb_puts(&b, "\n");
+	size_t mark = b.len;
+	sigv4_signed_headers(&b, s, &h);
+	(void)mark;
+	sb_puts(&b, "\n");
+	sha256_hex(s->payload ? s->payload : "", s->payload_len, hash);
+	sb_puts(&b, hash);
+	return sb_done(&b);
+}
+
+int
+apm_sigv4_string_to_sign(const struct apm_sigv4 *s, char *out, size_t cap)
+{
+	char creq[8192], hash[65];
+	int n = apm_sigv4_canonical(s, creq, sizeof creq);
+	if (n < 0 || strlen(s->amz_date) < 8)
+		return -1;
+	sha256_hex(creq, (size_t)n, hash);
+	struct sbuf b = { out, 0, cap, cap == 0 };
+	sb_puts(&b, "AWS4-HMAC-SHA256\n");
+	sb_puts(&b, s->amz_date);
+	sb_puts(&b, "\n");
+	sb_put(&b, s->amz_date, 8);
+	sb_puts(&b, "/");
+	sb_puts(&b, s->region);
+	sb_puts(&b, "/");
+	sb_puts(&b, s->service);
+	sb_puts(&b, "/aws4_request\n");
+	sb_puts(&b, hash);
+	return sb_done(&b);
+}
+
+int
+apm_sigv4_authorization(const struct apm_sigv4 *s, char *out, size_t cap)
+{
+	char sts[1024], key[256], sig[65];
+	unsigned char k[32];
+	struct sigv4_hdrs h;
+	int n = apm_sigv4_string_to_sign(s, sts, sizeof sts);
+	if (n < 0 || sigv4_collect(s, &h) < 0)
+		return -1;
+	int kl = snprintf(key, sizeof key, "AWS4%s", s->secret_key);
+	if (kl < 0 || kl >= (int)sizeof key)
+		return -1;
+	hmac256(key, (size_t)kl, s->amz_date, 8, k);
+	hmac256(k, 32, s->region, strlen(s->region), k);
+	hmac256(k, 32, s->service, strlen(s->service), k);
+	hmac256(k, 32, "aws4_request", 12, k);
+	hmac256(k, 32, sts, (size_t)n, k);
+	hex_encode(k, 32, sig);
+	struct sbuf b = { out, 0, cap, cap == 0 };
+	sb_puts(&b, "AWS4-HMAC-SHA256 Credential=");
+	sb_puts(&b, s->access_key);
+	sb_puts(&b, "/");
+	sb_put(&b, s->amz_date, 8);
+	sb_puts(&b, "/");
+	sb_puts(&b, s->region);
+	sb_puts(&b, "/");
+	sb_puts(&b, s->service);
+	sb_puts(&b, "/aws4_request, SignedHeaders=");
+	size_t before = b.len;
+	sigv4_signed_headers(&b, s, &h);
+	if (b.len > before && b.p[before] == ';') { /* no leading separator */
+		memmove(b.p + before, b.p + before + 1, b.len - before);
+		b.len--;
+	}
+	sb_puts(&b, ", Signature=");
+	sb_puts(&b, sig);
+	return sb_done(&b);
+}
+
+int
+apm_base64_decode(const char *in, size_t len, unsigned char *out, size_t cap)
+{
+	uint32_t acc = 0;
+	int bits = 0;
+	size_t o = 0;
+	for (size_t i = 0; i < len; i++) {
+		int c = (unsigned char)in[i], v;
+		if (c >= 'A' && c <= 'Z')
+			v = c - 'A';
+		else if (c >= 'a' && c <= 'z')
+			v = c - 'a' + 26;
+		else if (c >= '0' && c <= '9')
+			v = c - '0' + 52;
+		else if (c == '+')
+			v = 62;
+		else if (c == '/')
+			v = 63;
+		else if (c == '=')
+			break;
+		else if (c == ' ' || c == '\n' || c == '\r' || c == '\t')
+			continue;
+		else
+			return -1;
+		acc = acc << 6 | (uint32_t)v;
+		bits += 6;
+		if (bits >= 8) {
+			bits -= 8;
+			if (o >= cap)
+				return -1;
+			out[o++] = (unsigned char)(acc >> bits);
+		}
+	}
+	return (int)o;
+}
+
+/* == 8. Lambda events and telemetry records == */
 
 /* Copy the string value of key in object obj into out; "" when absent. */
 static void
@@ -1372,7 +1806,7 @@ apm_tel_record_parse(const char *js, const struct apm_json_tok *t, int n,
 	return 0;
 }
 
-/* == 8. State: connections, queue, invocation, config ==
+/* == 9. State: connections, queue, invocation, config ==
  * All process state lives in one static struct g. Buffers come from one
  * anonymous mapping made after register, so pages cost RSS only once used.
  */
@@ -1422,11 +1856,22 @@ struct agent {
 	char request_id[128];   /* x-elastic-aws-request-id */
 };
 
+/* A server we connect to: the APM server, Secrets Manager or ACM. */
+struct endpoint {
+	struct apm_url url;
+	struct sockaddr_storage addr;
+	socklen_t addrlen;
+	int resolved;
+	int verify;             /* check its certificate */
+	const char *what;       /* for log lines */
+};
+
 enum up_state { UP_CLOSED, UP_CONNECTING, UP_HANDSHAKE, UP_IDLE, UP_BUSY };
-enum up_job { JOB_NONE, JOB_PAYLOAD, JOB_PROXY };
+enum up_job { JOB_NONE, JOB_PAYLOAD, JOB_PROXY, JOB_AWS };
 
 struct upstream {
 	struct conn c;
+	struct endpoint *ep;    /* where this slot connects */
 	int state;              /* enum up_state */
 	int job;                /* enum up_job */
 	int payload;            /* JOB_PAYLOAD: queue slot */
@@ -1509,11 +1954,23 @@ struct lambda {
 	int req;                /* enum lambda_req in flight */
 };
 
+/* Tokens of one telemetry record or AWS answer (one user at a time). */
+static struct apm_json_tok tel_toks[TEL_TOKENS];
+
+/* What each pollfd slot of a loop pass belongs to. */
+enum { PK_LISTEN, PK_LAMBDA, PK_AGENT, PK_UP, PK_TEL };
+
+struct pollref {
+	int kind;
+	int idx;
+};
+
 static struct {
 	struct config cfg;
 	struct queue q;
 	struct agent agents[MAX_AGENT_CONNS];
-	struct upstream up[MAX_UPSTREAM];
+	struct upstream up[NUM_UPSTREAM];
+	struct endpoint apm;    /* the APM server */
 	struct lambda lam;
 	struct invocation inv;
 	int phase;              /* enum phase */
@@ -1523,9 +1980,6 @@ static struct {
 	char done_pending[128]; /* runtimeDone seen before its INVOKE: request id */
 	char done_pending_status[32];
 	int listen_fd[3];       /* 127.0.0.1, ::1, telemetry */
-	struct sockaddr_storage server_addr;
-	socklen_t server_addrlen;
-	int server_resolved;
 	unsigned failures;      /* consecutive delivery failures */
 	int64_t retry_at;       /* no delivery starts before this */
 	uint32_t rnd;
@@ -1544,8 +1998,13 @@ static int tel_report_pending(void);
 static void tel_agent_metadata(const char *p, size_t n);
 static void tel_registered(const char *tx, size_t n);
 static void tel_runtime_done(const char *rid, const char *status);
+static int aws_wanted(void);
+static int aws_pending(void);
+static void aws_failed(const char *why);
+static void aws_answer(struct upstream *u);
+static int aws_acm_wanted(void);
 
-/* == 9. Payload queue ==
+/* == 10. Payload queue ==
  * Agent bodies are stored in chains of fixed blocks, appended as they arrive
  * and freed only once the APM server answered 2xx (or the payload was given
  * up), so a failed delivery can always be retried from the first byte.
@@ -1592,7 +2051,7 @@ queue_oldest_droppable(struct queue *q)
 static int
 queue_make_room(struct queue *q)
 {
-	if (g.failures == 0)
+	if (g.failures == 0 && !aws_pending())
 		return -1;
 	int s = queue_oldest_droppable(q);
 	if (s < 0)
@@ -1676,7 +2135,7 @@ queue_view(struct queue *q, int slot, uint64_t off)
 	return (struct apm_str){ q->mem + (size_t)b * BLOCK_SIZE + in, n };
 }
 
-/* == 10. Sockets and I/O table ==
+/* == 11. Sockets and I/O table ==
  * Every socket call of the loop goes through io, so tests can fail the n-th
  * call or return short counts (SQLite's test_syscall.c).
  */
@@ -1785,7 +2244,7 @@ sock_listen(int family, const char *addr, uint16_t port)
 	return fd;
 }
 
-/* == 11. TLS glue ==
+/* == 12. TLS glue ==
  * BearSSL engines driven by the poll loop: the engine says which way records
  * must move (SENDREC, RECVREC) and we move them with non-blocking send/recv;
  * application bytes move between the engine and the connection's rx/tx.
@@ -1800,10 +2259,25 @@ struct tls_noverify {
 	unsigned certs;
 };
 
+/* For an IP-address URL: the minimal engine checks the chain, and this
+ * wrapper checks that the server certificate names that address in an
+ * iPAddress subjectAltName (BearSSL matches DNS names only). */
+struct tls_ipcheck {
+	const br_x509_class *vtable;
+	const br_x509_class **inner;
+	unsigned char ip[16];
+	size_t iplen;
+	unsigned char der[8192];        /* the server's certificate */
+	size_t derlen;
+	unsigned certs;
+	int overflow;
+};
+
 struct tls_slot {
 	br_ssl_client_context cc;
 	br_x509_minimal_context xc;
 	struct tls_noverify nv;
+	struct tls_ipcheck ipc;
 	unsigned char iobuf[BR_SSL_BUFSIZE_BIDI];
 };
 
@@ -1870,6 +2344,123 @@ nv_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
 static const br_x509_class tls_noverify_vtable = {
 	sizeof(struct tls_noverify), nv_start_chain, nv_start_cert, nv_append,
 	nv_end_cert, nv_end_chain, nv_get_pkey,
+};
+
+static void
+ipc_start_chain(const br_x509_class **ctx, const char *server_name)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	(void)server_name;
+	ic->certs = 0;
+	ic->derlen = 0;
+	ic->overflow = 0;
+	(*ic->inner)->start_chain(ic->inner, NULL);
+}
+
+static void
+ipc_start_cert(const br_x509_class **ctx, uint32_t length)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	(*ic->inner)->start_cert(ic->inner, length);
+}
+
+static void
+ipc_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	if (ic->certs == 0) {
+		if (ic->derlen + len > sizeof ic->der)
+			ic->overflow = 1;
+		else
+			memcpy(ic->der + ic->derlen, buf, len);
+		ic->derlen += len;
+	}
+	(*ic->inner)->append(ic->inner, buf, len);
+}
+
+static void
+ipc_end_cert(const br_x509_class **ctx)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	ic->certs++;
+	(*ic->inner)->end_cert(ic->inner);
+}
+
+/* DER length at p[*i]; -1 when malformed or past end. */
+static long
+der_len(const unsigned char *p, size_t end, size_t *i)
+{
+	if (*i >= end)
+		return -1;
+	size_t n = p[(*i)++];
+	if (n & 0x80) {
+		int k = (int)(n & 0x7f);
+		if (k == 0 || k > 3)
+			return -1;
+		for (n = 0; k-- > 0; (*i)++) {
+			if (*i >= end)
+				return -1;
+			n = n << 8 | p[*i];
+		}
+	}
+	return *i + n <= end ? (long)n : -1;
+}
+
+/* Does the certificate's subjectAltName hold this iPAddress? */
+static int
+der_san_has_ip(const unsigned char *der, size_t len, const unsigned char *ip,
+    size_t iplen)
+{
+	static const unsigned char san_oid[] = { 0x06, 0x03, 0x55, 0x1d, 0x11 };
+	for (size_t at = 0; at + sizeof san_oid < len; at++) {
+		if (memcmp(der + at, san_oid, sizeof san_oid) != 0)
+			continue;
+		size_t i = at + sizeof san_oid;
+		if (i < len && der[i] == 0x01) /* critical flag */
+			i += 3;
+		if (i >= len || der[i++] != 0x04 || der_len(der, len, &i) < 0)
+			continue;
+		if (i >= len || der[i++] != 0x30)
+			continue;
+		long seq = der_len(der, len, &i);
+		if (seq < 0)
+			continue;
+		for (size_t end = i + (size_t)seq; i < end;) {
+			unsigned char tag = der[i++];
+			long n = der_len(der, end, &i);
+			if (n < 0)
+				break;
+			if (tag == 0x87 && (size_t)n == iplen &&
+			    memcmp(der + i, ip, iplen) == 0)
+				return 1;
+			i += (size_t)n;
+		}
+	}
+	return 0;
+}
+
+static unsigned
+ipc_end_chain(const br_x509_class **ctx)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	unsigned r = (*ic->inner)->end_chain(ic->inner);
+	if (r)
+		return r;
+	if (ic->overflow || !der_san_has_ip(ic->der, ic->derlen, ic->ip, ic->iplen))
+		return BR_ERR_X509_BAD_SERVER_NAME;
+	return 0;
+}
+
+static const br_x509_pkey *
+ipc_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
+{
+	const struct tls_ipcheck *ic = (const struct tls_ipcheck *)(const void *)ctx;
+	return (*ic->inner)->get_pkey(ic->inner, usages);
+}
+
+static const br_x509_class tls_ipcheck_vtable = {
+	sizeof(struct tls_ipcheck), ipc_start_chain, ipc_start_cert, ipc_append,
+	ipc_end_cert, ipc_end_chain, ipc_get_pkey,
 };
 
 /* A growing byte array, used only while trust anchors are loaded. */
@@ -2121,6 +2712,47 @@ tls_reason(int err)
 	}
 }
 
+/*
+ * A TLS 1.2 client with forward-secret AEAD suites only (what Elastic Cloud
+ * and current servers offer); br_ssl_client_init_full would link every
+ * legacy algorithm and add about 40 KB to the binary.
+ */
+static void
+tls_client_init(br_ssl_client_context *cc, br_x509_minimal_context *xc)
+{
+	static const uint16_t suites[] = {
+		BR_TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+		BR_TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+		BR_TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+		BR_TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+		BR_TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+		BR_TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+	};
+	static const struct { int id; const br_hash_class *impl; } hashes[] = {
+		{ br_sha1_ID, &br_sha1_vtable }, { br_sha256_ID, &br_sha256_vtable },
+		{ br_sha384_ID, &br_sha384_vtable }, { br_sha512_ID, &br_sha512_vtable },
+	};
+	br_ssl_engine_context *e = &cc->eng;
+	br_ssl_client_zero(cc);
+	br_ssl_engine_set_versions(e, BR_TLS12, BR_TLS12);
+	br_x509_minimal_init(xc, &br_sha256_vtable, tls.ta, tls.nta);
+	br_ssl_engine_set_suites(e, suites, sizeof suites / sizeof *suites);
+	br_ssl_engine_set_default_rsavrfy(e);
+	br_ssl_engine_set_default_ecdsa(e);
+	br_x509_minimal_set_rsa(xc, br_ssl_engine_get_rsavrfy(e));
+	br_x509_minimal_set_ecdsa(xc, br_ssl_engine_get_ec(e),
+	    br_ssl_engine_get_ecdsa(e));
+	for (size_t i = 0; i < sizeof hashes / sizeof *hashes; i++) {
+		br_ssl_engine_set_hash(e, hashes[i].id, hashes[i].impl);
+		br_x509_minimal_set_hash(xc, hashes[i].id, hashes[i].impl);
+	}
+	br_ssl_engine_set_prf_sha256(e, &br_tls12_sha256_prf);
+	br_ssl_engine_set_prf_sha384(e, &br_tls12_sha384_prf);
+	br_ssl_engine_set_default_aes_gcm(e);
+	br_ssl_engine_set_default_chapol(e);
+	br_ssl_engine_set_x509(e, &xc->vtable);
+}
+
 static int
 host_is_ip(const char *h)
 {
@@ -2135,17 +2767,30 @@ tls_start(struct upstream *u)
 	struct tls_slot *s = &tls.slots[u - g.up];
 	unsigned char seed[32];
 	tls_load();
-	br_ssl_client_init_full(&s->cc, &s->xc, tls.ta, tls.nta);
-	br_ssl_engine_set_versions(&s->cc.eng, BR_TLS12, BR_TLS12);
+	tls_client_init(&s->cc, &s->xc);
 	br_ssl_engine_set_buffer(&s->cc.eng, s->iobuf, sizeof s->iobuf, 1);
-	if (!g.cfg.verify_cert) {
+	if (!u->ep->verify) {
 		s->nv.vtable = &tls_noverify_vtable;
 		br_ssl_engine_set_x509(&s->cc.eng, &s->nv.vtable);
 	}
 	if (getrandom(seed, sizeof seed, 0) == (ssize_t)sizeof seed)
 		br_ssl_engine_inject_entropy(&s->cc.eng, seed, sizeof seed);
-	/* BearSSL checks DNS names only; an IP literal URL gets chain checks. */
-	const char *name = host_is_ip(g.cfg.server.host) ? NULL : g.cfg.server.host;
+	/* BearSSL checks DNS names; an IP address is checked by the wrapper.
+	 * No SNI is sent for an address. */
+	const char *host = u->ep->url.host;
+	const char *name = host;
+	if (host_is_ip(host)) {
+		name = NULL;
+		if (u->ep->verify) {
+			struct tls_ipcheck *ic = &s->ipc;
+			ic->vtable = &tls_ipcheck_vtable;
+			ic->inner = &s->xc.vtable;
+			ic->iplen = inet_pton(AF_INET, host, ic->ip) == 1 ? 4 : 16;
+			if (ic->iplen == 16)
+				inet_pton(AF_INET6, host, ic->ip);
+			br_ssl_engine_set_x509(&s->cc.eng, &ic->vtable);
+		}
+	}
 	if (tls.have_session)
 		br_ssl_engine_set_session_parameters(&s->cc.eng, &tls.session);
 	if (!br_ssl_client_reset(&s->cc, name, tls.have_session)) {
@@ -2171,7 +2816,7 @@ tls_closed(struct upstream *u)
 	char why[200];
 	snprintf(why, sizeof why, "TLS: %s (BearSSL error %d)", tls_reason(err), err);
 	if (err != tls.last_err)
-		log_error("cannot connect to the APM server: %s", why);
+		log_error("cannot connect to %s: %s", u->ep->what, why);
 	tls.last_err = err;
 	upstream_fail(u, why);
 	return -1;
@@ -2277,7 +2922,7 @@ tls_events(struct upstream *u)
 	return ev;
 }
 
-/* == 12. Upstream connections: forwarder and proxy == */
+/* == 13. Upstream connections: forwarder and proxy == */
 
 static void
 buf_reset(struct conn *c)
@@ -2443,9 +3088,9 @@ rx_consume(struct conn *c, size_t n)
 }
 
 static void
-upstream_host_header(char *out, size_t cap)
+upstream_host_header(const struct endpoint *ep, char *out, size_t cap)
 {
-	const struct apm_url *u = &g.cfg.server;
+	const struct apm_url *u = &ep->url;
 	int v6 = strchr(u->host, ':') != NULL;
 	int dflt = u->port == (u->tls ? 443 : 80);
 	if (dflt)
@@ -2459,15 +3104,16 @@ upstream_host_header(char *out, size_t cap)
 static int
 upstream_connect(struct upstream *u)
 {
-	if (!g.server_resolved) {
-		if (sock_resolve(g.cfg.server.host, g.cfg.server.port,
-		    &g.server_addr, &g.server_addrlen) < 0)
+	struct endpoint *ep = u->ep;
+	if (!ep->resolved) {
+		if (sock_resolve(ep->url.host, ep->url.port, &ep->addr,
+		    &ep->addrlen) < 0)
 			return -1;
-		g.server_resolved = 1;
+		ep->resolved = 1;
 	}
-	int fd = sock_connect(&g.server_addr, g.server_addrlen);
+	int fd = sock_connect(&ep->addr, ep->addrlen);
 	if (fd < 0) {
-		log_debug("connect to the APM server: %s", strerror(errno));
+		log_debug("connect to %s: %s", ep->what, strerror(errno));
 		return -1;
 	}
 	/* tx may already hold the request that asked for this connection */
@@ -2483,7 +3129,7 @@ upstream_connect(struct upstream *u)
 	u->reused = 0;
 	u->c.last_active = now_ms();
 	u->c.deadline = u->c.last_active + g.cfg.forwarder_timeout_ms;
-	if (g.cfg.server.tls && tls_start(u) < 0) {
+	if (ep->url.tls && tls_start(u) < 0) {
 		conn_close(&u->c);
 		u->state = UP_CLOSED;
 		return -1;
@@ -2501,7 +3147,7 @@ upstream_begin_payload(struct upstream *u, int s)
 {
 	struct payload *p = &g.q.p[s];
 	char host[300];
-	upstream_host_header(host, sizeof host);
+	upstream_host_header(u->ep, host, sizeof host);
 	u->job = JOB_PAYLOAD;
 	u->payload = s;
 	u->sent = 0;
@@ -2590,6 +3236,8 @@ upstream_fail(struct upstream *u, const char *why)
 	} else if (job == JOB_PROXY) {
 		if (u->agent >= 0)
 			agent_proxy_answer(u->agent, u, 0);
+	} else if (job == JOB_AWS) {
+		aws_failed(why);
 	} else if (!u->reused) {
 		fwd_backoff(why); /* a warm-up connection that failed */
 	}
@@ -2648,7 +3296,7 @@ fwd_backoff(const char *why)
 		log_debug("delivery failed (%s); failure %u, retry in %lld ms",
 		    why, g.failures, (long long)delay);
 	if (g.failures >= 3)
-		g.server_resolved = 0; /* the address may have moved */
+		g.apm.resolved = 0; /* the address may have moved */
 }
 
 /* The response is complete: settle the job, keep the connection if allowed. */
@@ -2671,6 +3319,8 @@ upstream_response_done(struct upstream *u)
 		fwd_done(u, ok, retryable, why);
 	} else if (u->job == JOB_PROXY && u->agent >= 0) {
 		agent_proxy_answer(u->agent, u, 1);
+	} else if (u->job == JOB_AWS) {
+		aws_answer(u);
 	}
 	if (keep) {
 		upstream_idle(u);
@@ -2858,7 +3508,7 @@ static void
 fwd_schedule(void)
 {
 	int64_t now = now_ms();
-	if (!g.cfg.has_server || now < g.retry_at)
+	if (!g.cfg.has_server || now < g.retry_at || aws_pending())
 		return;
 	int busy = 0;
 	for (int i = 0; i < MAX_UPSTREAM; i++)
@@ -2896,9 +3546,9 @@ fwd_schedule(void)
 static void
 fwd_prewarm(void)
 {
-	if (!g.cfg.has_server)
-		return;
-	if (g.cfg.server.tls)
+	if (!g.cfg.has_server || aws_acm_wanted())
+		return; /* an ACM CA must join the anchors first */
+	if (g.apm.url.tls)
 		tls_load();
 	struct upstream *u = &g.up[0];
 	u->job = JOB_NONE;
@@ -2936,7 +3586,7 @@ fwd_held(uint64_t *count, uint64_t *bytes)
 		}
 }
 
-/* == 13. Local receiver: agent connections ==
+/* == 14. Local receiver: agent connections ==
  * One request at a time per connection: its answer is written and drained
  * before the next pipelined head is parsed. An intake body moves into the
  * queue as it is decoded; when the queue is full the connection is simply
@@ -3071,7 +3721,7 @@ agent_proxy_head(struct agent *a, const struct apm_http_msg *m)
 {
 	struct conn *c = &a->c;
 	char host[300];
-	upstream_host_header(host, sizeof host);
+	upstream_host_header(&g.apm, host, sizeof host);
 	c->tx_len = c->tx_off = 0;
 	int bad = tx_printf(c, "%.*s %s%.*s HTTP/1.1\r\nHost: %s\r\n",
 	    (int)m->method.len, m->method.ptr, g.cfg.server.prefix,
@@ -3482,8 +4132,6 @@ register_transaction(struct agent *a)
 	rx_consume(c, n);
 }
 
-/* == 14. Telemetry listener and platform events == (see tel_*) */
-
 /* == 15. Lambda Extensions API client ==
  * Register is a blocking exchange on a fresh socket: it is the first thing
  * the process does, and the fewest system calls are the fastest cold start.
@@ -3652,268 +4300,290 @@ broken:
 		lambda_send_next();
 }
 
-/* == 16. Event loop == */
+/* == 16. AWS secrets: Secrets Manager and ACM ==
+ * The secret token or API key (Secrets Manager GetSecretValue) and a private
+ * CA (ACM GetCertificate), fetched with SigV4-signed JSON 1.1 calls on a
+ * connection slot of their own, after the first /next. Until they arrive no
+ * delivery starts: data waits rather than going out without auth.
+ */
 
-static void
-invocation_end(const char *why)
-{
-	if (!g.inv.active && g.phase == PH_WAIT) {
-		/* The INVOKE is on its way but not read yet: the agent (or the
-		 * platform) was faster than us. It applies to that invocation. */
-		g.end_pending = 1;
-		return;
-	}
-	if (!g.inv.active || g.inv.ended)
-		return;
-	g.inv.ended = 1;
-	g.inv.t_end = now_ms();
-	log_debug("invocation %s ended: %s", g.inv.request_id, why);
-}
+enum aws_call { AWS_SM_TOKEN, AWS_SM_APIKEY, AWS_ACM, AWS_NCALLS };
 
-static void
-lambda_event(const char *js, size_t len)
-{
-	struct apm_lambda_event ev;
-	if (apm_lambda_event_parse(js, len, &ev) < 0) {
-		log_error("malformed event from /event/next; asking again");
-		lambda_send_next();
-		return;
-	}
-	int64_t now = now_ms();
-	int64_t left = ev.deadline_ms - epoch_us() / 1000;
-	if (ev.type == APM_EV_SHUTDOWN) {
-		g.phase = PH_SHUTDOWN;
-		g.exit_at = now + left - SHUTDOWN_MARGIN_MS;
-		g.retry_at = 0; /* last chance: try at once */
-		log_info("shutdown (%s), %lld ms left", ev.shutdown_reason,
-		    (long long)left);
-		if (strcmp(ev.shutdown_reason, "timeout") == 0 ||
-		    strcmp(ev.shutdown_reason, "failure") == 0)
-			tel_proxy_transaction(ev.shutdown_reason);
-		g.shutdown_at = now;
-		return;
-	}
-	if (ev.type != APM_EV_INVOKE) {
-		log_warn("unknown event type; ignored");
-		lambda_send_next();
-		return;
-	}
-	memset(&g.inv, 0, sizeof g.inv);
-	g.inv.active = 1;
-	g.inv.number++;
-	snprintf(g.inv.request_id, sizeof g.inv.request_id, "%s", ev.request_id);
-	snprintf(g.inv.arn, sizeof g.inv.arn, "%s", ev.function_arn);
-	snprintf(g.inv.trace, sizeof g.inv.trace, "%s", ev.trace);
-	g.inv.t_invoke = now;
-	g.inv.deadline = now + left;
-	/* Thawed: timers that ran on through the freeze start again. */
-	for (int i = 0; i < MAX_AGENT_CONNS; i++)
-		g.agents[i].c.last_active = now;
-	tel_inv_track();
-	log_debug("invoke %s, %lld ms to deadline", ev.request_id, (long long)left);
-	if (g.end_pending) {
-		g.inv.agent_flushed = 1;
-		invocation_end("agent flushed before INVOKE was read");
-	}
-	g.end_pending = 0;
-	if (g.done_pending[0] && strcmp(g.done_pending, g.inv.request_id) == 0)
-		tel_runtime_done(g.done_pending, g.done_pending_status);
-	g.done_pending[0] = 0;
-	if (g.cfg.background) {
-		lambda_send_next();
-	} else {
-		g.phase = PH_INVOKE;
-	}
-}
+static struct {
+	const char *id[AWS_NCALLS];     /* secret id or certificate ARN */
+	int done[AWS_NCALLS];
+	int current;                    /* call in flight, -1 none */
+	unsigned failures;
+	int64_t retry_at;
+	const char *key_id, *secret, *session, *region;
+	char token[1024], apikey[1024]; /* fetched secrets; never logged */
+	struct endpoint sm, acm;
+} aws; /* current = -1 is set in main */
 
-/* Nothing held: no payload queued or being received. */
 static int
-loop_idle(void)
+aws_wanted(void)
 {
-	return g.q.used == 0;
+	for (int i = 0; i < AWS_NCALLS; i++)
+		if (aws.id[i])
+			return 1;
+	return 0;
 }
 
-/* Decide about /next and exit; returns the next deadline to wake for. */
-static int64_t
-loop_lambda_tick(int64_t now)
+static int
+aws_acm_wanted(void)
 {
-	if (g.phase == PH_SHUTDOWN) {
-		uint64_t cnt, bytes;
-		int report_wait = tel_report_pending() &&
-		    now < g.shutdown_at + REPORT_WAIT_MS;
-		if ((loop_idle() && !report_wait) || now >= g.exit_at ||
-		    !g.cfg.has_server || g.retry_at > g.exit_at) {
-			fwd_held(&cnt, &bytes);
-			if (cnt)
-				log_error("exiting with %llu payloads (%llu bytes) "
-				    "undelivered", (unsigned long long)cnt,
-				    (unsigned long long)bytes);
-			log_info("exit: %llu payloads delivered (%llu bytes), %llu "
-			    "dropped, %llu rejected by the server",
-			    (unsigned long long)g.q.delivered,
-			    (unsigned long long)g.q.delivered_bytes,
-			    (unsigned long long)g.q.dropped,
-			    (unsigned long long)g.q.rejected);
-			exit(0);
-		}
-		return report_wait ? MIN(g.exit_at, g.shutdown_at + REPORT_WAIT_MS) :
-		    g.exit_at;
+	return aws.id[AWS_ACM] != NULL;
+}
+
+/* A call is still to be made: deliveries wait for it. */
+static int
+aws_pending(void)
+{
+	for (int i = 0; i < AWS_NCALLS; i++)
+		if (aws.id[i] && !aws.done[i])
+			return 1;
+	return 0;
+}
+
+static int
+aws_endpoint(struct endpoint *ep, const char *var, const char *service)
+{
+	char dflt[256];
+	const char *v = getenv(var);
+	if (!v || !*v)
+		v = getenv("ELASTIC_APM_LAMBDA_AWS_ENDPOINT");
+	if (!v || !*v) {
+		snprintf(dflt, sizeof dflt, "https://%s.%s.amazonaws.com", service,
+		    aws.region);
+		v = dflt;
 	}
-	if (g.phase != PH_INVOKE || g.lam.req != LR_NONE)
-		return 0;
-	if (!g.inv.ended && now >= g.inv.deadline - DEADLINE_MARGIN_MS)
-		invocation_end("deadline");
-	if (!g.inv.ended)
-		return g.inv.deadline - DEADLINE_MARGIN_MS;
-	int64_t bound = g.inv.t_end + g.cfg.forwarder_timeout_ms;
-	int backing_off = g.retry_at > now;
-	if (loop_idle() || backing_off || now >= bound) {
-		if (!loop_idle())
-			log_info("calling /event/next with %u payloads held (%s)",
-			    g.q.used, backing_off ? "APM server failing" :
-			    "forwarder timeout");
-		g.inv.active = 0;
-		lambda_send_next();
-		return 0;
+	if (apm_url_parse(v, strlen(v), &ep->url) < 0) {
+		log_error("%s=\"%.128s\" is not an http(s) URL", var, v);
+		return -1;
 	}
-	return bound;
+	ep->verify = 1;
+	ep->what = strcmp(service, "acm") == 0 ? "AWS Certificate Manager" :
+	    "AWS Secrets Manager";
+	return 0;
 }
 
-static int64_t
-earliest(int64_t a, int64_t b)
+/* Read the settings; called from cfg_load. */
+static void
+aws_config(void)
 {
-	if (!a)
-		return b;
-	if (!b)
-		return a;
-	return MIN(a, b);
+	aws.id[AWS_SM_TOKEN] = getenv("ELASTIC_APM_SECRETS_MANAGER_SECRET_TOKEN_ID");
+	aws.id[AWS_SM_APIKEY] = getenv("ELASTIC_APM_SECRETS_MANAGER_API_KEY_ID");
+	aws.id[AWS_ACM] = getenv("ELASTIC_APM_SERVER_CA_CERT_ACM_ID");
+	for (int i = 0; i < AWS_NCALLS; i++)
+		if (aws.id[i] && !*aws.id[i])
+			aws.id[i] = NULL;
+	if (!aws_wanted())
+		return;
+	aws.key_id = getenv("AWS_ACCESS_KEY_ID");
+	aws.secret = getenv("AWS_SECRET_ACCESS_KEY");
+	aws.session = getenv("AWS_SESSION_TOKEN");
+	if (aws.session && !*aws.session)
+		aws.session = NULL;
+	aws.region = env_or("AWS_REGION", "us-east-1");
+	if (!aws.key_id || !*aws.key_id || !aws.secret || !*aws.secret)
+		log_error("AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY is missing: "
+		    "secrets cannot be fetched and nothing will be delivered");
+	if (aws_endpoint(&aws.sm, "ELASTIC_APM_LAMBDA_SECRETSMANAGER_ENDPOINT",
+	    "secretsmanager") < 0 ||
+	    aws_endpoint(&aws.acm, "ELASTIC_APM_LAMBDA_ACM_ENDPOINT", "acm") < 0)
+		aws.key_id = NULL;
 }
 
-enum { PK_LISTEN, PK_LAMBDA, PK_AGENT, PK_UP, PK_TEL };
+/* The Authorization value: an API key wins over a token; a fetched
+ * secret wins over the plain variable. */
+static void
+aws_apply_auth(void)
+{
+	const char *key = aws.apikey[0] ? aws.apikey : getenv("ELASTIC_APM_API_KEY");
+	const char *tok = aws.token[0] ? aws.token : getenv("ELASTIC_APM_SECRET_TOKEN");
+	if (key && *key)
+		snprintf(g.cfg.auth, sizeof g.cfg.auth, "ApiKey %s", key);
+	else if (tok && *tok)
+		snprintf(g.cfg.auth, sizeof g.cfg.auth, "Bearer %s", tok);
+}
 
-struct pollref {
-	int kind;
-	int idx;
+static const char *const aws_call_names[] = {
+	"Secrets Manager GetSecretValue (secret token)",
+	"Secrets Manager GetSecretValue (API key)",
+	"ACM GetCertificate",
 };
 
-static void tel_accept(int lfd);
-static int tel_poll_add(struct pollfd *pfd, struct pollref *ref, int n);
-static void tel_dispatch(int idx, short revents);
-static int64_t tel_timeouts(int64_t now);
-
-static void
-upstream_timeouts(int64_t now)
+/* Build the signed request of call k into u's tx. 0 or -1. */
+static int
+aws_request(struct upstream *u, int k)
 {
-	for (int i = 0; i < MAX_UPSTREAM; i++) {
-		struct upstream *u = &g.up[i];
-		if (u->c.fd < 0 || !u->c.deadline || now < u->c.deadline)
-			continue;
-		if (u->state == UP_BUSY && u->job == JOB_PAYLOAD && !u->sent_last &&
-		    g.q.p[u->payload].open && u->sent >= g.q.p[u->payload].len) {
-			u->c.deadline = 0; /* waiting for the agent, not the server */
-			continue;
+	char body[1200], esc[1024], host[300], date[20], auth[512];
+	const char *target = k == AWS_ACM ? "CertificateManager.GetCertificate" :
+	    "secretsmanager.GetSecretValue";
+	int e = apm_json_escape(aws.id[k], strlen(aws.id[k]), esc, sizeof esc - 1);
+	if (e < 0)
+		return -1;
+	esc[e] = 0;
+	if (k == AWS_ACM)
+		snprintf(body, sizeof body, "{\"CertificateArn\":\"%s\"}", esc);
+	else
+		snprintf(body, sizeof body, "{\"SecretId\":\"%s\",\"VersionStage\":"
+		    "\"AWSCURRENT\"}", esc);
+	upstream_host_header(u->ep, host, sizeof host);
+	time_t now = (time_t)(epoch_us() / 1000000);
+	struct tm tm;
+	gmtime_r(&now, &tm);
+	snprintf(date, sizeof date, "%04u%02u%02uT%02u%02u%02uZ",
+	    (unsigned)(tm.tm_year + 1900) % 10000, (unsigned)(tm.tm_mon + 1) % 100,
+	    (unsigned)tm.tm_mday % 100, (unsigned)tm.tm_hour % 100,
+	    (unsigned)tm.tm_min % 100, (unsigned)tm.tm_sec % 100);
+	const char *ctype = "application/x-amz-json-1.1";
+	struct apm_http_header h[4] = {
+		{ { LIT("content-type") }, { ctype, strlen(ctype) } },
+		{ { LIT("host") }, { host, strlen(host) } },
+		{ { LIT("x-amz-date") }, { date, strlen(date) } },
+		{ { LIT("x-amz-target") }, { target, strlen(target) } },
+	};
+	struct apm_sigv4 sv = { "POST", "/", "", h, 4, body, strlen(body),
+		aws.region, k == AWS_ACM ? "acm" : "secretsmanager", date,
+		aws.key_id, aws.secret, aws.session };
+	if (apm_sigv4_authorization(&sv, auth, sizeof auth) < 0)
+		return -1;
+	struct conn *c = &u->c;
+	c->tx_len = c->tx_off = 0;
+	int bad = tx_printf(c, "POST / HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\n"
+	    "X-Amz-Target: %s\r\nX-Amz-Date: %s\r\nAuthorization: %s\r\n", host,
+	    ctype, target, date, auth);
+	if (aws.session)
+		bad |= tx_printf(c, "X-Amz-Security-Token: %s\r\n", aws.session);
+	bad |= tx_printf(c, "Content-Length: %zu\r\n\r\n%s", strlen(body), body);
+	return bad ? -1 : 0;
+}
+
+/* Start the next call if one is due. */
+static void
+aws_schedule(void)
+{
+	struct upstream *u = &g.up[AWS_SLOT];
+	if (aws.current >= 0 || !aws_pending() || !aws.key_id ||
+	    now_ms() < aws.retry_at)
+		return;
+	int k = 0;
+	while (!aws.id[k] || aws.done[k])
+		k++;
+	u->ep = k == AWS_ACM ? &aws.acm : &aws.sm;
+	if (u->c.fd >= 0 && u->state == UP_IDLE) {
+		u->state = UP_BUSY;
+	} else {
+		if (u->c.fd >= 0)
+			conn_close(&u->c);
+		if (aws_request(u, k) < 0 || upstream_connect(u) < 0) {
+			aws_failed("cannot connect");
+			return;
 		}
-		upstream_fail(u, "timed out");
 	}
+	if (u->state == UP_BUSY && aws_request(u, k) < 0) {
+		aws_failed("request too large");
+		return;
+	}
+	aws.current = k;
+	u->job = JOB_AWS;
+	u->sent_last = 1;
+	u->resp_started = 0;
+	u->c.deadline = now_ms() + g.cfg.forwarder_timeout_ms;
 }
 
 static void
-loop_run(void)
+aws_failed(const char *why)
 {
-	struct pollfd pfd[3 + 1 + MAX_AGENT_CONNS + MAX_UPSTREAM + 4];
-	struct pollref ref[sizeof pfd / sizeof *pfd];
-	for (;;) {
-		int64_t now = now_ms();
-		if (g.got_term && g.phase != PH_SHUTDOWN) {
-			g.phase = PH_SHUTDOWN;
-			g.exit_at = now + 1000;
-			log_info("SIGTERM: flushing for up to 1000 ms, then exiting");
-		}
-		fwd_schedule();
-		proxy_schedule();
-		for (int i = 0; i < MAX_AGENT_CONNS; i++)
-			if (g.agents[i].c.fd >= 0) {
-				agent_process(&g.agents[i]);
-				if (g.agents[i].c.fd >= 0)
-					agent_timeouts(&g.agents[i], now);
-			}
-		for (int i = 0; i < MAX_UPSTREAM; i++)
-			if (g.up[i].c.fd >= 0 && g.up[i].state == UP_BUSY)
-				upstream_step(&g.up[i], 0);
-		upstream_timeouts(now);
-		int64_t wake = loop_lambda_tick(now);
-		wake = earliest(wake, tel_timeouts(now));
-		if (g.retry_at > now && !loop_idle())
-			wake = earliest(wake, g.retry_at);
-		int n = 0;
-		for (int i = 0; i < 3; i++)
-			if (g.listen_fd[i] >= 0) {
-				pfd[n] = (struct pollfd){ g.listen_fd[i], POLLIN, 0 };
-				ref[n++] = (struct pollref){ PK_LISTEN, i };
-			}
-		if (g.lam.c.fd >= 0 && g.lam.req != LR_NONE) {
-			short ev = POLLIN | (g.lam.c.tx_len ? POLLOUT : 0);
-			pfd[n] = (struct pollfd){ g.lam.c.fd, ev, 0 };
-			ref[n++] = (struct pollref){ PK_LAMBDA, 0 };
-		}
-		for (int i = 0; i < MAX_AGENT_CONNS; i++) {
-			struct agent *a = &g.agents[i];
-			if (a->c.fd < 0)
-				continue;
-			wake = earliest(wake, a->c.deadline);
-			pfd[n] = (struct pollfd){ a->c.fd, agent_events(a), 0 };
-			ref[n++] = (struct pollref){ PK_AGENT, i };
-		}
-		for (int i = 0; i < MAX_UPSTREAM; i++) {
-			struct upstream *u = &g.up[i];
-			if (u->c.fd < 0)
-				continue;
-			wake = earliest(wake, u->c.deadline);
-			pfd[n] = (struct pollfd){ u->c.fd, upstream_events(u), 0 };
-			ref[n++] = (struct pollref){ PK_UP, i };
-		}
-		n = tel_poll_add(pfd, ref, n);
-		int timeout = -1;
-		if (wake) {
-			int64_t d = wake - now_ms();
-			timeout = d <= 0 ? 0 : (int)MIN(d + 1, (int64_t)INT_MAX);
-		}
-		int r = poll(pfd, (nfds_t)n, timeout);
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			log_error("poll: %s", strerror(errno));
-			exit(0);
-		}
-		for (int i = 0; i < n && r > 0; i++) {
-			short re = pfd[i].revents;
-			if (!re)
-				continue;
-			switch (ref[i].kind) {
-			case PK_LISTEN:
-				if (ref[i].idx == 2)
-					tel_accept(pfd[i].fd);
-				else
-					agent_accept(pfd[i].fd);
-				break;
-			case PK_LAMBDA:
-				lambda_step(re);
-				break;
-			case PK_AGENT:
-				agent_step(&g.agents[ref[i].idx], re);
-				break;
-			case PK_UP:
-				upstream_step(&g.up[ref[i].idx], re);
-				break;
-			case PK_TEL:
-				tel_dispatch(ref[i].idx, re);
-				break;
-			}
-		}
-	}
+	int k = aws.current >= 0 ? aws.current : 0;
+	aws.current = -1;
+	aws.failures++;
+	g.rnd = g.rnd * 1103515245u + 12345u;
+	int64_t delay = apm_backoff_ms(aws.failures + 1, g.rnd >> 8);
+	aws.retry_at = now_ms() + delay;
+	if (aws.failures == 1 || aws.failures % 10 == 0)
+		log_error("%s for \"%.128s\" failed: %s; delivery waits, retrying in "
+		    "%lld ms", aws_call_names[k], aws.id[k], why, (long long)delay);
 }
 
-/* == 14. Telemetry listener and platform events ==
+/* Copy a string field of the answer; 0, or -1 when absent or too long. */
+static int
+aws_field(const char *js, const struct apm_json_tok *t, int n, const char *key,
+    char *out, size_t cap)
+{
+	int i = apm_json_get(js, t, n, 0, key);
+	return i >= 0 && apm_json_str(js, &t[i], out, cap) >= 0 ? 0 : -1;
+}
+
+/* The answer to call aws.current is in u's rx[0..body.have). */
+static void
+aws_answer(struct upstream *u)
+{
+	int k = aws.current;
+	const char *js = u->c.rx;
+	size_t len = u->c.body.have;
+	struct apm_json_tok *t = tel_toks;
+	int n = apm_json_parse(js, len, t, TEL_TOKENS, NULL, NULL);
+	char why[400], type[128] = "", msg[200] = "";
+	if (u->status != 200) {
+		if (n > 0) {
+			aws_field(js, t, n, "__type", type, sizeof type);
+			if (aws_field(js, t, n, "message", msg, sizeof msg) < 0)
+				aws_field(js, t, n, "Message", msg, sizeof msg);
+		}
+		const char *hash = strrchr(type, '#');
+		snprintf(why, sizeof why, "HTTP %d %s%s%s", u->status,
+		    hash ? hash + 1 : (type[0] ? type : "(no AWS error type)"),
+		    msg[0] ? ": " : "", msg);
+		aws_failed(why);
+		return;
+	}
+	if (n <= 0 || t[0].type != APM_JSON_OBJECT) {
+		aws_failed("the answer is not a JSON object");
+		return;
+	}
+	if (k == AWS_ACM) {
+		static char pem[AWS_RX];
+		size_t added = 0;
+		if (aws_field(js, t, n, "Certificate", pem, sizeof pem) == 0)
+			added += tls_load_pem(pem, strlen(pem), "ACM certificate");
+		if (aws_field(js, t, n, "CertificateChain", pem, sizeof pem) == 0)
+			added += tls_load_pem(pem, strlen(pem), "ACM certificate chain");
+		if (added == 0) {
+			aws_failed("no certificate in the answer");
+			return;
+		}
+		log_info("%zu CA certificates from ACM added to the trust anchors",
+		    added);
+	} else {
+		char *dst = k == AWS_SM_TOKEN ? aws.token : aws.apikey;
+		char bin[1100];
+		if (aws_field(js, t, n, "SecretString", dst, sizeof aws.token) < 0) {
+			int b = -1;
+			if (aws_field(js, t, n, "SecretBinary", bin, sizeof bin) == 0)
+				b = apm_base64_decode(bin, strlen(bin), (unsigned char *)dst,
+				    sizeof aws.token - 1);
+			if (b <= 0) {
+				dst[0] = 0;
+				aws_failed("no SecretString or SecretBinary in the answer");
+				return;
+			}
+			dst[b] = 0;
+		}
+		size_t l = strlen(dst); /* surrounding white space is not part of it */
+		while (l && (dst[l - 1] == '\n' || dst[l - 1] == '\r' || dst[l - 1] == ' '))
+			dst[--l] = 0;
+		aws_apply_auth();
+		log_info("%s: secret received", aws_call_names[k]);
+	}
+	aws.done[k] = 1;
+	aws.current = -1;
+	aws.failures = 0;
+	aws.retry_at = 0;
+}
+
+/* == 17. Telemetry listener and platform events ==
  * Lambda POSTs JSON arrays of records to us. A body is validated whole
  * before any record is acted on, so a 400 (which Lambda retries) never
  * follows half-applied records.
@@ -3949,9 +4619,8 @@ static struct {
 	int proxy_sent;         /* for g.inv */
 	int runtime_failed;     /* runtimeDone status of g.inv was not success */
 	int64_t shutdown_started;
-} tel = { .own = -1 };
+} tel; /* own = -1 is set in main: a zero struct stays out of .data */
 
-static struct apm_json_tok tel_toks[TEL_TOKENS];
 
 static struct inv_info *
 tel_inv_find(const char *rid)
@@ -4498,7 +5167,254 @@ tel_subscribe(void)
 	}
 }
 
-/* == 17. Configuration and main == */
+/* == 18. Event loop == */
+
+static void
+invocation_end(const char *why)
+{
+	if (!g.inv.active && g.phase == PH_WAIT) {
+		/* The INVOKE is on its way but not read yet: the agent (or the
+		 * platform) was faster than us. It applies to that invocation. */
+		g.end_pending = 1;
+		return;
+	}
+	if (!g.inv.active || g.inv.ended)
+		return;
+	g.inv.ended = 1;
+	g.inv.t_end = now_ms();
+	log_debug("invocation %s ended: %s", g.inv.request_id, why);
+}
+
+static void
+lambda_event(const char *js, size_t len)
+{
+	struct apm_lambda_event ev;
+	if (apm_lambda_event_parse(js, len, &ev) < 0) {
+		log_error("malformed event from /event/next; asking again");
+		lambda_send_next();
+		return;
+	}
+	int64_t now = now_ms();
+	int64_t left = ev.deadline_ms - epoch_us() / 1000;
+	if (ev.type == APM_EV_SHUTDOWN) {
+		g.phase = PH_SHUTDOWN;
+		g.exit_at = now + left - SHUTDOWN_MARGIN_MS;
+		g.retry_at = 0; /* last chance: try at once */
+		log_info("shutdown (%s), %lld ms left", ev.shutdown_reason,
+		    (long long)left);
+		if (strcmp(ev.shutdown_reason, "timeout") == 0 ||
+		    strcmp(ev.shutdown_reason, "failure") == 0)
+			tel_proxy_transaction(ev.shutdown_reason);
+		g.shutdown_at = now;
+		return;
+	}
+	if (ev.type != APM_EV_INVOKE) {
+		log_warn("unknown event type; ignored");
+		lambda_send_next();
+		return;
+	}
+	memset(&g.inv, 0, sizeof g.inv);
+	g.inv.active = 1;
+	g.inv.number++;
+	snprintf(g.inv.request_id, sizeof g.inv.request_id, "%s", ev.request_id);
+	snprintf(g.inv.arn, sizeof g.inv.arn, "%s", ev.function_arn);
+	snprintf(g.inv.trace, sizeof g.inv.trace, "%s", ev.trace);
+	g.inv.t_invoke = now;
+	g.inv.deadline = now + left;
+	/* Thawed: timers that ran on through the freeze start again. */
+	for (int i = 0; i < MAX_AGENT_CONNS; i++)
+		g.agents[i].c.last_active = now;
+	tel_inv_track();
+	log_debug("invoke %s, %lld ms to deadline", ev.request_id, (long long)left);
+	if (g.end_pending) {
+		g.inv.agent_flushed = 1;
+		invocation_end("agent flushed before INVOKE was read");
+	}
+	g.end_pending = 0;
+	if (g.done_pending[0] && strcmp(g.done_pending, g.inv.request_id) == 0)
+		tel_runtime_done(g.done_pending, g.done_pending_status);
+	g.done_pending[0] = 0;
+	if (g.cfg.background) {
+		lambda_send_next();
+	} else {
+		g.phase = PH_INVOKE;
+	}
+}
+
+/* Nothing held: no payload queued or being received. */
+static int
+loop_idle(void)
+{
+	return g.q.used == 0;
+}
+
+/* Decide about /next and exit; returns the next deadline to wake for. */
+static int64_t
+loop_lambda_tick(int64_t now)
+{
+	if (g.phase == PH_SHUTDOWN) {
+		uint64_t cnt, bytes;
+		int report_wait = tel_report_pending() &&
+		    now < g.shutdown_at + REPORT_WAIT_MS;
+		if ((loop_idle() && !report_wait) || now >= g.exit_at ||
+		    !g.cfg.has_server || g.retry_at > g.exit_at) {
+			fwd_held(&cnt, &bytes);
+			if (cnt)
+				log_error("exiting with %llu payloads (%llu bytes) "
+				    "undelivered", (unsigned long long)cnt,
+				    (unsigned long long)bytes);
+			log_info("exit: %llu payloads delivered (%llu bytes), %llu "
+			    "dropped, %llu rejected by the server",
+			    (unsigned long long)g.q.delivered,
+			    (unsigned long long)g.q.delivered_bytes,
+			    (unsigned long long)g.q.dropped,
+			    (unsigned long long)g.q.rejected);
+			exit(0);
+		}
+		return report_wait ? MIN(g.exit_at, g.shutdown_at + REPORT_WAIT_MS) :
+		    g.exit_at;
+	}
+	if (g.phase != PH_INVOKE || g.lam.req != LR_NONE)
+		return 0;
+	if (!g.inv.ended && now >= g.inv.deadline - DEADLINE_MARGIN_MS)
+		invocation_end("deadline");
+	if (!g.inv.ended)
+		return g.inv.deadline - DEADLINE_MARGIN_MS;
+	int64_t bound = g.inv.t_end + g.cfg.forwarder_timeout_ms;
+	int backing_off = g.retry_at > now;
+	if (loop_idle() || backing_off || now >= bound) {
+		if (!loop_idle())
+			log_info("calling /event/next with %u payloads held (%s)",
+			    g.q.used, backing_off ? "APM server failing" :
+			    "forwarder timeout");
+		g.inv.active = 0;
+		lambda_send_next();
+		return 0;
+	}
+	return bound;
+}
+
+
+
+static void tel_accept(int lfd);
+static int tel_poll_add(struct pollfd *pfd, struct pollref *ref, int n);
+static void tel_dispatch(int idx, short revents);
+static int64_t tel_timeouts(int64_t now);
+
+static void
+upstream_timeouts(int64_t now)
+{
+	for (int i = 0; i < NUM_UPSTREAM; i++) {
+		struct upstream *u = &g.up[i];
+		if (u->c.fd < 0 || !u->c.deadline || now < u->c.deadline)
+			continue;
+		if (u->state == UP_BUSY && u->job == JOB_PAYLOAD && !u->sent_last &&
+		    g.q.p[u->payload].open && u->sent >= g.q.p[u->payload].len) {
+			u->c.deadline = 0; /* waiting for the agent, not the server */
+			continue;
+		}
+		upstream_fail(u, "timed out");
+	}
+}
+
+static void
+loop_run(void)
+{
+	struct pollfd pfd[3 + 1 + MAX_AGENT_CONNS + NUM_UPSTREAM + 4];
+	struct pollref ref[sizeof pfd / sizeof *pfd];
+	for (;;) {
+		int64_t now = now_ms();
+		if (g.got_term && g.phase != PH_SHUTDOWN) {
+			g.phase = PH_SHUTDOWN;
+			g.exit_at = now + 1000;
+			log_info("SIGTERM: flushing for up to 1000 ms, then exiting");
+		}
+		aws_schedule();
+		fwd_schedule();
+		proxy_schedule();
+		for (int i = 0; i < MAX_AGENT_CONNS; i++)
+			if (g.agents[i].c.fd >= 0) {
+				agent_process(&g.agents[i]);
+				if (g.agents[i].c.fd >= 0)
+					agent_timeouts(&g.agents[i], now);
+			}
+		for (int i = 0; i < NUM_UPSTREAM; i++)
+			if (g.up[i].c.fd >= 0 && g.up[i].state == UP_BUSY)
+				upstream_step(&g.up[i], 0);
+		upstream_timeouts(now);
+		int64_t wake = loop_lambda_tick(now);
+		wake = earliest(wake, tel_timeouts(now));
+		if (g.retry_at > now && !loop_idle())
+			wake = earliest(wake, g.retry_at);
+		int n = 0;
+		for (int i = 0; i < 3; i++)
+			if (g.listen_fd[i] >= 0) {
+				pfd[n] = (struct pollfd){ g.listen_fd[i], POLLIN, 0 };
+				ref[n++] = (struct pollref){ PK_LISTEN, i };
+			}
+		if (g.lam.c.fd >= 0 && g.lam.req != LR_NONE) {
+			short ev = POLLIN | (g.lam.c.tx_len ? POLLOUT : 0);
+			pfd[n] = (struct pollfd){ g.lam.c.fd, ev, 0 };
+			ref[n++] = (struct pollref){ PK_LAMBDA, 0 };
+		}
+		for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+			struct agent *a = &g.agents[i];
+			if (a->c.fd < 0)
+				continue;
+			wake = earliest(wake, a->c.deadline);
+			pfd[n] = (struct pollfd){ a->c.fd, agent_events(a), 0 };
+			ref[n++] = (struct pollref){ PK_AGENT, i };
+		}
+		for (int i = 0; i < NUM_UPSTREAM; i++) {
+			struct upstream *u = &g.up[i];
+			if (u->c.fd < 0)
+				continue;
+			wake = earliest(wake, u->c.deadline);
+			pfd[n] = (struct pollfd){ u->c.fd, upstream_events(u), 0 };
+			ref[n++] = (struct pollref){ PK_UP, i };
+		}
+		n = tel_poll_add(pfd, ref, n);
+		int timeout = -1;
+		if (wake) {
+			int64_t d = wake - now_ms();
+			timeout = d <= 0 ? 0 : (int)MIN(d + 1, (int64_t)INT_MAX);
+		}
+		int r = poll(pfd, (nfds_t)n, timeout);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			log_error("poll: %s", strerror(errno));
+			exit(0);
+		}
+		for (int i = 0; i < n && r > 0; i++) {
+			short re = pfd[i].revents;
+			if (!re)
+				continue;
+			switch (ref[i].kind) {
+			case PK_LISTEN:
+				if (ref[i].idx == 2)
+					tel_accept(pfd[i].fd);
+				else
+					agent_accept(pfd[i].fd);
+				break;
+			case PK_LAMBDA:
+				lambda_step(re);
+				break;
+			case PK_AGENT:
+				agent_step(&g.agents[ref[i].idx], re);
+				break;
+			case PK_UP:
+				upstream_step(&g.up[ref[i].idx], re);
+				break;
+			case PK_TEL:
+				tel_dispatch(ref[i].idx, re);
+				break;
+			}
+		}
+	}
+}
+
+/* == 19. Configuration and main == */
 
 /* A setting that did not parse: one warning naming it, the value and the
  * default. Secrets never pass through here. */
@@ -4562,12 +5478,6 @@ cfg_uint(const char *name, uint64_t dflt, uint64_t min, uint64_t max)
 	return dflt;
 }
 
-static const char *
-env_or(const char *name, const char *dflt)
-{
-	const char *v = getenv(name);
-	return v && *v ? v : dflt;
-}
 
 static void
 cfg_load(struct config *c)
@@ -4634,6 +5544,7 @@ cfg_load(struct config *c)
 	c->function_version = env_or("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST");
 	c->region = env_or("AWS_REGION", "");
 	c->memory_mb = env_or("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "");
+	aws_config();
 }
 
 /* One anonymous mapping for every buffer: untouched pages cost nothing. */
@@ -4672,10 +5583,10 @@ state_init(void)
 	size_t total = (size_t)q->nblocks * (BLOCK_SIZE + 2 * sizeof(int)) +
 	    q->npayloads * sizeof(struct payload) +
 	    MAX_AGENT_CONNS * (RX_BUF + RX_BUF + 1024) +
-	    MAX_UPSTREAM * (RX_BUF + TX_BUF) +
+	    MAX_UPSTREAM * (RX_BUF + TX_BUF) + AWS_RX + TX_BUF +
 	    MAX_TEL_CONNS * (TEL_BODY_MAX + APM_HTTP_MAX_HEAD + 256) +
 	    RX_BUF + 4096 + REG_MAX + 64 * 32 +
-	    MAX_UPSTREAM * (sizeof(struct tls_slot) + 64);
+	    NUM_UPSTREAM * (sizeof(struct tls_slot) + 64);
 	void *m = mmap(NULL, total, PROT_READ | PROT_WRITE,
 	    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (m == MAP_FAILED) {
@@ -4692,15 +5603,16 @@ state_init(void)
 		conn_bufs(&g.agents[i].c, RX_BUF, RX_BUF + 1024);
 		g.agents[i].payload = -1;
 	}
-	for (int i = 0; i < MAX_UPSTREAM; i++) {
-		conn_bufs(&g.up[i].c, RX_BUF, TX_BUF);
+	for (int i = 0; i < NUM_UPSTREAM; i++) {
+		conn_bufs(&g.up[i].c, i == AWS_SLOT ? AWS_RX : RX_BUF, TX_BUF);
 		g.up[i].payload = g.up[i].agent = -1;
+		g.up[i].ep = &g.apm;
 	}
 	for (int i = 0; i < MAX_TEL_CONNS; i++)
 		conn_bufs(&tel.conns[i].c, TEL_BODY_MAX + APM_HTTP_MAX_HEAD, 256);
 	g.reg = arena_take(REG_MAX);
-	if (cfg->has_server && cfg->server.tls)
-		tls.slots = arena_take(MAX_UPSTREAM * sizeof(struct tls_slot));
+	if ((cfg->has_server && cfg->server.tls) || aws_wanted())
+		tls.slots = arena_take(NUM_UPSTREAM * sizeof(struct tls_slot));
 	return 0;
 }
 
@@ -4771,6 +5683,7 @@ main(int argc, char **argv)
 		log_error("AWS_LAMBDA_RUNTIME_API is missing or malformed");
 		return 1;
 	}
+	tel.own = aws.current = -1;
 	/* Register first: the function's init waits for it. */
 	if (lambda_register(name) < 0)
 		return 1;
@@ -4785,6 +5698,9 @@ main(int argc, char **argv)
 	listeners_open();
 	if (!g.cfg.disable_telemetry)
 		tel_subscribe();
+	g.apm.url = g.cfg.server;
+	g.apm.verify = g.cfg.verify_cert;
+	g.apm.what = "the APM server";
 	if (g.cfg.has_server && g.cfg.server.tls && !g.cfg.verify_cert)
 		log_warn("ELASTIC_APM_LAMBDA_VERIFY_SERVER_CERT=false: the APM "
 		    "server's certificate is not checked");

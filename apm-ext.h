@@ -269,4 +269,34 @@ int apm_tel_record_parse(const char *js, const struct apm_json_tok *toks,
  * 0 or -1. */
 int apm_time_parse(const char *s, size_t len, int64_t *us);
 
+/* == AWS Signature Version 4 (over BearSSL's SHA-256 and HMAC) == */
+struct apm_sigv4 {
+	const char *method;         /* "POST" */
+	const char *path;           /* as in the request line, unencoded */
+	const char *query;          /* without '?', "" when none */
+	const struct apm_http_header *headers; /* all to be signed, incl. host
+	                               and x-amz-date; names in any case */
+	size_t num_headers;
+	const char *payload;
+	size_t payload_len;
+	const char *region, *service;
+	const char *amz_date;       /* "YYYYMMDDTHHMMSSZ" */
+	const char *access_key, *secret_key;
+	const char *session_token;  /* non-NULL: signed as x-amz-security-token */
+};
+
+/* The canonical request into out (cap bytes, NUL added). Length or -1. */
+int apm_sigv4_canonical(const struct apm_sigv4 *s, char *out, size_t cap);
+
+/* The string to sign. Length or -1. */
+int apm_sigv4_string_to_sign(const struct apm_sigv4 *s, char *out, size_t cap);
+
+/* The Authorization header value. Length or -1. */
+int apm_sigv4_authorization(const struct apm_sigv4 *s, char *out, size_t cap);
+
+/* Standard base64 (padding optional, whitespace skipped) into out.
+ * Returns the decoded length, or -1 (bad input or out too small). */
+int apm_base64_decode(const char *in, size_t len, unsigned char *out,
+    size_t cap);
+
 #endif /* APM_EXT_H */

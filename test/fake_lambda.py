@@ -202,16 +202,26 @@ def _client_gone(sock):
 class FakeLambda:
     """The fake platform. See the module docstring; API summary:
 
-    FakeLambda(telemetry=True)           .address  .close()
+    FakeLambda(telemetry=True)           .address  .port  .close()
     start_extension(path, env, name)     start_runtime(argv, env)
-    wait_registered(timeout)             wait_ext_next(n, timeout) -> t
-    wait_subscribed(timeout)             wait_telemetry_idle(timeout)
-    invoke(...) -> Invocation            runtime_done(inv, status, produced_bytes)
-    finish(inv, freeze, timeout) -> t    timeout(inv, ...)
-    shutdown(reason, deadline_ms) -> (exit_code, t_exit, killed)
+    wait_registered(timeout) -> t        wait_ext_next(n, timeout) -> t
+    wait_init_done(timeout) -> t         wait_subscribed(timeout)
+    wait_parked(timeout)                 wait_telemetry_idle(timeout)
+    wait_delivered(inv) -> t             wait_ext_next_after(inv) -> t
+    wait_for(pred(fake), timeout, what)
+    invoke(request_id, timeout_ms, payload, trace_id, ext_delay=0) -> Invocation
+    runtime_done(inv, status, produced_bytes)
+    finish(inv, freeze=True, timeout) -> t of the extension's /next
+    timeout(inv, at_deadline=True) -> shutdown()'s tuple
+    shutdown(reason, deadline_ms, flush_telemetry=2.0) -> (exit_code, t_exit, killed)
     log_line(text_or_obj, request_id)    emit(records)
     post_telemetry_raw(body, content_type) -> status
-    ext_logs()  ext_log_text()  freeze()  thaw()
+    ext_logs()  ext_log_text()  ext_log_tail(n)  freeze()  thaw()
+    Recorded: t_exec, t_register, register_headers, ext_events_wanted,
+    ext_next_times, ext_delivered, ext_errors, subscription, subscribe_attempts,
+    telemetry_port, telemetry_posts, telemetry_statuses, telemetry_dropped,
+    invocations, runtime_next_times, runtime_errors, shutdown_event,
+    t_shutdown, freezes, protocol_errors.
     """
 
     def __init__(self, telemetry=True):
@@ -236,6 +246,7 @@ class FakeLambda:
         self.ext_errors = []            # (path, error type, body) of init/exit errors
         self._ext_parked = 0
         self._ext_queue = collections.deque()
+        self._ext_delayed = 0           # INVOKEs held back by invoke(ext_delay=)
 
         # runtime state
         self.runtime_proc = None
@@ -346,7 +357,8 @@ class FakeLambda:
 
     def wait_parked(self, timeout=10):
         """Wait until the extension is blocked in /next with no event pending."""
-        self._wait(lambda: self._ext_parked > 0 and not self._ext_queue, timeout,
+        self._wait(lambda: self._ext_parked > 0 and not self._ext_queue
+                   and not self._ext_delayed, timeout,
                    "the extension to wait in /next (it has made %d calls)"
                    % len(self.ext_next_times), watch_ext=True)
 
@@ -505,9 +517,14 @@ class FakeLambda:
     # ------------------------------------------------------------- lifecycle
 
     def invoke(self, request_id=None, timeout_ms=3000, payload=None, trace_id=None,
-               timeout=10):
+               timeout=10, ext_delay=0.0):
         """Start an invocation: thaw, wait for the extension (and runtime) to
-        be parked in /next, hand both the event, emit platform.start."""
+        be parked in /next, hand both the event, emit platform.start.
+
+        ext_delay > 0 hands the INVOKE to the extension that many seconds
+        after the runtime got it (a starved extension thread; the agent's
+        flush and runtimeDone may then arrive before the extension knows the
+        invocation). inv.t_invoke stays the time the runtime could start."""
         self.thaw()
         self.wait_parked(timeout)
         if self.runtime_proc is not None:
@@ -527,7 +544,12 @@ class FakeLambda:
             event = {"eventType": "INVOKE", "deadlineMs": inv.deadline_ms,
                      "requestId": request_id, "invokedFunctionArn": FUNCTION_ARN,
                      "tracing": {"type": "X-Amzn-Trace-Id", "value": trace_id}}
-            self._ext_queue.append((event, inv))
+            if ext_delay > 0:
+                self._ext_delayed += 1
+                threading.Thread(target=self._deliver_late, args=(event, inv, ext_delay),
+                                 daemon=True).start()
+            else:
+                self._ext_queue.append((event, inv))
             self._rt_queue.append(inv)
             self._emit_locked([{"type": "platform.start", "record": {
                 "requestId": request_id, "version": FUNCTION_VERSION,
@@ -535,6 +557,15 @@ class FakeLambda:
                             "value": trace_id}}}])
             self._cv.notify_all()
         return inv
+
+    def _deliver_late(self, event, inv, delay):
+        end = time.monotonic() + delay
+        with self._cv:
+            while not self._closing and time.monotonic() < end:
+                self._cv.wait(end - time.monotonic())  # simulated scheduling delay
+            self._ext_delayed -= 1
+            self._ext_queue.append((event, inv))
+            self._cv.notify_all()
 
     def _emit_init_records(self):
         init_ms = 0.0
@@ -620,10 +651,15 @@ class FakeLambda:
             "tracing": {"spanId": uuid.uuid4().hex[:16], "type": "X-Amzn-Trace-Id",
                         "value": inv.trace_id}}}])
 
-    def timeout(self, inv, deadline_ms=2000, park_timeout=10):
-        """A function timeout: runtimeDone(timeout), report(timeout), then the
-        sandbox is reset: shutdown(reason='timeout'). Returns shutdown()'s tuple."""
+    def timeout(self, inv, deadline_ms=2000, park_timeout=10, at_deadline=True):
+        """A function timeout: at the invocation's deadline (at_deadline; else
+        now), runtimeDone(timeout), report(timeout), then the sandbox is
+        reset: shutdown(reason='timeout'). Returns shutdown()'s tuple."""
         inv = self._inv(inv)
+        if at_deadline:
+            with self._cv:
+                while not self._closing and epoch_ms() < inv.deadline_ms:
+                    self._cv.wait((inv.deadline_ms - epoch_ms()) / 1000.0)  # the clock
         self.thaw()
         with self._cv:
             if inv.t_runtime_done is None:
@@ -898,6 +934,7 @@ class FakeLambda:
             try:
                 while not self._ext_queue:
                     if self._closing:
+                        h.close_connection = True
                         return
                     self._cv.wait(0.2)
                     if not self._ext_queue and _client_gone(h.connection):
@@ -989,6 +1026,7 @@ class FakeLambda:
             try:
                 while not self._rt_queue:
                     if self._closing:
+                        h.close_connection = True
                         return
                     self._cv.wait(0.2)
                     if not self._rt_queue and _client_gone(h.connection):
@@ -1129,8 +1167,11 @@ def _selftest():
 
     def poll(n):
         for _ in range(n):
-            events.append(json.loads(req(fl, "GET", "/2020-01-01/extension/event/next",
-                                         None, hid)[2]))
+            try:
+                events.append(json.loads(req(fl, "GET", "/2020-01-01/extension/event/next",
+                                             None, hid)[2]))
+            except (OSError, http.client.HTTPException):
+                return  # the fake closed while we waited (end of the test)
     th = threading.Thread(target=poll, args=(2,), daemon=True)
     th.start()
     inv = fl.invoke(timeout_ms=5000)
