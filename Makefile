@@ -8,13 +8,14 @@ BEARSSL_A  ?= /usr/lib/$(ARCH)-linux-gnu/libbearssl.a
 CFLAGS_REL  = -std=c11 -Os -Wall -Wextra -ffunction-sections -fdata-sections \
               -fno-asynchronous-unwind-tables -fno-stack-protector \
               -D_GNU_SOURCE -I/usr/include/bearssl
-LDFLAGS_REL = -static -s -Wl,--gc-sections
+LDFLAGS_REL = -static -s -Wl,--gc-sections -Wl,-z,norelro
 HOST_CC    ?= cc
 TEST_FLAGS  = -std=c11 -g -O1 -Wall -Wextra -Werror -D_GNU_SOURCE \
-              -DAPM_EXT_TEST -fsanitize=address,undefined -fno-omit-frame-pointer \
+              -DAPM_EXT_TEST -fsanitize=address,undefined -fno-sanitize-recover=all \
+              -fno-omit-frame-pointer \
               -I/usr/include/bearssl -I.
 
-.PHONY: all deps test unit e2e bench fuzz layer demo clean
+.PHONY: all deps test unit e2e bench fuzz layer demo clean sandbox syscalls
 
 all: apm-ext
 
@@ -30,13 +31,22 @@ build/unit: test/unit.c apm-ext.c apm-ext.h
 	@mkdir -p build
 	$(HOST_CC) $(TEST_FLAGS) -o $@ test/unit.c $(BEARSSL_A)
 
+build/sigv4: test/sigv4.c apm-ext.c apm-ext.h
+	@mkdir -p build
+	$(HOST_CC) $(TEST_FLAGS) -o $@ test/sigv4.c apm-ext.c $(BEARSSL_A)
+
+# The real binary built by the host compiler with sanitizers, for e2e runs.
+build/apm-ext-asan: apm-ext.c apm-ext.h
+	@mkdir -p build
+	$(HOST_CC) $(TEST_FLAGS) -UAPM_EXT_TEST -o $@ apm-ext.c $(BEARSSL_A)
+
 unit: build/unit
 	./build/unit
 
 e2e: apm-ext
 	python3 test/e2e.py --binary ./apm-ext
 
-test: apm-ext build/unit
+test: apm-ext build/unit build/sigv4 build/apm-ext-asan
 	@sh test/run-all.sh
 
 bench: apm-ext
@@ -50,6 +60,12 @@ layer:
 
 demo: apm-ext
 	@sh test/demo.sh
+
+sandbox: layer
+	@sh test/sandbox.sh
+
+syscalls: apm-ext
+	python3 test/coldstart_syscalls.py --binary ./apm-ext
 
 clean:
 	rm -rf build apm-ext layer/*.zip

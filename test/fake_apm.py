@@ -250,6 +250,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             parts = []
             while True:
                 line = self.rfile.readline(1024)
+                if not line:  # the client went away mid-body: not a malformed body
+                    raise ConnectionError("connection closed in the chunked body")
                 if not line.endswith(b"\n"):
                     raise ValueError("bad chunk size line %r" % line)
                 size = int(line.split(b";")[0].strip(), 16)
@@ -258,16 +260,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         pass  # trailers
                     break
                 data = self.rfile.read(size)
-                if len(data) != size:
-                    raise ValueError("truncated chunk")
+                if len(data) != size:  # short read = EOF
+                    raise ConnectionError("connection closed in a chunk")
                 parts.append(data)
                 if self.rfile.readline(8) not in (b"\r\n", b"\n"):
                     raise ValueError("missing CRLF after chunk")
             return b"".join(parts)
         n = int(self.headers.get("Content-Length") or 0)
         data = self.rfile.read(n) if n > 0 else b""
-        if len(data) != n:
-            raise ValueError("truncated body (%d of %d bytes)" % (len(data), n))
+        if len(data) != n:  # short read = EOF
+            raise ConnectionError("connection closed after %d of %d body bytes" % (len(data), n))
         return data
 
     def _serve(self, fake, req):

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""make demo: the real Elastic APM Node.js agent, in a Lambda-like sandbox,
+sending through ./apm-ext to a fake APM server; a few readable lines on what
+happened.
+
+    python3 test/demo.py [--binary ./apm-ext] [--invocations 3] [--spans 5]
+                         [--background] [--out build/demo]
+
+Runs on 127.0.0.1 only: test/fake_lambda.py plays Lambda (Extensions,
+Telemetry and Runtime APIs, freezing the processes between invocations),
+test/node/runtime.js is the Node runtime with NODE_OPTIONS=-r
+elastic-apm-node/start, test/node/handler.js the function, test/fake_apm.py
+the APM server (it validates every line against the intake schemas when
+../shared/apm-intake-spec is there). Needs test/node/node_modules (test/demo.sh
+runs npm ci for it). Exit status 1 if anything the handler made did not arrive
+exactly once.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import fake_apm  # noqa: E402
+from fake_apm import FakeAPM  # noqa: E402
+from fake_lambda import FakeLambda  # noqa: E402
+import e2e  # noqa: E402
+import e2e_agent as ea  # noqa: E402
+
+
+def ms(seconds):
+    return "%.1f ms" % (seconds * 1000)
+
+
+def schemas_or_json_only():
+    """The fake APM server validates against ../shared/apm-intake-spec; on a
+    machine without it, lines are only parsed as JSON."""
+    try:
+        fake_apm.load_schemas()
+        return True
+    except OSError:
+        fake_apm._schemas = {k: {} for k in ("metadata", "transaction", "span", "error",
+                                             "metricset")}
+        return False
+
+
+def keep_logs(out, lam, apm, fn):
+    os.makedirs(out, exist_ok=True)
+    kept = []
+    for src, name, what in ((lam.ext_log_path, "extension.log", "apm-ext's JSON log"),
+                            (lam.runtime_log_path, "runtime.log",
+                             "the Node runtime and the agent's own log"),
+                            (fn.record_path, "handler-records.jsonl",
+                             "ids the handler made")):
+        if src and os.path.exists(src):
+            shutil.copyfile(src, os.path.join(out, name))
+            kept.append((name, what))
+    with open(os.path.join(out, "apm-server.ndjson"), "w", encoding="utf-8") as f:
+        for r in apm.requests:
+            f.write(json.dumps({"request": "%s %s%s" % (r.method, r.path,
+                                                         "?" + r.query if r.query else ""),
+                                "status": r.status,
+                                "user_agent": r.headers.get("User-Agent"),
+                                "content_encoding": r.headers.get("Content-Encoding"),
+                                "bytes": len(r.body)}) + "\n")
+            for kind, obj in r.lines:
+                f.write(json.dumps({kind: obj}, separators=(",", ":")) + "\n")
+    kept.append(("apm-server.ndjson", "every request the fake APM server got, then its lines"))
+    return kept
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", default=os.path.join(ROOT, "apm-ext"))
+    ap.add_argument("--invocations", type=int, default=3)
+    ap.add_argument("--spans", type=int, default=5, help="spans per invocation")
+    ap.add_argument("--background", action="store_true",
+                    help="ELASTIC_APM_SEND_STRATEGY=background")
+    ap.add_argument("--out", default=os.path.join(ROOT, "build", "demo"),
+                    help="where the logs are kept")
+    args = ap.parse_args(argv)
+
+    err = ea.node_setup_error()
+    if err:
+        print("demo: " + err)
+        return 1
+    if not os.access(args.binary, os.X_OK):
+        print("demo: %s is not built (make)" % args.binary)
+        return 1
+    validating = schemas_or_json_only()
+    version = ea.agent_version()
+    strategy = "background" if args.background else "syncflush"
+    print("apm-ext demo: Elastic APM Node.js agent %s -> %s (%s) -> fake APM server" % (
+        version, os.path.relpath(args.binary), strategy))
+
+    lam = FakeLambda()
+    apm = FakeAPM(token="demo-secret-token")
+    fn = None
+    ok = True
+    try:
+        port = e2e.free_port()
+        tport = e2e.free_port("0.0.0.0")
+        lam.start_extension(args.binary, {
+            "ELASTIC_APM_LAMBDA_APM_SERVER": apm.url,
+            "ELASTIC_APM_SECRET_TOKEN": "demo-secret-token",
+            "ELASTIC_APM_DATA_RECEIVER_SERVER_PORT": str(port),
+            "APM_EXT_TELEMETRY_PORT": str(tport),
+            "ELASTIC_APM_SEND_STRATEGY": strategy,
+            "ELASTIC_APM_LOG_LEVEL": "debug"})
+        lam.wait_registered()
+        lam.wait_init_done()
+        fn = ea.NodeFunction(lam, port, env={"ELASTIC_APM_SECRET_TOKEN": "demo-secret-token"})
+        init_s = fn.start()
+        print("  init: extension registered %s after exec; Node runtime + agent ready %s "
+              "after start" % (ms(lam.t_register - lam.t_exec), ms(init_s)))
+
+        invs = []
+        for i in range(args.invocations):
+            payload = {"spans": args.spans, "errors": 1 if i % 2 == 0 else 0}
+            inv = fn.invoke(payload)
+            invs.append(inv)
+            waits = ea.flush_waits_ms(fn)
+            run = inv.t_runtime_done - inv.t_invoke
+            gap = inv.t_end - inv.t_runtime_done
+            if gap >= 0:
+                held = "extension's /next %s after the runtime's response" % ms(gap)
+            else:
+                held = "extension already in /next %s before the runtime's response " \
+                    "(added 0 ms)" % ms(-gap)
+            recs = fn.records(inv.request_id)
+            made = "%d spans, %d error%s" % (
+                sum(1 for r in recs if r["kind"] == "span"),
+                sum(1 for r in recs if r["kind"] == "error"),
+                "" if sum(1 for r in recs if r["kind"] == "error") == 1 else "s")
+            flush = "; agent waited %.1f ms for ?flushed=true" % waits[-1] \
+                if len(waits) == i + 1 and waits[-1] is not None else ""
+            print("  invocation %d%s: %s; function %s, %s; %s%s; frozen" % (
+                i + 1, " (cold start)" if i == 0 else "", inv.status, ms(run), made, held,
+                flush))
+        t_shut = time.monotonic()
+        code, t_exit, killed = lam.shutdown()
+        print("  shutdown: extension exited %s %s after SHUTDOWN%s" % (
+            code, ms(t_exit - t_shut), " (KILLED at the deadline)" if killed else ""))
+        ok = code == 0 and not killed
+
+        seen = ea.Seen(apm)
+        counts = {}
+        for r in seen.requests:
+            for kind, _ in r.lines:
+                if kind != "metadata" and r.status == 202:
+                    counts[kind] = counts.get(kind, 0) + 1
+        by_kind = ", ".join("%d %s%s" % (n, k, "s" if n != 1 else "")
+                            for k, n in sorted(counts.items()))
+        print("  delivered: %s in %d intake requests (%s)" % (
+            by_kind or "nothing", len(seen.requests),
+            "every line valid against the intake schemas" if validating and not apm.errors
+            else ("%d invalid lines" % len(apm.errors) if apm.errors
+                  else "JSON only: ../shared/apm-intake-spec not found")))
+        try:
+            ea.check_requests(seen, version)
+            for i, inv in enumerate(invs):
+                ea.check_invocation(seen, fn, inv, coldstart=(i == 0),
+                                    by=None if args.background else inv.t_end,
+                                    what="invocation %d" % (i + 1))
+            ea.check_nothing_else(seen, fn)
+            ea.check_agent_log(fn, len(invs))
+            print("  checked: every id the handler made arrived exactly once, under the "
+                  "agent's metadata%s; the agent logged no trouble" % (
+                      "" if args.background else ", before the extension's /next"))
+        except AssertionError as e:
+            ok = False
+            print("  PROBLEM: %s" % str(e).split("\n    --- Node runtime log")[0])
+    finally:
+        kept = keep_logs(args.out, lam, apm, fn) if fn is not None else []
+        lam.close()
+        apm.close()
+        if fn is not None:
+            fn.close()
+    if kept:
+        print("  logs kept in %s/:" % os.path.relpath(args.out))
+        for name, what in kept:
+            print("    %-22s %s" % (name, what))
+    print("demo %s" % ("ok" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+#!/bin/sh
+# make demo: the real Elastic APM Node.js agent -> ./apm-ext -> a fake APM
+# server, all on 127.0.0.1 (see test/demo.py). make builds ./apm-ext first;
+# this installs the agent (test/node, pinned by its package-lock.json) if it
+# is missing. Needs python3 and node/npm (Debian: apt-get install nodejs npm).
+set -eu
+cd "$(dirname "$0")/.."
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "demo: node and npm are needed (Debian: apt-get install nodejs npm)" >&2
+    exit 1
+fi
+if [ ! -f test/node/node_modules/elastic-apm-node/package.json ]; then
+    echo "demo: installing the Node.js agent: npm ci --prefix test/node"
+    npm ci --prefix test/node --no-audit --no-fund --loglevel=error
+fi
+exec python3 test/demo.py "$@"
