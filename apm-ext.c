@@ -48,6 +48,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -86,9 +87,10 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 #define NUM_UPSTREAM (MAX_UPSTREAM + 1)
 #define AWS_RX 65536            /* AWS API answer (certificate chains) */
 #define RX_BUF 16384            /* receive buffer of a connection */
-#define TX_BUF 16384            /* send buffer of a connection */
+#define TX_BUF (BLOCK_SIZE + 256) /* send buffer: a whole queue block framed */
 #define BLOCK_SIZE 32768        /* queue block */
 #define QUEUE_BYTES_DEFAULT (16u << 20)
+#define QUEUE_WARM_BLOCKS 4     /* queue blocks kept resident when empty */
 #define TEL_BODY_MAX (2u << 20) /* telemetry POST body (2 x maxBytes) */
 #define TEL_TOKENS 2048         /* tokens of one telemetry record */
 #define REG_MAX 16384           /* /register/transaction body */
@@ -1655,6 +1657,17 @@ json_get_num(const char *js, const struct apm_json_tok *t, int n, int obj,
 	return ok ? d : 0;
 }
 
+/* The text of a NUMBER value of key in obj, or {0,0}. */
+static struct apm_str
+json_get_raw_num(const char *js, const struct apm_json_tok *t, int n, int obj,
+    const char *key)
+{
+	int i = apm_json_get(js, t, n, obj, key);
+	if (i < 0 || t[i].type != APM_JSON_NUMBER)
+		return (struct apm_str){ NULL, 0 };
+	return (struct apm_str){ js + t[i].start, t[i].end - t[i].start };
+}
+
 int
 apm_lambda_event_parse(const char *js, size_t len, struct apm_lambda_event *ev)
 {
@@ -1800,6 +1813,9 @@ apm_tel_record_parse(const char *js, const struct apm_json_tok *t, int n,
 		r->duration_ms = json_get_num(js, t, n, mi, "durationMs", NULL);
 		r->billed_ms = json_get_num(js, t, n, mi, "billedDurationMs", NULL);
 		r->init_ms = json_get_num(js, t, n, mi, "initDurationMs", &r->has_init);
+		r->duration_raw = json_get_raw_num(js, t, n, mi, "durationMs");
+		r->billed_raw = json_get_raw_num(js, t, n, mi, "billedDurationMs");
+		r->init_raw = json_get_raw_num(js, t, n, mi, "initDurationMs");
 		r->memory_mb = (int64_t)json_get_num(js, t, n, mi, "memorySizeMB", NULL);
 		r->max_memory_mb = (int64_t)json_get_num(js, t, n, mi,
 		    "maxMemoryUsedMB", NULL);
@@ -1836,6 +1852,7 @@ struct conn {
 	struct body body;
 	int64_t deadline;       /* monotonic ms; 0 = none */
 	int64_t last_active;    /* monotonic ms of the last byte moved */
+	int64_t head_start;     /* when the first byte of this head came */
 	int close_after;        /* close once tx has drained */
 	int eof;                /* peer closed its side */
 	br_ssl_client_context *tls; /* upstream over https, else NULL */
@@ -1855,6 +1872,8 @@ struct agent {
 	char encoding[32];      /* Content-Encoding of the body */
 	char user_agent[128];
 	char request_id[128];   /* x-elastic-aws-request-id */
+	unsigned requests;      /* requests answered on this connection */
+	uint64_t accepted;      /* accept order, to break idleness ties */
 };
 
 /* A server we connect to: the APM server, Secrets Manager or ACM. */
@@ -1953,6 +1972,7 @@ struct lambda {
 	struct sockaddr_storage addr;
 	socklen_t addrlen;
 	int req;                /* enum lambda_req in flight */
+	int nonblock;           /* c.fd is in non-blocking mode */
 };
 
 /* Tokens of one telemetry record or AWS answer (one user at a time). */
@@ -1989,7 +2009,7 @@ static struct {
 	char *reg;              /* last /register/transaction body */
 	size_t reg_len;
 	char reg_request_id[128];
-	uint64_t evicted, over_limit;
+	uint64_t evicted, over_limit, accepts;
 } g;
 
 static void conn_close(struct conn *c);
@@ -2029,6 +2049,14 @@ queue_free(struct queue *q, int slot)
 		q->free_stack[q->free_top++] = b;
 	memset(p, 0, sizeof *p);
 	q->used--;
+	if (q->used == 0 && q->fresh > QUEUE_WARM_BLOCKS) {
+		/* Empty after a burst: give the pages back (idle RSS stays small)
+		 * and start again from the first, still warm, blocks. */
+		madvise(q->mem + (size_t)QUEUE_WARM_BLOCKS * BLOCK_SIZE,
+		    (size_t)(q->fresh - QUEUE_WARM_BLOCKS) * BLOCK_SIZE, MADV_DONTNEED);
+		q->free_top = 0;
+		q->fresh = 0;
+	}
 }
 
 /* Oldest payload that may be dropped (complete, not being sent). */
@@ -3644,6 +3672,7 @@ static void
 agent_respond(struct agent *a, int status, const char *msg, int close_after)
 {
 	struct conn *c = &a->c;
+	a->requests++;
 	char body[300];
 	int n = 0;
 	if (msg)
@@ -3947,7 +3976,16 @@ agent_timeouts(struct agent *a, int64_t now)
 		c->deadline = 0; /* waiting on us, not on the agent */
 		return;
 	}
-	c->deadline = busy ? c->last_active + g.cfg.receiver_timeout_ms : 0;
+	/* A head must arrive whole within the timeout (a slowloris trickles
+	 * bytes to stay "active"); a body may pause up to it between bytes. */
+	if (a->state == AG_HEAD && c->rx_len > 0) {
+		if (!c->head_start)
+			c->head_start = c->last_active;
+		c->deadline = c->head_start + g.cfg.receiver_timeout_ms;
+	} else {
+		c->head_start = 0;
+		c->deadline = busy ? c->last_active + g.cfg.receiver_timeout_ms : 0;
+	}
 	if (c->deadline && now >= c->deadline) {
 		if (a->state == AG_RESPOND) {
 			agent_close(a);
@@ -3978,17 +4016,39 @@ agent_step(struct agent *a, short revents)
 	}
 }
 
-/* The idlest connection with no request under way, for eviction. */
+/* How much closing this connection would cost: -1 never (a request is
+ * under way); else higher is dearer. */
+static int
+agent_evict_rank(const struct agent *a)
+{
+	if (a->c.fd < 0 || a->state != AG_HEAD || a->payload >= 0)
+		return -1;
+	return (a->requests > 0) * 2 + (a->c.rx_len > 0);
+}
+
+/*
+ * The connection to give up when all slots are taken: one that never
+ * completed a request (what idle floods are made of) before a kept-alive
+ * agent connection (closing that one could make an agent lose a request),
+ * the idlest first; never one with a request under way.
+ */
 static int
 agent_evictable(void)
 {
-	int best = -1;
+	int best = -1, best_rank = 0;
 	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
 		struct agent *a = &g.agents[i];
-		if (a->c.fd < 0 || a->state == AG_PROXY_WAIT || a->payload >= 0)
+		int r = agent_evict_rank(a);
+		if (r < 0)
 			continue;
-		if (best < 0 || a->c.last_active < g.agents[best].c.last_active)
+		struct agent *b = best < 0 ? NULL : &g.agents[best];
+		if (!b || r < best_rank || (r == best_rank &&
+		    (a->c.last_active < b->c.last_active ||
+		    (a->c.last_active == b->c.last_active &&
+		    a->accepted < b->accepted)))) {
 			best = i;
+			best_rank = r;
+		}
 	}
 	return best;
 }
@@ -4005,7 +4065,17 @@ agent_accept(int lfd)
 			if (g.agents[i].c.fd < 0)
 				slot = i;
 		if (slot < 0) {
-			slot = agent_evictable();
+			/* A candidate whose request bytes are in the socket but not
+			 * read yet only looks idle: read it (it then is under way). */
+			for (int k = 0; k < 8; k++) {
+				int pending = 0;
+				slot = agent_evictable();
+				if (slot < 0 || ioctl(g.agents[slot].c.fd, FIONREAD,
+				    &pending) < 0 || pending == 0)
+					break;
+				agent_step(&g.agents[slot], POLLIN);
+				slot = -1;
+			}
 			if (slot < 0) {
 				close(fd);
 				g.over_limit++;
@@ -4025,6 +4095,8 @@ agent_accept(int lfd)
 		a->state = AG_HEAD;
 		a->payload = -1;
 		a->keep_alive = 1;
+		a->requests = 0;
+		a->accepted = ++g.accepts;
 	}
 }
 
@@ -4177,8 +4249,10 @@ lambda_call(const char *method, const char *path, const char *extra,
 		    c->rx_len < (size_t)hl + (size_t)m->content_length)
 			continue;
 		*head = hl;
-		if (m->close || m->chunked)
+		if (m->close || m->chunked) {
 			conn_close(c); /* simple clients: no chunked answers here */
+			g.lam.nonblock = 0;
+		}
 		return m->status;
 	}
 }
@@ -4218,9 +4292,10 @@ lambda_send_next(void)
 			log_error("cannot reach the Extensions API: %s", strerror(errno));
 			return;
 		}
-	} else {
-		sock_nonblock(c->fd);
+	} else if (!g.lam.nonblock) {
+		sock_nonblock(c->fd); /* the blocking register socket, once */
 	}
+	g.lam.nonblock = 1;
 	buf_reset(c);
 	tx_printf(c, "GET " EXT_API "/event/next HTTP/1.1\r\nHost: %s\r\n"
 	    "Lambda-Extension-Identifier: %s\r\n\r\n", g.lam.host, g.lam.id);
@@ -4286,6 +4361,7 @@ broken:
 	 * reconnect and ask again (the event, if any, was lost upstream). */
 	log_warn("the Extensions API connection broke; calling /event/next again");
 	conn_close(c);
+	g.lam.nonblock = 0;
 	g.lam.req = LR_NONE;
 	if (g.phase == PH_WAIT)
 		lambda_send_next();
@@ -4758,11 +4834,16 @@ own_end(void)
 	tel.own = -1;
 }
 
+/* A sample whose value is the platform's own number text, or an integer. */
 static void
-own_num(const char *key, double v)
+own_sample(const char *key, struct apm_str raw, int64_t v)
 {
 	char b[128];
-	snprintf(b, sizeof b, "\"%s\":{\"value\":%.17g}", key, v);
+	if (raw.len && raw.len < 64)
+		snprintf(b, sizeof b, "\"%s\":{\"value\":%.*s}", key, (int)raw.len,
+		    raw.ptr);
+	else
+		snprintf(b, sizeof b, "\"%s\":{\"value\":%lld}", key, (long long)v);
 	own_puts(b);
 }
 
@@ -4790,23 +4871,24 @@ tel_report(const struct apm_tel_record *r)
 	own_puts("\",\"version\":\"");
 	own_put_escaped(g.cfg.function_version, strlen(g.cfg.function_version));
 	own_puts("\"},\"samples\":{");
-	own_num("faas.duration", r->duration_ms);
+	struct apm_str none = { NULL, 0 };
+	own_sample("faas.duration", r->duration_raw, (int64_t)r->duration_ms);
 	own_puts(",");
-	own_num("faas.billed_duration", r->billed_ms);
+	own_sample("faas.billed_duration", r->billed_raw, (int64_t)r->billed_ms);
 	own_puts(",");
 	if (r->has_init) {
-		own_num("faas.coldstart_duration", r->init_ms);
+		own_sample("faas.coldstart_duration", r->init_raw, (int64_t)r->init_ms);
 		own_puts(",");
 	}
 	if (inv) {
-		own_num("faas.timeout", (double)(inv->deadline_epoch_ms -
-		    inv->start_us / 1000));
+		own_sample("faas.timeout", none, inv->deadline_epoch_ms -
+		    inv->start_us / 1000);
 		own_puts(",");
 	}
-	own_num("system.memory.total", (double)r->memory_mb * 1048576.0);
+	own_sample("system.memory.total", none, r->memory_mb * 1048576);
 	own_puts(",");
-	own_num("system.memory.actual.free",
-	    (double)(r->memory_mb - r->max_memory_mb) * 1048576.0);
+	own_sample("system.memory.actual.free", none,
+	    (r->memory_mb - r->max_memory_mb) * 1048576);
 	own_puts("}}}\n");
 }
 
@@ -5619,6 +5701,18 @@ on_term(int sig)
 }
 
 static void
+listener_telemetry(void)
+{
+	g.listen_fd[2] = -1;
+	if (!g.cfg.disable_telemetry) {
+		g.listen_fd[2] = sock_listen(AF_INET, "0.0.0.0", g.cfg.telemetry_port);
+		if (g.listen_fd[2] < 0)
+			log_warn("cannot listen for telemetry on port %u: %s",
+			    g.cfg.telemetry_port, strerror(errno));
+	}
+}
+
+static void
 listeners_open(void)
 {
 	uint16_t port = g.cfg.receiver_port;
@@ -5629,13 +5723,6 @@ listeners_open(void)
 	g.listen_fd[1] = sock_listen(AF_INET6, "::1", port);
 	if (g.listen_fd[1] < 0)
 		log_debug("no listener on [::1]:%u: %s", port, strerror(errno));
-	g.listen_fd[2] = -1;
-	if (!g.cfg.disable_telemetry) {
-		g.listen_fd[2] = sock_listen(AF_INET, "0.0.0.0", g.cfg.telemetry_port);
-		if (g.listen_fd[2] < 0)
-			log_warn("cannot listen for telemetry on port %u: %s",
-			    g.cfg.telemetry_port, strerror(errno));
-	}
 }
 
 /* The Extensions API address from AWS_LAMBDA_RUNTIME_API ("host:port"). */
@@ -5683,6 +5770,15 @@ main(int argc, char **argv)
 	if (lambda_register(name) < 0)
 		return 1;
 	cfg_load(&g.cfg);
+	/* Then only what must exist before /next: the listeners (an agent may
+	 * connect as soon as the runtime runs) and the telemetry subscription.
+	 * Buffers and the rest are set up while /next waits. */
+	listeners_open();
+	listener_telemetry();
+	if (!g.cfg.disable_telemetry)
+		tel_subscribe();
+	lambda_send_next();
+	g.phase = PH_WAIT;
 	if (state_init() < 0)
 		return 1;
 	log_debug("registered as %s", name);
@@ -5690,17 +5786,12 @@ main(int argc, char **argv)
 	sa.sa_handler = on_term;
 	sigaction(SIGTERM, &sa, NULL);
 	g.rnd = (uint32_t)epoch_us() ^ (uint32_t)getpid() << 16;
-	listeners_open();
-	if (!g.cfg.disable_telemetry)
-		tel_subscribe();
 	g.apm.url = g.cfg.server;
 	g.apm.verify = g.cfg.verify_cert;
 	g.apm.what = "the APM server";
 	if (g.cfg.has_server && g.cfg.server.tls && !g.cfg.verify_cert)
 		log_warn("ELASTIC_APM_LAMBDA_VERIFY_SERVER_CERT=false: the APM "
 		    "server's certificate is not checked");
-	lambda_send_next();
-	g.phase = PH_WAIT;
 	fwd_prewarm();
 	loop_run();
 	return 0;

@@ -253,6 +253,8 @@ struct apm_tel_record {
 	char request_id[128];
 	char status[32];
 	double duration_ms, billed_ms, init_ms;
+	struct apm_str duration_raw, billed_raw, init_raw; /* the numbers as
+	                           sent (JSON number text), passed on exactly */
 	int64_t memory_mb, max_memory_mb;
 	int has_init;
 	struct apm_str log;     /* function: the raw record (string token

@@ -2,7 +2,8 @@
 """Benchmark of apm-ext against the floor (test/floor.c, a bare extension).
 
     python3 test/bench.py [--binary ./apm-ext] [--runs N] [--quick]
-                          [--json FILE] [--only NAME,...]
+                          [--json FILE] [--only cold,size,latency]
+                          [--cpu N] [--keep]
 
 Prints a table: figure | apm-ext | floor | target | status. The status column
 is information only: the bench never fails on a time or a size. It exits 1

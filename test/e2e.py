@@ -1043,15 +1043,16 @@ def run_one(sc, binary, log_lines):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="apm-ext end-to-end scenarios")
     ap.add_argument("--binary", default=os.path.join(ROOT, "apm-ext"))
-    ap.add_argument("-k", dest="substr", default=None, help="only scenarios whose name "
-                    "contains this")
+    ap.add_argument("-k", dest="substr", action="append", default=[],
+                    help="only scenarios whose name contains this (repeatable: any)")
     ap.add_argument("--list", action="store_true", help="list scenario names and exit")
     ap.add_argument("--log-lines", type=int, default=25, help="log tail shown on failure")
     ap.add_argument("--env", action="append", default=[], metavar="K=V",
                     help="extra environment for the extension in every scenario")
     args = ap.parse_args(argv)
     load_extra_modules()
-    chosen = [s for s in SCENARIOS if not args.substr or args.substr in s.name]
+    chosen = [s for s in SCENARIOS
+              if not args.substr or any(k in s.name for k in args.substr)]
     if args.list:
         for s in chosen:
             doc = (s.func.__doc__ or "").strip().splitlines()

@@ -58,6 +58,7 @@ MAX_BACKOFF_WAIT = 40.0  # s: longest backoff (36 s +10%) plus a margin
 EXIT_RE = re.compile(r"exit: (\d+) payloads delivered \((\d+) bytes\), (\d+) dropped, "
                      r"(\d+) rejected by the server")
 UNDELIVERED_RE = re.compile(r"exiting with (\d+) payloads \((\d+) bytes\) undelivered")
+BACKOFF_RE = re.compile(r"failure (\d+), retry(?:ing)? in (-?\d+) ms")
 
 
 # --------------------------------------------------------------- accounting
@@ -79,6 +80,30 @@ def exit_counts(logs):
     if out is not None:
         out["undelivered"], out["undelivered_bytes"] = undelivered
     return out
+
+
+def logged_backoffs(t):
+    """[(n, delay ms)] from the extension's "failure n, retry in D ms" lines."""
+    return [(int(m.group(1)), int(m.group(2))) for m in
+            BACKOFF_RE.finditer(t.lam.ext_log_text())]
+
+
+def wait_failures(t, n, timeout=10):
+    """Wait until the extension has logged its n-th consecutive failure (its
+    own view: the fake's answer reaches it a little after the fake records it)."""
+    t.wait_apm(lambda a: any(k >= n for k, _ in logged_backoffs(t)),
+               "the extension to log failure %d" % n, timeout)
+
+
+def check_logged_backoffs(t):
+    """Every logged delay is min(n-1,6)^2 s +-10% for its failure number n."""
+    got = logged_backoffs(t)
+    assert got, "no \"failure n, retry in D ms\" line in the log"
+    for n, ms in got:
+        k = min(n - 1, 6) ** 2 * 1000
+        assert k * 0.9 - 1 <= ms <= k * 1.1 + 1, "failure %d: retry in %d ms, want %d ms " \
+            "+-10%% (all: %r)" % (n, ms, k, got)
+    return got
 
 
 def attempts(apm, tx):
@@ -244,6 +269,9 @@ def faults_503_then_recovery(t):
         a_tx = r1.txs[0]
         t.wait_apm(lambda a: len([r for r in attempts(a, a_tx) if r.status == 503]) >= 3,
                    "three 503 answers to payload A", timeout=6)
+        # B must come in the backoff after failure 3, not while A's third
+        # attempt is still on its way back (then both count, see the report)
+        wait_failures(t, 3)
         att = [r for r in attempts(t.apm, a_tx) if r.status is not None]
         g1, g2 = gap(att[0], att[1]), gap(att[1], att[2])
         assert g1 <= FIRST_RETRY, "first retry %.3fs after the first 503 (want at once)" % g1
@@ -272,6 +300,8 @@ def faults_503_then_recovery(t):
         t.shutdown_ok()
         m.assert_once()
         check_exit(t, dropped=0, rejected=0, undelivered=0)
+        got = check_logged_backoffs(t)
+        assert [n for n, _ in got] == [1, 2, 3], "want failures 1, 2, 3 logged, got %r" % got
     finally:
         m.print()
 
@@ -296,6 +326,7 @@ def faults_down_two_invocations_then_up(t):
         t.shutdown_ok()
         m.assert_once()
         check_exit(t, dropped=0, rejected=0, undelivered=0)
+        check_logged_backoffs(t)
     finally:
         m.print()
 
@@ -322,6 +353,7 @@ def faults_down_throughout(t):
         assert lines, "the undelivered payloads are not logged at warn/error level"
         assert not [r for r in t.apm.intake_requests() if r.status == 202], \
             "the fake APM server accepted data while down?"
+        check_logged_backoffs(t)
     finally:
         m.print()
 
@@ -348,6 +380,7 @@ def faults_stalling_server(t):
         t.shutdown_ok()
         m.assert_once()
         check_exit(t, dropped=0, rejected=0, undelivered=0)
+        check_logged_backoffs(t)
     finally:
         m.print()
 
@@ -438,6 +471,7 @@ def faults_429_then_ok(t):
         t.shutdown_ok()
         m.assert_once()
         check_exit(t, dropped=0, rejected=0, undelivered=0)
+        check_logged_backoffs(t)
         assert r2  # noqa
     finally:
         m.print()
@@ -468,5 +502,53 @@ def faults_small_queue_server_down(t):
             ex["dropped"], ex)
         lines = log_has(t.logs(), ("warn", "warning", "error"), "dropped")
         assert lines, "dropping payloads from a full queue is not logged"
+    finally:
+        m.print()
+
+
+@scenario(telemetry=False)
+def faults_stall_at_shutdown(t):
+    """Server stalls through SHUTDOWN: exit 0 before the deadline, every payload accounted for."""
+    m = Matrix(t, "faults_stall_at_shutdown")
+    try:
+        t.start()
+        t.apm.set_mode("stall")
+        for i in (1, 2):
+            r = invocation(t, m, what="invocation %d (stall): " % i, finish_timeout=8)
+            assert r.hold_from_end <= 3.0 + FORWARDER_SLACK, "invocation %d: /next held " \
+                "%.3fs after its end (forwarder timeout 3s)" % (i, r.hold_from_end)
+        t_exit = t.shutdown_ok(deadline_ms=1500)
+        assert t_exit - t.lam.t_shutdown < 1.5, "exit %.3fs after SHUTDOWN (deadline 1.5s)" % (
+            t_exit - t.lam.t_shutdown)
+        ex = check_exit(t, dropped=0, rejected=0)
+        delivered, dup, _ = m.tally()
+        assert ex["undelivered"] == len(m.txs) - delivered, "%d payloads sent, %d accepted, " \
+            "but the exit log says %d undelivered" % (len(m.txs), delivered, ex["undelivered"])
+        if ex["undelivered"]:
+            assert log_has(t.logs(), ("error", "warn", "warning"), "undelivered"), \
+                "undelivered payloads not logged"
+    finally:
+        m.print()
+
+
+@scenario(telemetry=False, env={"ELASTIC_APM_SEND_STRATEGY": "background"})
+def faults_slow_server_shutdown(t):
+    """Slow server (0.4 s an answer), SHUTDOWN at once: exit in time; delivered + undelivered = sent."""
+    m = Matrix(t, "faults_slow_server_shutdown")
+    try:
+        t.start()
+        t.apm.set_mode("slow", 0.4)
+        r = invocation(t, m, payloads=5, what="background invocation (slow server): ")
+        assert r.hold <= HOLD_AT_ONCE, "background: /next %.3fs after the runtime's " \
+            "response" % r.hold
+        t_exit = t.shutdown_ok(deadline_ms=2000)
+        assert t_exit - t.lam.t_shutdown < 2.0
+        ex = check_exit(t, dropped=0, rejected=0)
+        delivered, dup, _ = m.tally()
+        assert dup == 0, "%d duplicate deliveries" % dup
+        assert delivered + ex["undelivered"] == len(m.txs), "%d sent, %d accepted, %d logged " \
+            "undelivered: some payloads are unaccounted for" % (
+                len(m.txs), delivered, ex["undelivered"])
+        assert delivered >= 1, "nothing delivered in a 2 s SHUTDOWN with a 0.4 s server"
     finally:
         m.print()
