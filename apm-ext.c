@@ -598,6 +598,8 @@ apm_json_str(const char *js, const struct apm_json_tok *t, char *out,
 						i += 6;
 					}
 				}
+				if (cp >= 0xD800 && cp < 0xE000)
+					return -1; /* a lone surrogate is not UTF-8 */
 				int w = utf8_put(out, cap, o, cp);
 				if (w < 0)
 					return -1;
@@ -627,11 +629,15 @@ apm_json_int(const char *js, const struct apm_json_tok *t, int64_t *out)
 	int neg = js[i] == '-';
 	i += (uint32_t)neg;
 	for (; i < t->end && js[i] >= '0' && js[i] <= '9'; i++) {
-		if (v > (INT64_MAX - 9) / 10)
+		int d = js[i] - '0';
+		if (v > (INT64_MAX - d) / 10)
 			return -1;
-		v = v * 10 + (js[i] - '0');
+		v = v * 10 + d;
 	}
-	if (i < t->end && js[i] != '.') { /* exponent: go through double */
+	if (i < t->end && memchr(js + i, 'e', t->end - i) == NULL &&
+	    memchr(js + i, 'E', t->end - i) == NULL) {
+		/* a fraction only: truncated */
+	} else if (i < t->end) { /* exponent: go through double */
 		if (apm_json_double(js, t, &d) < 0 || d > 9e18 || d < -9e18)
 			return -1;
 		*out = (int64_t)d;
@@ -865,8 +871,11 @@ http_parse_head(const char *buf, size_t len, size_t prev_len,
 	/* RFC 9112 2.2: ignore empty lines before a request line. */
 	while (is_request && skip < len && (buf[skip] == '\r' || buf[skip] == '\n'))
 		skip++;
-	size_t end = http_head_end(buf, MIN(len, APM_HTTP_MAX_HEAD),
-	    prev_len > skip ? prev_len : skip);
+	/* the blank line that ends the head comes after the skipped ones */
+	size_t lim = MIN(len, APM_HTTP_MAX_HEAD);
+	size_t end = lim > skip ? http_head_end(buf + skip, lim - skip,
+	    prev_len > skip ? prev_len - skip : 0) : 0;
+	end = end ? end + skip : 0;
 	if (end == 0)
 		return len >= APM_HTTP_MAX_HEAD ?
 		    http_fail(m, APM_E_HEAD_TOO_LARGE) : APM_NEED_MORE;
@@ -1055,7 +1064,7 @@ apm_uint_parse(const char *s, size_t len, uint64_t max, uint64_t *out)
 		if (s[i] < '0' || s[i] > '9')
 			return -1;
 		unsigned d = (unsigned)(s[i] - '0');
-		if (v > (max - d) / 10)
+		if (d > max || v > (max - d) / 10)
 			return -1;
 		v = v * 10 + d;
 	}
@@ -1097,6 +1106,7 @@ apm_duration_parse(const char *s, size_t len, int64_t *ms)
 		len--;
 	if (i == len)
 		return -1;
+	size_t first = i;
 	while (i < len) {
 		size_t start = i;
 		double v = 0, scale = 1;
@@ -1119,7 +1129,7 @@ apm_duration_parse(const char *s, size_t len, int64_t *ms)
 		while (i < len && !(s[i] >= '0' && s[i] <= '9') && s[i] != '.')
 			i++;
 		if (u == i) { /* a bare number: seconds, and it must be alone */
-			if (start != 0)
+			if (start != first)
 				return -1;
 			total = v * 1000;
 			break;
@@ -1739,7 +1749,10 @@ apm_time_parse(const char *s, size_t len, int64_t *us)
 	    digits_at(s, len, 14, 2, &mi) || s[16] != ':' ||
 	    digits_at(s, len, 17, 2, &se))
 		return -1;
-	if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || se > 60)
+	static const int mdays[] = { 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
+	int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+	if (mo < 1 || mo > 12 || d < 1 || d > mdays[mo - 1] ||
+	    (mo == 2 && d == 29 && !leap) || h > 23 || mi > 59 || se > 60)
 		return -1;
 	size_t i = 19;
 	if (i < len && s[i] == '.') {
@@ -1961,6 +1974,7 @@ struct invocation {
 	int ended;              /* ?flushed=true, runtimeDone or deadline */
 	int64_t t_end;
 	int agent_flushed;
+	int by_deadline;        /* ended because its deadline came */
 };
 
 enum lambda_req { LR_NONE, LR_NEXT };
@@ -3532,7 +3546,10 @@ fwd_schedule(void)
 	int busy = 0;
 	for (int i = 0; i < MAX_UPSTREAM; i++)
 		busy += g.up[i].job == JOB_PAYLOAD;
-	while (busy < MAX_UPSTREAM - 1) {
+	/* While the server fails, one probe at a time: parallel attempts would
+	 * each count as a failure and race the backoff to its cap. */
+	int limit = g.failures ? 1 : MAX_UPSTREAM - 1;
+	while (busy < limit) {
 		int best = -1;
 		for (unsigned i = 0; i < g.q.npayloads; i++) {
 			struct payload *p = &g.q.p[i];
@@ -5323,6 +5340,22 @@ loop_idle(void)
 	return g.q.used == 0;
 }
 
+/*
+ * This invocation's data is out. An agent request still arriving holds it
+ * too (its end may be in flight beside the agent's flush), except after the
+ * deadline: the function has timed out and that request cannot finish.
+ */
+static int
+loop_flushed(void)
+{
+	if (!g.inv.by_deadline)
+		return loop_idle();
+	for (unsigned i = 0; i < g.q.npayloads; i++)
+		if (g.q.p[i].used && !g.q.p[i].open)
+			return 0;
+	return 1;
+}
+
 /* Decide about /next and exit; returns the next deadline to wake for. */
 static int64_t
 loop_lambda_tick(int64_t now)
@@ -5351,16 +5384,19 @@ loop_lambda_tick(int64_t now)
 	}
 	if (g.phase != PH_INVOKE || g.lam.req != LR_NONE)
 		return 0;
-	if (!g.inv.ended && now >= g.inv.deadline - DEADLINE_MARGIN_MS)
+	if (!g.inv.ended && now >= g.inv.deadline - DEADLINE_MARGIN_MS) {
+		g.inv.by_deadline = 1;
 		invocation_end("deadline");
+	}
 	if (!g.inv.ended)
 		return g.inv.deadline - DEADLINE_MARGIN_MS;
 	int64_t bound = g.inv.t_end + g.cfg.forwarder_timeout_ms;
 	int backing_off = g.retry_at > now;
-	if (loop_idle() || backing_off || now >= bound) {
+	if (loop_flushed() || backing_off || now >= bound) {
 		if (!loop_idle())
 			log_info("calling /event/next with %u payloads held (%s)",
-			    g.q.used, backing_off ? "APM server failing" :
+			    g.q.used, loop_flushed() ? "agent request still open at "
+			    "the deadline" : backing_off ? "APM server failing" :
 			    "forwarder timeout");
 		g.inv.active = 0;
 		lambda_send_next();

@@ -18,7 +18,9 @@ The hostile client, with ELASTIC_APM_DATA_RECEIVER_TIMEOUT=1s:
   a 10 GB Content-Length (413, answered without waiting for the body), a
   slowloris (one byte of a head every ~100 ms: closed within the receiver
   timeout plus a margin), 300 idle connections (the extension keeps 64
-  agent connections and evicts the idlest: the agent still gets through),
+  agent connections and evicts the idlest: the agent still gets through; nor
+  may it evict agent requests under way), 600 more opened by another
+  process as fast as it can while the agent works,
   and on the telemetry listener: garbage JSON (400), a body over 2 MiB
   (413), a truncated body then close, truncated bodies held open.
 
@@ -31,6 +33,8 @@ import http.client
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -608,9 +612,12 @@ def hostile_idle_connections(t):
     finish(t, legit, "hostile_idle_connections")
 
 
-@scenario(env=HOSTILE_ENV)
+@scenario(env={"ELASTIC_APM_DATA_RECEIVER_TIMEOUT": "10s"})
 def hostile_idle_flood_mid_request(t):
-    """300 idle connections while two agent requests are under way: neither is evicted."""
+    """300 idle connections while two agent requests are under way: neither is evicted.
+
+    The receiver timeout is 10 s here so that the pause of the two requests
+    during the flood cannot end them (a body may pause up to the timeout)."""
     t.start()
     legit = Legit(t)
     legit.invocation("before the attack")
@@ -646,6 +653,50 @@ def hostile_idle_flood_mid_request(t):
         assert req is not None and req.t_end <= t_next, "request under way during the " \
             "flood: not delivered before /next"
     finish(t, legit, "hostile_idle_flood_mid_request")
+
+
+# The churn runs in its own process, as another process of the sandbox
+# would: in a thread of this one, the GIL decides how many connections get
+# opened between the agent's connect() and its first byte.
+CHURN = r"""
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for _ in range(n):
+    try:
+        socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+    except OSError as e:
+        print("error after %d: %s" % (len(socks), e), flush=True)
+        sys.exit(1)
+print("opened %d" % len(socks), flush=True)
+sys.stdin.read()
+"""
+
+
+@scenario(env=HOSTILE_ENV)
+def hostile_idle_connection_churn(t):
+    """Another process opens 600 idle connections as fast as it can while the agent works."""
+    t.start()
+    legit = Legit(t)
+    legit.invocation("before the attack")
+    procs = []
+
+    def churn():
+        proc = subprocess.Popen([sys.executable, "-c", CHURN, str(t.port), "600"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        procs.append(proc)
+        r, _, _ = select.select([proc.stdout], [], [], 30)
+        line = proc.stdout.readline().decode().strip() if r else "(no answer in 30 s)"
+        assert line.startswith("opened"), "churn process: %s" % line
+    try:
+        during(t, legit, churn, "idle connection churn", min_legit=5)
+        for i in range(3):
+            legit.invocation("600 idle connections opened, %d" % (i + 1))
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(10)
+    finish(t, legit, "hostile_idle_connection_churn")
 
 
 @scenario(env=HOSTILE_ENV)

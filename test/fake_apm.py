@@ -158,6 +158,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # ---- connection management
     def setup(self):
         fake = self.server.fake
+        try:  # answers go out at once (no Nagle delay between head and body)
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self.conn_id = fake._register_conn(self.request)
         if self.server.ssl_context is not None:
             try:
