@@ -93,6 +93,7 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 #define QUEUE_WARM_BLOCKS 4     /* queue blocks kept resident when empty */
 #define TEL_BODY_MAX (2u << 20) /* telemetry POST body (2 x maxBytes) */
 #define TEL_TOKENS 2048         /* tokens of one telemetry record */
+#define TEL_KEEP_RESIDENT 65536 /* telemetry buffer kept resident after a batch */
 #define REG_MAX 16384           /* /register/transaction body */
 #define PROXY_BODY_MAX 65536    /* proxied request or response body */
 #define ERRTEXT_MAX 512         /* upstream error text kept for the log */
@@ -203,6 +204,16 @@ env_or(const char *name, const char *dflt)
 {
 	const char *v = getenv(name);
 	return v && *v ? v : dflt;
+}
+
+/* Give the whole pages inside [p, p+n) back to the kernel (zero on reuse). */
+static void
+pages_release(char *p, size_t n)
+{
+	uintptr_t a = ((uintptr_t)p + 4095) & ~(uintptr_t)4095;
+	uintptr_t e = ((uintptr_t)p + n) & ~(uintptr_t)4095;
+	if (e > a)
+		madvise((void *)a, e - a, MADV_DONTNEED);
 }
 
 enum log_level { LOG_TRACE, LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR,
@@ -2066,8 +2077,8 @@ queue_free(struct queue *q, int slot)
 	if (q->used == 0 && q->fresh > QUEUE_WARM_BLOCKS) {
 		/* Empty after a burst: give the pages back (idle RSS stays small)
 		 * and start again from the first, still warm, blocks. */
-		madvise(q->mem + (size_t)QUEUE_WARM_BLOCKS * BLOCK_SIZE,
-		    (size_t)(q->fresh - QUEUE_WARM_BLOCKS) * BLOCK_SIZE, MADV_DONTNEED);
+		pages_release(q->mem + (size_t)QUEUE_WARM_BLOCKS * BLOCK_SIZE,
+		    (size_t)(q->fresh - QUEUE_WARM_BLOCKS) * BLOCK_SIZE);
 		q->free_top = 0;
 		q->fresh = 0;
 	}
@@ -5152,8 +5163,12 @@ tel_process(struct telconn *t)
 			if (r == 0)
 				return;
 			int st = tel_body(c->rx, c->body.have);
+			size_t big = c->body.have;
 			rx_consume(c, c->body.have);
 			tel_respond(t, st, 0);
+			if (big > TEL_KEEP_RESIDENT && c->rx_len == 0)
+				pages_release(c->rx + TEL_KEEP_RESIDENT,
+				    c->rx_cap - TEL_KEEP_RESIDENT);
 		}
 	}
 }
