@@ -1997,7 +1997,6 @@ struct lambda {
 	struct sockaddr_storage addr;
 	socklen_t addrlen;
 	int req;                /* enum lambda_req in flight */
-	int nonblock;           /* c.fd is in non-blocking mode */
 };
 
 /* Tokens of one telemetry record or AWS answer (one user at a time). */
@@ -2201,13 +2200,6 @@ struct apm_io {
 	int (*accept4)(int, struct sockaddr *, socklen_t *, int);
 };
 static struct apm_io io = { send, recv, connect, accept4 };
-
-static int
-sock_nonblock(int fd)
-{
-	int fl = fcntl(fd, F_GETFL);
-	return fl < 0 ? -1 : fcntl(fd, F_SETFL, fl | O_NONBLOCK);
-}
 
 /* Parse "host:port" with a numeric host into addr. 0 or -1. */
 static int
@@ -2890,7 +2882,7 @@ tls_step(struct upstream *u, int can_read, int can_write)
 		}
 		if (st & BR_SSL_SENDREC) {
 			unsigned char *b = br_ssl_engine_sendrec_buf(e, &len);
-			ssize_t n = io.send(c->fd, b, len, MSG_NOSIGNAL);
+			ssize_t n = io.send(c->fd, b, len, MSG_NOSIGNAL | MSG_DONTWAIT);
 			if (n > 0) {
 				br_ssl_engine_sendrec_ack(e, (size_t)n);
 				c->last_active = now_ms();
@@ -2925,7 +2917,7 @@ tls_step(struct upstream *u, int can_read, int can_write)
 		}
 		if (st & BR_SSL_RECVREC) {
 			unsigned char *b = br_ssl_engine_recvrec_buf(e, &len);
-			ssize_t n = io.recv(c->fd, b, len, 0);
+			ssize_t n = io.recv(c->fd, b, len, MSG_DONTWAIT);
 			if (n > 0) {
 				br_ssl_engine_recvrec_ack(e, (size_t)n);
 				c->last_active = now_ms();
@@ -3019,7 +3011,7 @@ conn_flush(struct conn *c)
 {
 	while (c->tx_off < c->tx_len) {
 		ssize_t n = io.send(c->fd, c->tx + c->tx_off, c->tx_len - c->tx_off,
-		    MSG_NOSIGNAL);
+		    MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (n < 0) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK)
 				return 0;
@@ -3040,7 +3032,8 @@ conn_fill(struct conn *c)
 {
 	int got = 0;
 	while (c->rx_len < c->rx_cap) {
-		ssize_t n = io.recv(c->fd, c->rx + c->rx_len, c->rx_cap - c->rx_len, 0);
+		ssize_t n = io.recv(c->fd, c->rx + c->rx_len, c->rx_cap - c->rx_len,
+		    MSG_DONTWAIT);
 		if (n == 0) {
 			c->eof = 1;
 			return -1;
@@ -3850,7 +3843,8 @@ agent_head(struct agent *a)
 		return;
 	}
 	if (m.expect_continue)
-		(void)io.send(c->fd, "HTTP/1.1 100 Continue\r\n\r\n", 25, MSG_NOSIGNAL);
+		(void)io.send(c->fd, "HTTP/1.1 100 Continue\r\n\r\n", 25,
+		    MSG_NOSIGNAL | MSG_DONTWAIT);
 	rx_consume(c, (size_t)r);
 	c->head_done = 1;
 	c->head_prev = 0;
@@ -4279,7 +4273,6 @@ lambda_call(const char *method, const char *path, const char *extra,
 		*head = hl;
 		if (m->close || m->chunked) {
 			conn_close(c); /* simple clients: no chunked answers here */
-			g.lam.nonblock = 0;
 		}
 		return m->status;
 	}
@@ -4320,10 +4313,9 @@ lambda_send_next(void)
 			log_error("cannot reach the Extensions API: %s", strerror(errno));
 			return;
 		}
-	} else if (!g.lam.nonblock) {
-		sock_nonblock(c->fd); /* the blocking register socket, once */
 	}
-	g.lam.nonblock = 1;
+	/* The register socket stays in blocking mode: every call on it from
+	 * here on passes MSG_DONTWAIT, which saves two fcntl calls at init. */
 	buf_reset(c);
 	tx_printf(c, "GET " EXT_API "/event/next HTTP/1.1\r\nHost: %s\r\n"
 	    "Lambda-Extension-Identifier: %s\r\n\r\n", g.lam.host, g.lam.id);
@@ -4389,7 +4381,6 @@ broken:
 	 * reconnect and ask again (the event, if any, was lost upstream). */
 	log_warn("the Extensions API connection broke; calling /event/next again");
 	conn_close(c);
-	g.lam.nonblock = 0;
 	g.lam.req = LR_NONE;
 	if (g.phase == PH_WAIT)
 		lambda_send_next();

@@ -51,23 +51,20 @@ from e2e import free_port  # noqa: E402
 #   avoidable is left there.
 REGISTER_MAX = 6
 #
-# exec -> first /next: 28
+# exec -> first /next: 22
 #   the 5 above, then
 #   read                                 register's answer (identifier)
-#   mmap                                 the one arena, sized from the config
-#   rt_sigprocmask, rt_sigaction         SIGTERM handler (musl unblocks its
-#                                        implementation signals on the first
-#                                        sigaction: the rt_sigprocmask)
-#   getpid                               seeds the backoff jitter
 #   socket, setsockopt, bind, listen     agent receiver on 127.0.0.1
 #   socket, setsockopt x2, bind, listen  agent receiver on [::1] (V6ONLY)
 #   socket, setsockopt, bind, listen     telemetry listener on 0.0.0.0
 #   writev, read                         PUT /2022-07-01/telemetry and answer
-#   fcntl F_GETFL, fcntl F_SETFL         Lambda API socket -> non-blocking
 #   sendto                               GET /2020-01-01/extension/event/next
-# The bound leaves room for a response read in two pieces and a setsockopt or
-# two; a new kind of work before /next should be a conscious change here.
-NEXT_MAX = 32
+#                                        (MSG_DONTWAIT: no fcntl needed)
+#   The arena mmap, the SIGTERM handler and the jitter seed (getpid) run
+#   after the first /next, while it waits.
+# The bound leaves room for a response read in two pieces; a new kind of
+# work before /next should be a conscious change here.
+NEXT_MAX = 24
 
 # System calls that take a path name (a file, a directory, a program).
 PATH_SYSCALLS = {
