@@ -79,6 +79,7 @@ import http.client
 import importlib
 import json
 import os
+import random
 import socket
 import sys
 import threading
@@ -129,10 +130,28 @@ def scenario(name=None, *, telemetry=True, apm=None, env=None, auto_shutdown=Tru
 # --------------------------------------------------------------- helpers
 
 def free_port(host="127.0.0.1"):
-    """A port nobody listens on right now (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nobody listens on right now, for the extension to listen on.
+
+    Chosen below the kernel's ephemeral range (32768-60999 by default): a port
+    from bind(0) would be handed out again to the fakes' own listeners and
+    outgoing connections before the extension binds it ("Address in use")."""
+    lo, hi = 20000, 32000
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            eph_lo = int(f.read().split()[0])
+        hi = min(hi, eph_lo)
+        lo = min(lo, hi - 2000)
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(200):
+        port = random.randrange(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port found in %d-%d" % (lo, hi))
 
 
 def _id(n):

@@ -66,7 +66,10 @@ def peak_rss_kib(t):
 def check_rss(t, name):
     kib = peak_rss_kib(t)
     print("RSS %s VmHWM=%d kB" % (name, kib), flush=True)
-    assert kib < RSS_LIMIT_KIB, "peak RSS %d kB >= %d kB" % (kib, RSS_LIMIT_KIB)
+    # Under valgrind (test/valgrind-e2e.sh) the process is valgrind itself:
+    # its RSS says nothing about ours. The native runs check the bound.
+    if os.environ.get("APM_E2E_UNDER_VALGRIND") != "1":
+        assert kib < RSS_LIMIT_KIB, "peak RSS %d kB >= %d kB" % (kib, RSS_LIMIT_KIB)
     return kib
 
 

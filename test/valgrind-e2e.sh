@@ -23,7 +23,7 @@ exec valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=d
 WRAP
 chmod 755 "$dir/wrap"
 set +e
-python3 test/e2e.py --binary "$dir/wrap" "$@"
+APM_E2E_UNDER_VALGRIND=1 python3 test/e2e.py --binary "$dir/wrap" "$@"
 rc=$?
 set -e
 bad=0
