@@ -11,7 +11,7 @@ CFLAGS_REL  = -std=c11 -Os -Wall -Wextra -ffunction-sections -fdata-sections \
 LDFLAGS_REL = -static -s -Wl,--gc-sections -Wl,-z,norelro
 HOST_CC    ?= cc
 TEST_FLAGS  = -std=c11 -g -O1 -Wall -Wextra -Werror -D_GNU_SOURCE \
-              -DAPM_EXT_TEST -fsanitize=address,undefined -fno-sanitize-recover=all \
+              -DAPM_EXT_TEST -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all \
               -fno-omit-frame-pointer \
               -I/usr/include/bearssl -I.
 

@@ -1155,7 +1155,7 @@ apm_duration_parse(const char *s, size_t len, int64_t *ms)
 			return -1;
 		total += v * units[k].ms;
 	}
-	if (total > 9e15)
+	if (!(total <= 9e15)) /* NaN too: huge mantissa with a tiny scale */
 		return -1;
 	*ms = (int64_t)total;
 	return 0;
@@ -1678,6 +1678,13 @@ json_get_num(const char *js, const struct apm_json_tok *t, int n, int obj,
 	return ok ? d : 0;
 }
 
+/* A memory size in MB from the platform: 0 unless in [0, 2^30]. */
+static int64_t
+mb_value(double d)
+{
+	return d >= 0 && d <= (double)(1 << 30) ? (int64_t)d : 0;
+}
+
 /* The text of a NUMBER value of key in obj, or {0,0}. */
 static struct apm_str
 json_get_raw_num(const char *js, const struct apm_json_tok *t, int n, int obj,
@@ -1840,9 +1847,9 @@ apm_tel_record_parse(const char *js, const struct apm_json_tok *t, int n,
 		r->duration_raw = json_get_raw_num(js, t, n, mi, "durationMs");
 		r->billed_raw = json_get_raw_num(js, t, n, mi, "billedDurationMs");
 		r->init_raw = json_get_raw_num(js, t, n, mi, "initDurationMs");
-		r->memory_mb = (int64_t)json_get_num(js, t, n, mi, "memorySizeMB", NULL);
-		r->max_memory_mb = (int64_t)json_get_num(js, t, n, mi,
-		    "maxMemoryUsedMB", NULL);
+		r->memory_mb = mb_value(json_get_num(js, t, n, mi, "memorySizeMB", NULL));
+		r->max_memory_mb = mb_value(json_get_num(js, t, n, mi,
+		    "maxMemoryUsedMB", NULL));
 	}
 	return 0;
 }

@@ -17,6 +17,7 @@
 #undef main /* apm-ext.c renamed its main under APM_EXT_TEST; this is ours */
 
 #include <math.h>
+#include <sys/wait.h>
 
 /* == Harness == */
 
@@ -119,6 +120,24 @@ at_guard(const void *s, size_t n)
 	char *p = guard_end - n;
 	memmove(p, s, n);
 	return p;
+}
+
+/*
+ * Run fn in a child process, so that a sanitizer abort (undefined
+ * behaviour under -fno-sanitize-recover) is one failed check rather than
+ * the end of the run. Returns fn's exit status, or 128 + the signal.
+ */
+static int
+in_child(int (*fn)(void))
+{
+	int st;
+	fflush(stdout);
+	pid_t pid = fork();
+	if (pid == 0)
+		_exit(fn());
+	if (pid < 0 || waitpid(pid, &st, 0) < 0)
+		return -1;
+	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
 /* Deterministic pseudo-random numbers for generated cases. */
@@ -1549,6 +1568,23 @@ test_url(void)
 	CHECK_INT(apm_url_parse(at_guard(in, n), n, &u), 0);
 }
 
+/*
+ * A bare number with over 308 significant digits and over 323 after the
+ * point: v overflows to inf while scale underflows to 0, so v * scale is
+ * NaN, which passes the "total > 9e15" guard. BUG: (int64_t)NaN is
+ * undefined (INT64_MIN on x86, returned as success).
+ */
+static int
+duration_nan(void)
+{
+	char in[340];
+	int64_t ms = 0;
+	memcpy(in, "0.", 2);
+	memset(in + 2, '1', 330);
+	int r = apm_duration_parse(in, 332, &ms);
+	return r == -1 || (r == 0 && ms >= 0) ? 0 : 1;
+}
+
 static void
 test_duration(void)
 {
@@ -1614,6 +1650,8 @@ test_duration(void)
 				CHECK_INT(ms, cases[i].ms);
 		}
 	}
+	ctx("duration: 330 fraction digits (NaN)");
+	CHECK_INT(in_child(duration_nan), 0);
 }
 
 static void
@@ -1833,6 +1871,30 @@ test_lambda_events(void)
 
 /* == Telemetry records == */
 
+/*
+ * Metrics out of int64_t's range: the record is refused, or its memory
+ * figures are usable (tel_record multiplies them by 1048576). BUG:
+ * memorySizeMB and maxMemoryUsedMB go through (int64_t) on a double, which
+ * is undefined for 1e30 or -1e300 (INT64_MIN on x86).
+ */
+static int
+tel_huge_metrics(void)
+{
+	static const char js[] = "{\"type\":\"platform.report\",\"record\":{"
+	    "\"requestId\":\"r\",\"metrics\":{\"durationMs\":1e308,"
+	    "\"memorySizeMB\":1e30,\"maxMemoryUsedMB\":-1e300}}}";
+	struct apm_json_tok t[16];
+	struct apm_tel_record r;
+	int n = apm_json_parse(js, sizeof js - 1, t, 16, NULL, NULL);
+	if (n <= 0)
+		return 2;
+	if (apm_tel_record_parse(js, t, n, &r) < 0)
+		return 0;
+	const int64_t max = INT64_MAX / 1048576;
+	return r.memory_mb >= 0 && r.memory_mb <= max && r.max_memory_mb >= 0 &&
+	    r.max_memory_mb <= max ? 0 : 1;
+}
+
 static void
 test_tel_records(void)
 {
@@ -1943,6 +2005,8 @@ test_tel_records(void)
 			CHECK_INT(r.log_is_string, cases[i].log_is_string);
 		}
 	}
+	ctx("telemetry: metrics out of int64_t range");
+	CHECK_INT(in_child(tel_huge_metrics), 0);
 }
 
 /* == ISO-8601 times == */
