@@ -2041,6 +2041,7 @@ static struct {
 	size_t reg_len;
 	char reg_request_id[128];
 	uint64_t evicted, over_limit, accepts;
+	uint64_t progress;      /* bumped when a job ends: schedule again */
 } g;
 
 static void conn_close(struct conn *c);
@@ -2076,6 +2077,7 @@ static void
 queue_free(struct queue *q, int slot)
 {
 	struct payload *p = &q->p[slot];
+	g.progress++;
 	for (int b = p->first; b >= 0; b = q->next[b])
 		q->free_stack[q->free_top++] = b;
 	memset(p, 0, sizeof *p);
@@ -3247,6 +3249,7 @@ upstream_frame_body(struct upstream *u)
 static void
 upstream_idle(struct upstream *u)
 {
+	g.progress++;
 	u->job = JOB_NONE;
 	u->payload = -1;
 	u->agent = -1;
@@ -3264,6 +3267,7 @@ upstream_fail(struct upstream *u, const char *why)
 {
 	int stale = u->reused && !u->resp_started;
 	int job = u->job;
+	g.progress++;
 	conn_close(&u->c);
 	u->state = UP_CLOSED;
 	if (job == JOB_PAYLOAD) {
@@ -3301,6 +3305,7 @@ fwd_done(struct upstream *u, int ok, int retryable, const char *why)
 	int s = u->payload;
 	struct payload *p = &g.q.p[s];
 	p->inflight = 0;
+	g.progress++;
 	if (ok) {
 		g.q.delivered++;
 		g.q.delivered_bytes += p->len;
@@ -5448,6 +5453,7 @@ loop_run(void)
 	struct pollref ref[sizeof pfd / sizeof *pfd];
 	for (;;) {
 		int64_t now = now_ms();
+		uint64_t progress = g.progress;
 		if (g.got_term && g.phase != PH_SHUTDOWN) {
 			g.phase = PH_SHUTDOWN;
 			g.exit_at = now + 1000;
@@ -5505,6 +5511,8 @@ loop_run(void)
 			int64_t d = wake - now_ms();
 			timeout = d <= 0 ? 0 : (int)MIN(d + 1, (int64_t)INT_MAX);
 		}
+		if (g.progress != progress)
+			timeout = 0; /* a job ended in this pass: schedule again first */
 		int r = poll(pfd, (nfds_t)n, timeout);
 		if (r < 0) {
 			if (errno == EINTR)
