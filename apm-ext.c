@@ -3509,17 +3509,16 @@ upstream_events(struct upstream *u)
 	struct conn *c = &u->c;
 	if (u->state == UP_CONNECTING)
 		return POLLOUT;
-	if (c->tls)
-		return tls_events(u);
+	int more = u->state == UP_BUSY && u->job == JOB_PAYLOAD && !u->sent_last &&
+	    (u->sent < g.q.p[u->payload].len || !g.q.p[u->payload].open);
+	if (c->tls) /* the engine's wishes, plus body bytes still to frame */
+		return (short)(tls_events(u) | (more ? POLLOUT : 0));
 	short ev = POLLIN;
 	if (u->state == UP_BUSY) {
 		if (c->tx_off < c->tx_len)
 			ev |= POLLOUT;
-		if (u->job == JOB_PAYLOAD && !u->sent_last) {
-			struct payload *p = &g.q.p[u->payload];
-			if (u->sent < p->len || !p->open)
-				ev |= POLLOUT;
-		}
+		if (more)
+			ev |= POLLOUT;
 	}
 	return ev;
 }

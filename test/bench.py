@@ -2,8 +2,8 @@
 """Benchmark of apm-ext against the floor (test/floor.c, a bare extension).
 
     python3 test/bench.py [--binary ./apm-ext] [--runs N] [--quick]
-                          [--json FILE] [--only cold,size,latency]
-                          [--cpu N] [--keep]
+                          [--json FILE] [--only cold,size,latency,tls,secrets,throughput]
+                          [--cpu N] [--keep] [--tput-mb N]
 
 Prints a table: figure | apm-ext | floor | target | status. The status column
 is information only: the bench never fails on a time or a size. It exits 1
@@ -26,10 +26,10 @@ How the figures are taken
   has registered. Our own writes are stamped just before the write for the
   same reason (the woken extension may run before the write returns).
   "received" is the kernel stamp of the first bytes of that request.
-* Everything (bench, sink, extensions) is pinned to one CPU (--cpu): as
+* Everything (bench, sinks, extensions) is pinned to one CPU (--cpu): as
   in a small Lambda function (a fraction of one vCPU), and because in a
   VM a wake-up sent to an idle (halted) vCPU can take milliseconds, which
-  would swamp the figures with noise.
+  would swamp the figures with noise. (Except the throughput sinks: below.)
 * Cold starts: a fresh fake Lambda and process per run, apm-ext and the
   floor alternating (the order flips every round). After the first /next,
   VmHWM is read from /proc/<pid>/status, then SHUTDOWN is sent; the process
@@ -48,6 +48,43 @@ How the figures are taken
   counts from the moment we start writing it. For the floor, with no
   agent, it is INVOKE written -> /next.
 
+* TLS (tls): cold starts with ELASTIC_APM_LAMBDA_APM_SERVER=https://localhost
+  (test/tls_sink.py: Python's ssl, a throwaway CA from fake_apm.make_test_ca
+  given as ELASTIC_APM_SERVER_CA_CERT_FILE) and with http:// (test/sink.c),
+  alternating: exec -> register and exec -> first /next (nothing TLS happens
+  before the first /next, so these should match), then INIT_MS of function
+  init, then two 1 KB invocations as above. The TLS sink stamps each
+  handshake (accept, done; CLOCK_REALTIME), which gives "first /next -> warm
+  TLS connection ready". "sink alone" rows: the same 1 KB POST sent by the
+  bench straight to each sink, first on a new connection left idle
+  SINK_IDLE_MS after its handshake (like apm-ext's warm one), then again: the
+  sinks' (and Python's client's) share. With syncflush the 1 KB is usually
+  answered before the flushed POST, so only what a sink takes beyond that
+  gap shows in the added latency.
+* Secrets (secrets): cold starts with the secret token from the fake Secrets
+  Manager (test/fake_aws.py in its own process: it checks SigV4, serves TLS
+  with the test CA's certificate; ELASTIC_APM_LAMBDA_AWS_ENDPOINT,
+  AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN set) vs with ELASTIC_APM_SECRET_TOKEN,
+  alternating. The fake reports each call's times in its monotonic clock,
+  mapped to ours; "exec -> GetSecretValue answered" is its answer's write.
+* Throughput (throughput): one long-lived apm-ext per scheme; a run is one
+  invocation in which the bench, as the agent, sends N 1 MiB identity-ndjson
+  requests back to back on one keep-alive connection, then the flushed POST;
+  MB/s = bytes / (INVOKE written -> /next), /next coming only once the sink
+  has answered everything. The sinks (a C sink of its own for http, the
+  TLS sink for https) are moved to another CPU if there is one, standing for
+  a remote server; apm-ext and the agent stay on the bench's CPU. CPU time
+  of each party (/proc/<pid>/task/*/schedstat) gives "busy" percentages and
+  "MB per CPU-second" ceilings (apm-ext's, the sink's). The floor column is
+  the bench sending the same bytes straight to the sink (chunked like
+  apm-ext; over TLS with Python's ssl as the client, offering apm-ext's
+  suites): the sink's own ceiling in practice. If apm-ext holds data past the
+  flush (the sink short of bytes at /next) the case is marked BROKEN, its
+  other runs skipped, and the bench exits 1 after printing the table.
+* Size (size): `size -A` of the binary (section headers survive -s), and
+  the same sections by origin (apm-ext.c, BearSSL, musl) from a linker map
+  of build/apm-ext.unstripped, linked with the Makefile's flags minus -s.
+
 Adding a figure: write a function taking the Ctx and returning a list of
 row() dicts, and add it to MEASUREMENTS.
 """
@@ -62,6 +99,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
@@ -77,6 +115,8 @@ now = time.time_ns                  # CLOCK_REALTIME: the clock of kernel receiv
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux (SO_TIMESTAMPNS_OLD)
 _ANC = socket.CMSG_SPACE(16)
 STAMPS = {"kernel": 0, "poll": 0}   # how the reads were stamped
+OWN_PORTS = set()                   # local ports of the bench's own connections to the sinks
+DIRECT_PORTS = set()                # those of them that carry direct (no apm-ext) runs
 
 FUNCTION_NAME = "bench-fn"
 REGION = "us-east-1"
@@ -89,6 +129,15 @@ KiB = 1024
 
 class BenchError(Exception):
     """Something broke (not slow: broke). The bench exits 1."""
+
+
+class Skip(Exception):
+    """A measurement cannot run here (e.g. no openssl CLI): noted, not a failure."""
+
+
+class Broken(BenchError):
+    """apm-ext misbehaved in one case of a measurement: the measurement
+    marks its rows BROKEN (ctx.broken) and goes on; the bench still exits 1."""
 
 
 # ----------------------------------------------------------------- helpers
@@ -110,6 +159,94 @@ def free_port(host="127.0.0.1"):
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def cpu_ns(pid):
+    """CPU time (ns, user + system) that process pid has used so far: the sum
+    of /proc/<pid>/task/*/schedstat (exact, unlike the 10 ms ticks of
+    /proc/<pid>/stat). 0 when the process is gone."""
+    total = 0
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def cpu_stat():
+    """{cpu: (busy, total)} jiffies of every CPU so far (/proc/stat), to see
+    how much of a CPU went to processes other than ours."""
+    out = {}
+    try:
+        with open("/proc/stat") as f:
+            for ln in f:
+                if ln.startswith("cpu") and ln[3:4].isdigit():
+                    name, *v = ln.split()
+                    v = [int(x) for x in v[:8]]
+                    out[int(name[3:])] = (sum(v) - v[3] - v[4], sum(v))  # less idle, iowait
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def cpu_busy(before, after, cpu):
+    """Share (0..1) of cpu's time that was busy between two cpu_stat()s."""
+    if cpu not in before or cpu not in after:
+        return None
+    busy = after[cpu][0] - before[cpu][0]
+    total = after[cpu][1] - before[cpu][1]
+    return busy / total if total > 0 else None
+
+
+def start_server(cmd, what):
+    """Start a helper server that prints its port on its first stdout line.
+    Returns (Popen, port)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    r, _, _ = select.select([p.stdout], [], [], WAIT)
+    line = p.stdout.readline() if r else b""
+    if not line.strip().isdigit():
+        p.kill()
+        p.wait()
+        raise BenchError("%s did not print its port (%r)" % (what, line[:200]))
+    return p, int(line)
+
+
+def stop_server(p):
+    if p is not None and p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def http_get_json(port, path, tls=None):
+    """GET path from 127.0.0.1:port (over TLS when tls is an SSLContext, as
+    "localhost"), Connection: close; returns the parsed JSON body."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    OWN_PORTS.add(s.getsockname()[1])
+    try:
+        if tls is not None:
+            s = tls.wrap_socket(s, server_hostname="localhost")
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                  % path.encode())
+        data = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+    except (OSError, ssl.SSLError) as e:
+        raise BenchError("GET %s from port %d failed: %s" % (path, port, e))
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise BenchError("GET %s from port %d: %r" % (path, port, head[:100]))
+    return json.loads(body)
 
 
 def iso_now():
@@ -617,6 +754,23 @@ class Client:
             self.close()
         return status, st["t"]
 
+    def send_raw(self, data, what):
+        """Send one whole pre-built request (no retry); returns (status, ns
+        (kernel stamp) of the first response byte)."""
+        if self.sock is None:
+            self._connect()
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            self.close()
+            raise BenchError("%s: the connection to port %d broke while sending: %s"
+                             % (what, self.addr[1], e))
+        r = self._response(what)
+        if r is None:
+            raise BenchError("%s: port %d closed the connection without answering"
+                             % (what, self.addr[1]))
+        return r
+
     def _bad(self, what):
         raise BenchError("%s: truncated answer" % what)
 
@@ -651,6 +805,74 @@ class Ctx:
         self.logged = {}
         self.raw = {}
         self._logs = 0
+        self.cpu = None             # the CPU everything is pinned to (None: not pinned)
+        self.remote_cpu = None      # another allowed CPU, for servers that stand for remote ones
+        self._certs = None
+        self._tls_client = None
+        self.tls_sink = None        # Popen of test/tls_sink.py, started on first use
+        self.tls_sink_port = None
+        self.aws = None             # Popen of the fake AWS (AWS_CHILD), started on first use
+        self.aws_port = None
+        self.aws_creds = None
+        self.broken = []            # what broke without stopping the bench (exit 1 at the end)
+
+    def pin(self, pid, cpu):
+        """Pin process pid to cpu (no-op when not pinning)."""
+        if cpu is not None:
+            os.sched_setaffinity(pid, {cpu})
+
+    def certs(self):
+        """make_test_ca() paths of a throwaway CA and a localhost certificate."""
+        if self._certs is None:
+            sys.path.insert(0, HERE)
+            from fake_apm import make_test_ca
+            try:
+                self._certs = make_test_ca(os.path.join(self.tmp, "ca"))
+            except (RuntimeError, OSError) as e:
+                raise Skip("cannot make test certificates with the openssl CLI: %s" % e)
+        return self._certs
+
+    def tls_client(self, like_apm_ext=False):
+        """An SSLContext that trusts the test CA; like_apm_ext: TLS 1.2 only and
+        apm-ext's suites in its order, so that the sink negotiates the same."""
+        if self._tls_client is None:
+            self._tls_client = {}
+            for like in (False, True):
+                c = ssl.create_default_context(cafile=self.certs()["ca"])
+                if like:
+                    c.maximum_version = ssl.TLSVersion.TLSv1_2
+                    c.set_ciphers(APM_EXT_SUITES)
+                self._tls_client[like] = c
+        return self._tls_client[like_apm_ext]
+
+    def start_tls_sink(self):
+        """test/tls_sink.py with the localhost certificate; returns its port."""
+        if self.tls_sink is None:
+            c = self.certs()
+            self.tls_sink, self.tls_sink_port = start_server(
+                [sys.executable, os.path.join(HERE, "tls_sink.py"), "--cert", c["cert"],
+                 "--key", c["key"]], "the TLS sink")
+        return self.tls_sink_port
+
+    def tls_sink_stats(self):
+        return http_get_json(self.start_tls_sink(), "/__sink/stats", self.tls_client())
+
+    def start_aws(self):
+        """The fake AWS (test/fake_aws.py) in a process of its own, so that its
+        threads stay out of ours; returns its port. It prints one JSON line
+        per call (see AWS_CHILD) on self.aws.stdout."""
+        if self.aws is None:
+            c = self.certs()
+            self.aws_creds = {"AWS_ACCESS_KEY_ID": "ASIABENCH" + uuid.uuid4().hex[:11].upper(),
+                              "AWS_SECRET_ACCESS_KEY": uuid.uuid4().hex + uuid.uuid4().hex[:8],
+                              "AWS_SESSION_TOKEN": "IQoJb3JpZ2luX2VjE" + uuid.uuid4().hex * 4}
+            self.aws, self.aws_port = start_server(
+                [sys.executable, "-c", AWS_CHILD, HERE, c["cert"], c["key"],
+                 self.aws_creds["AWS_ACCESS_KEY_ID"], self.aws_creds["AWS_SECRET_ACCESS_KEY"],
+                 self.aws_creds["AWS_SESSION_TOKEN"], REGION, SECRET_ID, SECRET_TOKEN],
+                "the fake AWS")
+            os.set_blocking(self.aws.stdout.fileno(), False)
+        return self.aws_port
 
     def log_path(self, tag):
         self._logs += 1
@@ -696,18 +918,18 @@ class Ctx:
 
     def close(self):
         self.stamp_keeper.close()
-        if self.sink.poll() is None:
-            self.sink.kill()
-            self.sink.wait()
+        for p in (self.sink, self.tls_sink, self.aws):
+            stop_server(p)
         if not self.args.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def row(figure, apm, floor=None, target="", ok=None, unit="", kind="num"):
+def row(figure, apm, floor=None, target="", ok=None, unit="", kind="num", broken=False):
     """One table row. apm/floor: a number, a stats() dict or None. ok: True
-    (target met), False (missed) or None (no target)."""
+    (target met), False (missed) or None (no target); broken: apm-ext
+    misbehaved in this case (see ctx.broken)."""
     return {"figure": figure, "unit": unit, "apm_ext": apm, "floor": floor,
-            "target": target, "ok": ok, "kind": kind}
+            "target": target, "ok": ok, "kind": kind, "broken": broken}
 
 
 # ------------------------------------------------------------- measurements
@@ -799,9 +1021,123 @@ def m_cold_start(ctx):
     return rows
 
 
+def elf_sections(path):
+    """{name: bytes} of the allocated sections of an ELF file (`size -A`:
+    section headers survive -s), or None without binutils."""
+    try:
+        r = subprocess.run(["size", "-A", path], capture_output=True, text=True)
+    except OSError:
+        return None
+    if r.returncode != 0:
+        return None
+    out = {}
+    for ln in r.stdout.splitlines():
+        f = ln.split()
+        if len(f) == 3 and f[0].startswith(".") and f[1].isdigit() and f[2] != "0":
+            out[f[0]] = int(f[1])
+    return out
+
+
+def make_vars():
+    """{MUSL_CC, CFLAGS_REL, LDFLAGS_REL, BEARSSL_A} as the Makefile sets them."""
+    names = ("MUSL_CC", "CFLAGS_REL", "LDFLAGS_REL", "BEARSSL_A")
+    prog = "include Makefile\n__bench_vars:\n\t@echo '%s'\n" % "|".join("$(%s)" % n for n in names)
+    try:
+        r = subprocess.run(["make", "-s", "--no-print-directory", "-f", "-", "__bench_vars"],
+                           input=prog, capture_output=True, text=True, cwd=ROOT)
+    except OSError:
+        return None
+    vals = r.stdout.strip().split("|")
+    return dict(zip(names, vals)) if r.returncode == 0 and len(vals) == len(names) else None
+
+
+def size_by_origin():
+    """Bytes of the allocated non-bss sections of apm-ext by the object they
+    come from: link apm-ext.c as the Makefile does, minus -s, plus a linker
+    map, into build/ (once per change of the sources); None if that fails."""
+    src = os.path.join(ROOT, "apm-ext.c")
+    out = os.path.join(BUILD, "apm-ext.unstripped")
+    mapf = out + ".map"
+    v = make_vars()
+    if v is None:
+        return None
+    newest = max(os.path.getmtime(os.path.join(ROOT, f))
+                 for f in ("apm-ext.c", "apm-ext.h", "Makefile"))
+    if not (os.path.exists(mapf) and os.path.getmtime(mapf) >= newest):
+        ld = [x for x in v["LDFLAGS_REL"].split() if x != "-s"]
+        cmd = [v["MUSL_CC"]] + v["CFLAGS_REL"].split() + ["-o", out, src, v["BEARSSL_A"]] + \
+            ld + ["-Wl,-Map=" + mapf]
+        os.makedirs(BUILD, exist_ok=True)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        except OSError:
+            return None
+        if r.returncode != 0:
+            return None
+    keep = set((elf_sections(out) or {})) - {".bss", ".tbss", ".comment"}
+    origin = {}
+    sect = None
+    with open(mapf, errors="replace") as f:
+        for ln in f:
+            if ln.strip() == "":
+                continue
+            if not ln.startswith(" "):          # an output section (or another block)
+                sect = ln.split()[0] if ln.startswith(".") else None
+                continue
+            if sect not in keep:
+                continue
+            parts = ln.split()
+            if parts[0].startswith(".") or parts[0] == "COMMON" or parts[0] == "*fill*":
+                name, parts = parts[0], parts[1:]
+            else:
+                name = None                     # the second line of a long input section
+            if len(parts) < 2 or not parts[0].startswith("0x") or not parts[1].startswith("0x"):
+                continue                        # a symbol, or a name alone on its line
+            size = int(parts[1], 16)
+            obj = " ".join(parts[2:])
+            if name == "*fill*":
+                who = "alignment padding"
+            elif "libbearssl" in obj:
+                who = "BearSSL"
+            elif "musl" in obj or "libc.a" in obj or "crt" in os.path.basename(obj) or \
+                    "libgcc" in obj:
+                who = "musl libc, crt, libgcc"
+            else:
+                who = "apm-ext.c"
+            origin[who] = origin.get(who, 0) + size
+    return origin
+
+
 def m_size(ctx):
     a, f = os.path.getsize(ctx.binary), os.path.getsize(ctx.floor)
-    return [row("binary size", a / KiB, f / KiB, "< 200 KiB", a < 200 * KiB, "KiB")]
+    rows = [row("binary size", a / KiB, f / KiB, "< 200 KiB", a < 200 * KiB, "KiB")]
+    sa, sf = elf_sections(ctx.binary), elf_sections(ctx.floor)
+    if not sa or not sf:
+        ctx.notes.append("no section sizes: `size` (binutils) failed")
+        return rows
+    top = [n for n in sa if n not in (".bss", ".tbss") and sa[n] >= KiB]
+    small = [n for n in sa if n not in (".bss", ".tbss") and n not in top]
+    for n in top:
+        rows.append(row("  section %s" % n, sa[n] / KiB, sf.get(n, 0) / KiB, unit="KiB"))
+    rows.append(row("  other sections (%s)" % " ".join(small), sum(sa[n] for n in small) / KiB,
+                    sum(v for n, v in sf.items() if n not in top and n not in (".bss", ".tbss"))
+                    / KiB, unit="KiB"))
+
+    def rest(size, secs):
+        return size - sum(v for n, v in secs.items() if n not in (".bss", ".tbss"))
+    rows.append(row("  ELF headers, page alignment", rest(a, sa) / KiB, rest(f, sf) / KiB,
+                    unit="KiB"))
+    rows.append(row("  .bss (zeroed memory, not in the file)", sa.get(".bss", 0) / KiB,
+                    sf.get(".bss", 0) / KiB, unit="KiB"))
+    origin = size_by_origin()
+    if origin:
+        for who in ("apm-ext.c", "BearSSL", "musl libc, crt, libgcc", "alignment padding"):
+            if who in origin:
+                rows.append(row("  sections above by origin: %s" % who, origin[who] / KiB,
+                                unit="KiB"))
+    else:
+        ctx.notes.append("no size by origin: could not link build/apm-ext.unstripped with a map")
+    return rows
 
 
 SIZES = [("flush only", 0), ("1 KB", 1024), ("100 KB", 100 * 1024), ("1 MB", 1024 * 1024)]
@@ -927,7 +1263,653 @@ def m_latency(ctx):
     return rows
 
 
-MEASUREMENTS = [("cold", m_cold_start), ("size", m_size), ("latency", m_latency)]
+# ------------------------------------------------- TLS, AWS secrets, throughput
+
+INIT_MS = 50            # the function's init: first /next -> first INVOKE
+FIRST_SIZE = 1024       # agent bytes of each invocation after a cold start
+TPUT_REQ = 1 << 20      # one agent request of the throughput runs
+TPUT_CHUNK = 32768      # chunk size of the direct runs (apm-ext sends a queue block per chunk)
+TPUT_FWD_TIMEOUT_S = 10  # apm-ext's forwarder timeout in the throughput runs (default 3 s)
+INTAKE_HDRS = [("Content-Type", "application/x-ndjson"),
+               ("User-Agent", "apm-agent-nodejs/4.7.0 (bench-fn)")]
+# apm-ext's offer (tls_client_init in apm-ext.c), in OpenSSL's names
+APM_EXT_SUITES = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                  "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+                  "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
+SECRET_ID = "bench/apm-secret-token"
+SECRET_TOKEN = "bench-token-" + uuid.uuid4().hex
+
+# The fake AWS, run as `python3 -c AWS_CHILD HERE cert key access-key secret-key
+# session-token region secret-id secret-value`: prints its port, then one JSON
+# line per finished call, times turned from its monotonic clock into ours
+# (CLOCK_REALTIME ns): t_accept (TCP accept), t (request head read), t_end
+# (answer written); and {"tls_error": ...} for a failed handshake.
+AWS_CHILD = r'''
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from fake_aws import FakeAWS
+cert, key, ak, sk, tok, region, sid, value = sys.argv[2:10]
+aws = FakeAWS(cert, key, ak, sk, region, tok)
+aws.secrets[sid] = value
+off = time.time_ns() - time.monotonic_ns()
+
+def real(t):
+    return None if t is None else int(t * 1e9) + off
+
+print(aws.port, flush=True)
+seen = errs = 0
+while True:
+    aws.wait_for(lambda a: (len(a.calls) > seen and a.calls[seen].done)
+                 or len(a.tls_errors) > errs, 3600)
+    calls, accepts, tls_errors = aws.calls, aws.connections, aws.tls_errors
+    out = []
+    while seen < len(calls) and calls[seen].done:
+        c = calls[seen]
+        seen += 1
+        out.append({"op": c.op, "status": c.status, "sig_ok": c.sig_ok,
+                    "sig_error": c.sig_error, "problems": c.problems,
+                    "secret_id": c.secret_id, "conn": c.conn_id,
+                    "t_accept": real(accepts[c.conn_id - 1]) if 0 < c.conn_id <= len(accepts)
+                    else None, "t": real(c.t), "t_end": real(c.t_end)})
+    for e in tls_errors[errs:]:
+        out.append({"tls_error": e})
+    errs = len(tls_errors)
+    sys.stdout.write("".join(json.dumps(o) + "\n" for o in out))
+    sys.stdout.flush()
+'''
+
+
+def diff_text(a, b, what):
+    """'<what> +N us' between the medians of two stats() dicts."""
+    if not a or not b:
+        return ""
+    return "%s %+.0f us" % (what, a["median"] - b["median"])
+
+
+def read_202(sock, what):
+    """Read one answer (no body) from a blocking socket; it must be a 202."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        try:
+            d = sock.recv(65536)
+        except (OSError, ssl.SSLError) as e:
+            raise BenchError("%s: %s" % (what, e))
+        if not d:
+            raise BenchError("%s: the sink closed the connection" % what)
+        buf += d
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 202") or rest:
+        raise BenchError("%s: unexpected answer %r" % (what, buf[:200]))
+
+
+def direct_connect(ctx, port, tls):
+    """A warm (connected, handshaken) blocking connection straight to a sink."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    OWN_PORTS.add(s.getsockname()[1])
+    DIRECT_PORTS.add(s.getsockname()[1])
+    if tls:
+        try:
+            s = ctx.tls_client(like_apm_ext=True).wrap_socket(s, server_hostname="localhost")
+        except (OSError, ssl.SSLError) as e:
+            s.close()
+            raise BenchError("TLS handshake with the TLS sink failed: %s" % e)
+    return s
+
+
+def intake_request(port, body, chunk=None):
+    """A whole POST /intake/v2/events request: Content-Length, or chunked
+    (chunk bytes a chunk) as apm-ext sends upstream."""
+    head = ("POST /intake/v2/events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port +
+            "".join("%s: %s\r\n" % kv for kv in INTAKE_HDRS)).encode()
+    if chunk is None:
+        return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    parts = [head, b"Transfer-Encoding: chunked\r\n\r\n"]
+    for i in range(0, len(body), chunk):
+        c = body[i:i + chunk]
+        parts += [b"%x\r\n" % len(c), c, b"\r\n"]
+    parts.append(b"0\r\n\r\n")
+    return b"".join(parts)
+
+
+def send_report(lam, request_id):
+    """POST the invocation's platform.report to apm-ext's telemetry listener,
+    as Lambda does; without it apm-ext waits for it at SHUTDOWN (up to 500 ms)."""
+    if lam.tel_port is None:
+        return
+    tel = Client(lam, lam.tel_port)
+    try:
+        st, _ = tel.request("POST", "/", json.dumps([{
+            "time": iso_now(), "type": "platform.report", "record": {
+                "requestId": request_id, "status": "success", "metrics": {
+                    "durationMs": 1.0, "billedDurationMs": 1, "memorySizeMB": 128,
+                    "maxMemoryUsedMB": 20}}}]).encode(), [("Content-Type", "application/json")])
+    finally:
+        tel.close()
+    if st != 200:
+        raise BenchError("apm-ext answered %d to a telemetry POST" % st)
+
+
+def agent_invocation(lam, agent, body, what):
+    """One syncflush invocation with the bench as the agent: INVOKE, POST
+    body (if any), then the flushed POST. Returns the added latency (ns):
+    the next /next minus the flushed POST's 202. lam.last_rid: its requestId."""
+    n0 = len(lam.nexts)
+    lam.last_rid = str(uuid.uuid4())
+    lam.invoke(lam.last_rid)
+    if body:
+        st, _ = agent.request("POST", "/intake/v2/events", body, INTAKE_HDRS)
+        if st != 202:
+            raise BenchError("%s: apm-ext answered %d to a %d-byte intake POST"
+                             % (what, st, len(body)))
+    st, t_resp = agent.request("POST", "/intake/v2/events?flushed=true", b"", INTAKE_HDRS)
+    if st != 202:
+        raise BenchError("%s: apm-ext answered %d to the flushed POST" % (what, st))
+    lam.wait(lambda: len(lam.nexts) > n0, "apm-ext's /next after " + what)
+    return lam.nexts[n0] - t_resp
+
+
+def scheme_env(ctx, scheme, **extra):
+    """apm-ext's environment for the C sink (http) or the TLS sink (https)."""
+    if scheme == "https":
+        extra = dict(extra, ELASTIC_APM_LAMBDA_APM_SERVER="https://localhost:%d"
+                     % ctx.start_tls_sink(), ELASTIC_APM_SERVER_CA_CERT_FILE=ctx.certs()["ca"])
+    return ctx.env(**extra)
+
+
+def finish(ctx, lam, proc, what):
+    """SHUTDOWN; the process must exit 0 having made no protocol error."""
+    code, _ = lam.shutdown()
+    if code != 0:
+        raise BenchError("apm-ext (%s) exited %s after SHUTDOWN\n%s"
+                         % (what, code, proc.log_tail()))
+    if lam.errors:
+        raise BenchError("apm-ext (%s) made protocol errors: %s" % (what, lam.errors))
+    ctx.check_log(proc, what)
+
+
+def cold_invocations_once(ctx, scheme, body):
+    """Cold start against an http or https server, INIT_MS of function init,
+    then two invocations of len(body) agent bytes."""
+    lam = Lambda(telemetry=True)
+    agent = None
+    try:
+        env = scheme_env(ctx, scheme)
+        proc = lam.spawn(ctx.binary, "apm-lambda-extension", env, ctx.log_path("first-" + scheme))
+        lam.wait(lambda: lam.t_register is not None, "apm-ext (%s) to register" % scheme)
+        lam.wait(lambda: lam.nexts, "apm-ext's (%s) first /event/next" % scheme)
+        end = lam.nexts[0] + INIT_MS * 1000000
+        while now() < end:                  # the function initialises
+            proc.check("the end of the function's init")
+            lam.step(max(1, (end - now()) // 1000000))
+        agent = Client(lam, int(env["ELASTIC_APM_DATA_RECEIVER_SERVER_PORT"]))
+        first = agent_invocation(lam, agent, body, "the first invocation (%s)" % scheme)
+        second = agent_invocation(lam, agent, body, "the second invocation (%s)" % scheme)
+        hwm = proc.status()["VmHWM"]
+        agent.close()
+        send_report(lam, lam.last_rid)
+        finish(ctx, lam, proc, "cold starts, %s server" % scheme)
+        ru = proc.rusage
+        return {"register": lam.t_register - proc.t_exec, "next": lam.nexts[0] - proc.t_exec,
+                "first": first, "second": second, "hwm_kb": hwm, "t_exec": proc.t_exec,
+                "t_next": lam.nexts[0], "t_done": now(),
+                "cpu_us": (ru.ru_utime + ru.ru_stime) * 1e6 if ru else None}
+    finally:
+        if agent is not None:
+            agent.close()
+        lam.close()
+
+
+SINK_IDLE_MS = 20        # new connection -> first request, in the "sink alone" rows
+
+
+def sink_round_trips(ctx, body, n):
+    """{(scheme, "first"|"next"): stats (us)} of a len(body)-byte POST -> 202
+    sent by the bench straight to each sink: the first request on a new
+    connection SINK_IDLE_MS after its handshake (as apm-ext's warm connection
+    is used), then a second one at once; n rounds, the sinks alternating."""
+    req = intake_request(0, body)
+    out = {(k, w): [] for k in ("http", "https") for w in ("first", "next")}
+    for _ in range(n):
+        for scheme, port in (("http", ctx.sink_port), ("https", ctx.start_tls_sink())):
+            s = direct_connect(ctx, port, scheme == "https")
+            try:
+                time.sleep(SINK_IDLE_MS / 1000.0)
+                for which in ("first", "next"):
+                    t0 = now()
+                    s.sendall(req)
+                    read_202(s, "a %d-byte POST straight to the %s sink" % (len(body), scheme))
+                    out[(scheme, which)].append(us(now() - t0))
+            except OSError as e:
+                raise BenchError("a POST straight to the %s sink: %s" % (scheme, e))
+            finally:
+                s.close()
+    return {k: stats(v) for k, v in out.items()}
+
+
+def m_tls_cold(ctx):
+    """Cold start and the first invocations with an https:// APM server vs
+    http://, alternating (items: cold start equal, first invocation ready)."""
+    body = ndjson(FIRST_SIZE)
+    ctx.start_tls_sink()
+    s0 = ctx.tls_sink_stats()
+    res = {"http": [], "https": []}
+    for scheme in res:                          # warm the page cache, not counted
+        cold_invocations_once(ctx, scheme, body)
+    gc.collect()
+    for i in range(ctx.args.runs):
+        for scheme in (("http", "https") if i % 2 == 0 else ("https", "http")):
+            res[scheme].append(cold_invocations_once(ctx, scheme, body))
+    s1 = ctx.tls_sink_stats()
+    n_https = ctx.args.runs + 1
+    want = n_https * 2 * FIRST_SIZE
+    if s1["body_bytes"] - s0["body_bytes"] < want:
+        raise BenchError("the TLS sink got %d body bytes from the https cold starts, the agent "
+                         "sent %d: data lost" % (s1["body_bytes"] - s0["body_bytes"], want))
+    if s1["tls_errors"] > s0["tls_errors"]:
+        raise BenchError("the TLS sink saw %d failed handshakes in the https cold starts"
+                         % (s1["tls_errors"] - s0["tls_errors"]))
+    # The sink's handshakes, matched to the runs by time: when was the warm
+    # connection ready, and did a run need more than one?
+    hands = http_get_json(ctx.start_tls_sink(), "/__sink/handshakes", ctx.tls_client())
+    suites, extra = {}, 0
+    for r in res["https"]:
+        mine = [h for h in hands if r["t_exec"] <= h[0] <= r["t_done"]]
+        if not mine:
+            raise BenchError("an https cold start made no TLS connection to the sink")
+        r["ready"] = mine[0][1] - r["t_next"]
+        extra += len(mine) > 1
+        for h in mine:
+            suites[h[2]] = suites.get(h[2], 0) + 1
+    rtt = sink_round_trips(ctx, body, min(ctx.args.runs, 30))
+    ctx.raw["tls_cold"] = res
+    ctx.raw["sink_round_trip_us"] = {"%s-%s" % k: v for k, v in rtt.items()}
+    ctx.notes.append("https cold starts: the first INVOKE %d ms after the first /next (the "
+                     "function's init); %d of %d made more than one TLS connection; suites "
+                     "negotiated: %s" % (INIT_MS, extra, len(res["https"]),
+                                         ", ".join("%s (%d)" % kv for kv in suites.items())))
+
+    def st(scheme, field, scale=us):
+        return stats([scale(r[field]) for r in res[scheme] if r.get(field) is not None])
+    rows = []
+    for label, field in (("exec -> register received", "register"),
+                         ("exec -> first /next received", "next")):
+        h, t = st("http", field), st("https", field)
+        rows.append(row("cold start, http:// server: " + label, h, unit="us", kind="stats"))
+        rows.append(row("cold start, https:// server: " + label, t,
+                        target=diff_text(t, h, "https - http:"), unit="us", kind="stats"))
+    rows.append(row("  https: first /next -> warm TLS connection ready (sink's handshake done)",
+                    st("https", "ready"), unit="us", kind="stats"))
+    for label, field in (("1st invocation after a cold start", "first"),
+                         ("2nd invocation", "second")):
+        h, t = st("http", field), st("https", field)
+        rows.append(row("added latency, %s, 1 KB, http://" % label, h, unit="us", kind="stats"))
+        rows.append(row("added latency, %s, 1 KB, https://" % label, t,
+                        target=diff_text(t, h, "https - http:"), unit="us", kind="stats"))
+    for which, label in (("first", "1st request on a new connection"),
+                         ("next", "2nd request")):
+        h, t = rtt[("http", which)], rtt[("https", which)]
+        rows.append(row("  sink alone: 1 KB POST -> 202, %s, http (C sink)" % label, h,
+                        unit="us", kind="stats"))
+        rows.append(row("  sink alone: 1 KB POST -> 202, %s, https (Python ssl)" % label, t,
+                        target=diff_text(t, h, "https - http:"), unit="us", kind="stats"))
+    for scheme in ("http", "https"):
+        rows.append(row("peak RSS after cold start + 2 invocations, %s:// (VmHWM)" % scheme,
+                        st(scheme, "hwm_kb", float), unit="KiB", kind="stats"))
+    for scheme in ("http", "https"):
+        c = st(scheme, "cpu_us", float)
+        if c and c["max"] > 0:
+            rows.append(row("CPU user+sys, cold start + 2 invocations, %s://" % scheme, c,
+                            unit="us", kind="stats"))
+    return rows
+
+
+class AwsCalls:
+    """The fake AWS's report lines, read inside a Lambda poll loop."""
+
+    def __init__(self, ctx):
+        self.ctx, self.fd = ctx, ctx.aws.stdout.fileno()
+        self.buf, self.calls = b"", []
+
+    def on_read(self, t):
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            raise BenchError("the fake AWS exited (code %s)" % self.ctx.aws.poll())
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for ln in lines:
+            o = json.loads(ln)
+            if "tls_error" in o:
+                raise BenchError("the fake AWS: TLS handshake failed: %s" % o["tls_error"])
+            self.calls.append(o)
+
+
+def secrets_once(ctx, with_secret, aws):
+    """Cold start with the secret token in the environment, or fetched from
+    the fake Secrets Manager (waits for that call before SHUTDOWN)."""
+    lam = Lambda(telemetry=True)
+    what = "cold starts, secret from Secrets Manager" if with_secret else \
+        "cold starts, secret token in env"
+    try:
+        if with_secret:
+            env = ctx.env(ELASTIC_APM_SECRETS_MANAGER_SECRET_TOKEN_ID=SECRET_ID,
+                          ELASTIC_APM_LAMBDA_AWS_ENDPOINT="https://localhost:%d" % ctx.aws_port,
+                          ELASTIC_APM_SERVER_CA_CERT_FILE=ctx.certs()["ca"], **ctx.aws_creds)
+            lam.watch(ctx.aws.stdout, aws.on_read)
+        else:
+            env = ctx.env(ELASTIC_APM_SECRET_TOKEN=SECRET_TOKEN)
+        n0 = len(aws.calls)
+        proc = lam.spawn(ctx.binary, "apm-lambda-extension", env,
+                         ctx.log_path("secret" if with_secret else "nosecret"))
+        lam.wait(lambda: lam.t_register is not None, "apm-ext (%s) to register" % what)
+        lam.wait(lambda: lam.nexts, "apm-ext's (%s) first /event/next" % what)
+        r = {"register": lam.t_register - proc.t_exec, "next": lam.nexts[0] - proc.t_exec}
+        if with_secret:
+            lam.wait(lambda: len(aws.calls) > n0, "apm-ext's GetSecretValue call")
+            c = aws.calls[n0]
+            if c["op"] != "GetSecretValue" or c["status"] != 200 or not c["sig_ok"] or \
+                    c["problems"] or c["secret_id"] != SECRET_ID:
+                raise BenchError("the fake AWS did not like apm-ext's call: %r" % c)
+            r.update(accept=c["t_accept"] - proc.t_exec, request=c["t"] - proc.t_exec,
+                     answered=c["t_end"] - proc.t_exec, after_next=c["t_end"] - lam.nexts[0],
+                     fake=c["t_end"] - c["t"])
+        time.sleep(0.002)
+        finish(ctx, lam, proc, what)
+        if with_secret and len(aws.calls) != n0 + 1:
+            raise BenchError("apm-ext made %d AWS calls in one cold start: %r"
+                             % (len(aws.calls) - n0, aws.calls[n0:]))
+        ru = proc.rusage
+        r["cpu_us"] = (ru.ru_utime + ru.ru_stime) * 1e6 if ru else None
+        return r
+    finally:
+        if with_secret:
+            lam.unwatch(ctx.aws.stdout)
+        lam.close()
+
+
+def m_secrets(ctx):
+    """Cold start with the secret token from (fake) Secrets Manager vs in the
+    environment, alternating; and when the secret is in."""
+    ctx.start_aws()
+    aws = AwsCalls(ctx)
+    res = {False: [], True: []}
+    for w in res:                                   # warm-up, not counted
+        secrets_once(ctx, w, aws)
+    gc.collect()
+    for i in range(ctx.args.runs):
+        for w in ((False, True) if i % 2 == 0 else (True, False)):
+            res[w].append(secrets_once(ctx, w, aws))
+    ctx.raw["secrets"] = {"env": res[False], "secrets_manager": res[True]}
+
+    def st(w, field, scale=us):
+        return stats([scale(r[field]) for r in res[w] if r.get(field) is not None])
+    rows = []
+    for label, field in (("exec -> register received", "register"),
+                         ("exec -> first /next received", "next")):
+        p, s = st(False, field), st(True, field)
+        rows.append(row("cold start, token in env: " + label, p, unit="us", kind="stats"))
+        rows.append(row("cold start, token from Secrets Manager: " + label, s,
+                        target=diff_text(s, p, "SM - env:"), unit="us", kind="stats"))
+    rows += [
+        row("secret fetched: exec -> GetSecretValue answered", st(True, "answered"),
+            unit="us", kind="stats"),
+        row("  of which: first /next -> fake AWS accepted the connection",
+            stats([us(r["accept"] - r["next"]) for r in res[True]]), unit="us", kind="stats"),
+        row("  of which: first /next -> GetSecretValue answered", st(True, "after_next"),
+            unit="us", kind="stats"),
+        row("  of which: the fake AWS's own time (request read -> answer written)",
+            st(True, "fake"), unit="us", kind="stats"),
+    ]
+    p, s = st(False, "cpu_us", float), st(True, "cpu_us", float)
+    if p and s and p["max"] > 0:
+        rows.append(row("CPU user+sys per cold start, token in env", p, unit="us", kind="stats"))
+        rows.append(row("CPU user+sys per cold start, token from Secrets Manager (incl. fetch)",
+                        s, unit="us", kind="stats"))
+    ctx.notes.append("secrets: the fake AWS (test/fake_aws.py, Python threads, its own process "
+                     "on the bench's CPU) checks SigV4 and answers over TLS; its times are its "
+                     "monotonic clock mapped to ours")
+    return rows
+
+
+def m_throughput(ctx):
+    """MB/s of agent data through apm-ext to a sink, http and https, against
+    the bench sending the same bytes straight to the sink (floor column)."""
+    nreq = ctx.args.tput_mb or (32 if ctx.args.quick else 100)
+    rounds = 1 if ctx.args.quick else 5
+    body = ndjson(TPUT_REQ)
+    sink_cpu = ctx.remote_cpu if ctx.remote_cpu is not None else ctx.cpu
+    tport = ctx.start_tls_sink()
+    ctx.tls_client()
+    csink, cport = start_server([ctx.sink_bin], "the throughput sink")
+    sinks = {"http": (csink, cport, None), "https": (ctx.tls_sink, tport, ctx.tls_client())}
+    exts = {}
+    t_start = now()
+    try:
+        for p, _, _ in sinks.values():
+            ctx.pin(p.pid, sink_cpu)
+        for scheme in ("http", "https"):
+            lam = Lambda(telemetry=True)
+            url = ("http://127.0.0.1:%d" % cport) if scheme == "http" else \
+                ("https://localhost:%d" % tport)
+            env = ctx.env(ELASTIC_APM_LAMBDA_APM_SERVER=url,
+                          ELASTIC_APM_DATA_FORWARDER_TIMEOUT="%ds" % TPUT_FWD_TIMEOUT_S,
+                          ELASTIC_APM_SERVER_CA_CERT_FILE=ctx.certs()["ca"])
+            e = exts[scheme] = {"lam": lam, "agent": None}
+            e["proc"] = lam.spawn(ctx.binary, "apm-lambda-extension", env,
+                                  ctx.log_path("tput-" + scheme))
+            lam.wait(lambda: lam.nexts, "apm-ext's (%s) first /event/next" % scheme)
+            port = int(env["ELASTIC_APM_DATA_RECEIVER_SERVER_PORT"])
+            e["agent"] = Client(lam, port)
+            e["req"] = intake_request(port, body)
+            e["flushed"] = ("POST /intake/v2/events?flushed=true HTTP/1.1\r\nHost: 127.0.0.1:%d"
+                            "\r\nContent-Length: 0\r\n\r\n" % port).encode()
+        direct_req = intake_request(0, body, TPUT_CHUNK)
+
+        def sink_stats(scheme):
+            return http_get_json(sinks[scheme][1], "/__sink/stats", sinks[scheme][2])
+
+        def run_ext(scheme, n):
+            e = exts[scheme]
+            lam, agent, proc = e["lam"], e["agent"], e["proc"]
+            what = "the %s throughput run" % scheme
+            b0 = sink_stats(scheme)["body_bytes"]
+            spid = sinks[scheme][0].pid
+            k0 = cpu_stat()
+            c0 = (cpu_ns(proc.pid), cpu_ns(spid), time.process_time_ns())
+            n0 = len(lam.nexts)
+            rid = str(uuid.uuid4())
+            t0 = lam.invoke(rid)
+            for _ in range(n):
+                st, _ = agent.send_raw(e["req"], "a 1 MiB intake POST in " + what)
+                if st != 202:
+                    raise BenchError("apm-ext answered %d to a 1 MiB intake POST in %s" % (st, what))
+            st, t_flushed = agent.send_raw(e["flushed"], "the flushed POST of " + what)
+            if st != 202:
+                raise BenchError("apm-ext answered %d to the flushed POST of %s" % (st, what))
+            lam.wait(lambda: len(lam.nexts) > n0, "apm-ext's /next after " + what,
+                     timeout=TPUT_FWD_TIMEOUT_S + 60)
+            t1 = lam.nexts[n0]
+            c1 = (cpu_ns(proc.pid), cpu_ns(spid), time.process_time_ns())
+            k1 = cpu_stat()
+            e["rid"] = rid
+            got = sink_stats(scheme)["body_bytes"] - b0
+            if got < n * len(body):
+                held = (t1 - t_flushed) / 1e9
+                raise Broken(
+                    "%s: apm-ext called /next %.1f s after the flushed POST%s with %d of %d "
+                    "body bytes at the sink: %s" % (
+                        what, held, " (its forwarder timeout is %d s)" % TPUT_FWD_TIMEOUT_S,
+                        got, n * len(body),
+                        "delivery stalled until the forwarder timeout, data held back"
+                        if held >= TPUT_FWD_TIMEOUT_S - 0.5 else "data lost"))
+            return {"wall": t1 - t0, "bytes": n * len(body), "ext": c1[0] - c0[0],
+                    "sink": c1[1] - c0[1], "agent": c1[2] - c0[2],
+                    "cpu_here": cpu_busy(k0, k1, ctx.cpu), "cpu_sink": cpu_busy(k0, k1, sink_cpu)}
+
+        def run_direct(scheme, n):
+            p, port, tls = sinks[scheme]
+            what = "the direct %s throughput run" % scheme
+            b0 = sink_stats(scheme)["body_bytes"]
+            s = direct_connect(ctx, port, tls is not None)
+            try:
+                c0 = (cpu_ns(p.pid), time.process_time_ns())
+                t0 = now()
+                for _ in range(n):
+                    s.sendall(direct_req)
+                    read_202(s, what)
+                t1 = now()
+                c1 = (cpu_ns(p.pid), time.process_time_ns())
+            except OSError as e:
+                raise BenchError("%s: %s" % (what, e))
+            finally:
+                s.close()
+            got = sink_stats(scheme)["body_bytes"] - b0
+            if got < n * len(body):
+                raise BenchError("%s: the sink got %d body bytes of %d" % (what, got, n * len(body)))
+            return {"wall": t1 - t0, "bytes": n * len(body), "sink": c1[0] - c0[0],
+                    "agent": c1[1] - c0[1]}
+
+        cases = [("ext", "http"), ("ext", "https"), ("direct", "http"), ("direct", "https")]
+        res = {c: [] for c in cases}
+        broken = {}             # case -> why: no more runs of it
+
+        def run(case, n):
+            if case in broken:
+                return None
+            try:
+                return (run_ext if case[0] == "ext" else run_direct)(case[1], n)
+            except Broken as e:
+                broken[case] = str(e)
+                ctx.broken.append(str(e))
+                return None
+        for c in cases:                             # warm-up: connections, queue pages
+            run(c, min(8, nreq))
+        gc.collect()
+        for i in range(rounds):
+            k = i % len(cases)
+            for c in cases[k:] + cases[:k]:
+                r = run(c, nreq)
+                if r is not None:
+                    res[c].append(r)
+                gc.collect()
+        hwm = {}
+        for scheme, e in exts.items():
+            hwm[scheme] = e["proc"].status()["VmHWM"]
+            e["agent"].close()
+            if e.get("rid"):
+                send_report(e["lam"], e["rid"])
+            finish(ctx, e["lam"], e["proc"], "throughput runs, %s server" % scheme)
+        hands = http_get_json(tport, "/__sink/handshakes", ctx.tls_client())
+    finally:
+        for e in exts.values():
+            if e["agent"] is not None:
+                e["agent"].close()
+            e["lam"].close()
+        stop_server(csink)
+        if ctx.tls_sink is not None and ctx.tls_sink.poll() is None:
+            ctx.pin(ctx.tls_sink.pid, ctx.cpu)
+    ctx.raw["throughput"] = {"%s-%s" % k: v for k, v in res.items()}
+
+    def rate(runs, den="wall"):
+        return stats([r["bytes"] / r[den] * 1e3 for r in runs if r.get(den)])   # MB/s
+
+    def busy(runs, who):
+        """Median % of the run's wall time: CPU time of who, or (cpu_*) how
+        busy that CPU was, whoever used it."""
+        v = [r[who] / r["wall"] if who in ("ext", "sink", "agent") else r[who]
+             for r in runs if r.get(who) is not None]
+        return 100.0 * statistics.median(v) if v else None
+
+    def shares(scheme):
+        runs = res[("ext", scheme)]
+        e, a, s = busy(runs, "ext"), busy(runs, "agent"), busy(runs, "sink")
+        here, there = busy(runs, "cpu_here"), busy(runs, "cpu_sink")
+        return e, a, s, here, there
+
+    def verdict(scheme):
+        if ("ext", scheme) in broken:
+            return "apm-ext broke (see 'bench: BROKEN' below)"
+        if not res[("ext", scheme)]:
+            return ""
+        e, a, s, here, there = shares(scheme)
+        sink = "Python ssl sink" if scheme == "https" else "C sink"
+        if ctx.remote_cpu is None:
+            return "%s: apm-ext %.0f%%, agent %.0f%%, sink %.0f%%" % (
+                "one CPU" if ctx.cpu is not None else "not pinned", e, a, s)
+        # A side is the limit when its CPU is full, mostly with our process(es).
+        ours = e + a
+        here_full = here >= 90 if here is not None else ours >= 85
+        there_full = there >= 90 if there is not None else s >= 85
+        def other(busy_cpu, own):
+            o = (busy_cpu - own) if busy_cpu is not None else 0
+            return ", other load %.0f%%" % o if o >= 10 else ""
+        cands = []
+        if there_full and s >= (there if there is not None else s) - s:
+            cands.append((s, "%s-bound: the sink is the bottleneck (busy %.0f%%%s)"
+                          % (sink, s, other(there, s))))
+        if here_full and ours >= (here if here is not None else ours) - ours:
+            cands.append((ours, "apm-ext-bound (apm-ext %.0f%% + agent %.0f%% of CPU %d%s)"
+                          % (e, a, ctx.cpu, other(here, ours))))
+        if cands:
+            return max(cands)[1]
+        if here_full or there_full:
+            return "other load: CPU %s full, mostly not with ours (note)" % "+".join(
+                str(c) for c, f in ((ctx.cpu, here_full), (sink_cpu, there_full)) if f)
+        return "neither side's CPU full (note)"
+
+    ext_h, ext_s = res[("ext", "http")], res[("ext", "https")]
+    dir_h, dir_s = res[("direct", "http")], res[("direct", "https")]
+    bh, bs = ("ext", "http") in broken, ("ext", "https") in broken
+    rows = [
+        row("intake throughput, http: agent -> apm-ext -> C sink", rate(ext_h), rate(dir_h),
+            verdict("http"), None, "MB/s", "rate", bh),
+        row("intake throughput, https: agent -> apm-ext -> Python ssl sink", rate(ext_s),
+            rate(dir_s), verdict("https"), None, "MB/s", "rate", bs),
+        row("  apm-ext ceiling, http: MB per apm-ext CPU-second", rate(ext_h, "ext"), None,
+            unit="MB/s", kind="rate", broken=bh),
+        row("  apm-ext ceiling, https: MB per apm-ext CPU-second", rate(ext_s, "ext"), None,
+            unit="MB/s", kind="rate", broken=bs),
+        row("  sink ceiling, http: MB per C sink CPU-second", rate(ext_h, "sink"),
+            rate(dir_h, "sink"), unit="MB/s", kind="rate"),
+        row("  sink ceiling, https: MB per Python ssl sink CPU-second", rate(ext_s, "sink"),
+            rate(dir_s, "sink"), unit="MB/s", kind="rate"),
+    ]
+    for scheme in ("http", "https"):
+        if res[("ext", scheme)] and ("ext", scheme) not in broken:
+            e, a, s, here, there = shares(scheme)
+            ctx.notes.append(
+                "throughput, %s, busy (CPU time / wall time, medians): CPU %s: %s apm-ext "
+                "%.0f%% + agent %.0f%%; CPU %s: %s sink %.0f%%" % (
+                    scheme, ctx.cpu, "%.0f%% busy of which" % here if here is not None else "",
+                    e, a, sink_cpu, "%.0f%% busy of which" % there if there is not None else "",
+                    s))
+    where = ("the sinks on CPU %d (a remote server's stand-in), apm-ext and the agent (the "
+             "bench) on CPU %d" % (sink_cpu, ctx.cpu)) if ctx.remote_cpu is not None else \
+        "everything on one CPU" if ctx.cpu is not None else "nothing pinned"
+    suites = {"apm-ext": {}, "direct": {}}
+    for h in hands:
+        if h[0] >= t_start and (h[3] in DIRECT_PORTS or h[3] not in OWN_PORTS):
+            d = suites["direct" if h[3] in DIRECT_PORTS else "apm-ext"]
+            d[h[2]] = d.get(h[2], 0) + 1
+    tls_info = "; ".join("%s: %s" % (k, ", ".join("%s (%d)" % kv for kv in v.items()))
+                         for k, v in suites.items())
+    ctx.notes.append(
+        "throughput: %d x %d-byte identity ndjson agent requests per run (one keep-alive "
+        "connection, ended by the flushed POST; time = INVOKE written -> /next, i.e. until "
+        "the sink answered everything), %d run(s) per case, MB = 10^6 bytes; %s; floor "
+        "column = the bench sending the same bytes straight to the sink (chunked, one "
+        "connection; https: Python's ssl as the client); 'busy' = CPU time / wall time of "
+        "the runs; TLS handshakes at the sink: %s" % (nreq, len(body), rounds, where, tls_info))
+    ctx.notes.append("apm-ext VmHWM after the throughput runs: %d KiB (http), %d KiB (https)"
+                     % (hwm["http"], hwm["https"]))
+    return rows
+
+
+MEASUREMENTS = [("cold", m_cold_start), ("size", m_size), ("latency", m_latency),
+                ("tls", m_tls_cold), ("secrets", m_secrets), ("throughput", m_throughput)]
 
 
 # ------------------------------------------------------------------ output
@@ -937,6 +1919,8 @@ def fmt(v, kind):
         return "-"
     if kind == "stats":
         return "%s (p90 %s)" % (fmt(v["median"], "num"), fmt(v["p90"], "num"))
+    if kind == "rate":                  # throughput: the worst run matters, not the p90
+        return "%s (min %s)" % (fmt(v["median"], "num"), fmt(v["min"], "num"))
     if isinstance(v, float) and abs(v) < 10:
         return "%.2f" % v
     return "%.0f" % v
@@ -949,6 +1933,7 @@ def print_table(rows, out=sys.stdout):
         unit = " (%s)" % r["unit"] if r["unit"] else ""
         cells.append((r["figure"] + unit, fmt(r["apm_ext"], r["kind"]),
                       fmt(r["floor"], r["kind"]), r["target"],
+                      "BROKEN" if r.get("broken") else
                       "" if r["ok"] is None else ("ok" if r["ok"] else "MISSED")))
     w = [max(len(c[i]) for c in cells) for i in range(len(head))]
     line = "+".join("-" * (x + (1 if i in (0, len(w) - 1) else 2)) for i, x in enumerate(w))
@@ -969,6 +1954,8 @@ def main(argv=None):
     ap.add_argument("--only", metavar="NAMES",
                     help="comma-separated subset of: " + ",".join(n for n, _ in MEASUREMENTS))
     ap.add_argument("--keep", action="store_true", help="keep the extensions' logs")
+    ap.add_argument("--tput-mb", type=int, default=None, metavar="N",
+                    help="1 MiB agent requests per throughput run (default 100; --quick: 32)")
     ap.add_argument("--cpu", type=int, default=None,
                     help="CPU to pin the bench, the sink and the extensions to (default: the "
                          "last one allowed; -1: no pinning)")
@@ -992,11 +1979,22 @@ def main(argv=None):
     rows, ctx = [], None
     try:
         ctx = Ctx(args)
+        if cpu >= 0:
+            ctx.cpu = cpu
+            others = [c for c in cpus if c != cpu]
+            ctx.remote_cpu = others[-1] if others else None
         gc.disable()
+        took = []
         for name, fn in MEASUREMENTS:
             if only is None or name in only:
-                rows += fn(ctx)
+                t_m = time.monotonic()
+                try:
+                    rows += fn(ctx)
+                except Skip as e:
+                    ctx.notes.append("%s skipped: %s" % (name, e))
                 gc.collect()
+                took.append("%s %.1fs" % (name, time.monotonic() - t_m))
+        ctx.notes.append("time per measurement: " + ", ".join(took))
     except BenchError as e:
         print("bench: FAILED: %s" % e, file=sys.stderr)
         return 1
@@ -1020,12 +2018,14 @@ def main(argv=None):
             print("note: " + n)
     if ctx.args.keep:
         print("logs kept in " + ctx.tmp)
+    for b in ctx.broken:
+        print("bench: BROKEN: %s" % b, file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"binary": ctx.binary, "size": os.path.getsize(ctx.binary),
-                       "runs": args.runs, "rows": rows, "notes": notes, "raw": ctx.raw},
-                      f, indent=1, default=str)
-    return 0
+                       "runs": args.runs, "rows": rows, "notes": notes, "raw": ctx.raw,
+                       "broken": ctx.broken}, f, indent=1, default=str)
+    return 1 if ctx.broken else 0
 
 
 if __name__ == "__main__":
