@@ -8,7 +8,11 @@ BEARSSL_A  ?= /usr/lib/$(ARCH)-linux-gnu/libbearssl.a
 CFLAGS_REL  = -std=c11 -Os -Wall -Wextra -ffunction-sections -fdata-sections \
               -fno-asynchronous-unwind-tables -fno-stack-protector \
               -D_GNU_SOURCE -I/usr/include/bearssl
-LDFLAGS_REL = -static -s -Wl,--gc-sections -Wl,-z,norelro
+LDFLAGS_REL = -static -s -Wl,--gc-sections -Wl,-z,norelro -Wl,-z,noseparate-code
+# Nothing unwinds the stack (no C++, no thread cancellation): the unwind
+# tables BearSSL's objects bring are dropped after the link (8 KiB).
+POSTLINK    = -R .eh_frame -R .eh_frame_hdr
+OBJCOPY    ?= objcopy
 HOST_CC    ?= cc
 TEST_FLAGS  = -std=c11 -g -O1 -Wall -Wextra -Werror -D_GNU_SOURCE \
               -DAPM_EXT_TEST -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all \
@@ -25,6 +29,7 @@ deps:
 apm-ext: apm-ext.c apm-ext.h
 	@command -v $(MUSL_CC) >/dev/null && [ -f $(BEARSSL_A) ] || sh test/deps.sh
 	$(MUSL_CC) $(CFLAGS_REL) -o $@ apm-ext.c $(BEARSSL_A) $(LDFLAGS_REL)
+	$(OBJCOPY) $(POSTLINK) $@
 	@echo "apm-ext: $$(stat -c %s $@) bytes"
 
 build/unit: test/unit.c apm-ext.c apm-ext.h

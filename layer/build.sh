@@ -82,6 +82,8 @@ fi
 mkvar() { make -s --no-print-directory -f "$ROOT/Makefile" --eval 'print-%: ; @echo $($*)' "print-$1"; }
 CFLAGS_REL=$(mkvar CFLAGS_REL)
 LDFLAGS_REL=$(mkvar LDFLAGS_REL)
+POSTLINK=$(mkvar POSTLINK)
+CROSS_OBJCOPY=${CROSS_OBJCOPY:-aarch64-linux-gnu-objcopy}
 if [ -z "$CFLAGS_REL" ] || [ -z "$LDFLAGS_REL" ]; then
 	die "cannot read CFLAGS_REL/LDFLAGS_REL from the Makefile"
 fi
@@ -104,6 +106,10 @@ build_all() {
 	# shellcheck disable=SC2086
 	$CROSS_CC -specs="$out/aarch64/musl-gcc.specs" $CFLAGS_REL -o "$out/aarch64/$NAME" \
 		apm-ext.c "$BEARSSL_ARM" $LDFLAGS_REL
+	# shellcheck disable=SC2086
+	objcopy $POSTLINK "$out/x86_64/$NAME"
+	# shellcheck disable=SC2086
+	$CROSS_OBJCOPY $POSTLINK "$out/aarch64/$NAME"
 
 	for arch in x86_64 aarch64; do
 		bin="$out/$arch/$NAME"
