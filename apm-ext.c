@@ -2107,6 +2107,7 @@ static int aws_pending(void);
 static void aws_failed(const char *why);
 static void aws_answer(struct upstream *u);
 static int aws_acm_wanted(void);
+static int aws_first_call_pending(void);
 
 /* == 10. Payload queue ==
  * Agent bodies are stored in chains of fixed blocks, appended as they arrive
@@ -3994,11 +3995,11 @@ agent_proxy_head(struct agent *a, const struct apm_http_msg *m)
 	char host[300];
 	upstream_host_header(&g.apm, host, sizeof host);
 	c->tx_len = c->tx_off = 0;
+	/* Our Authorization goes in when the call leaves (proxy_schedule): a
+	 * secret from Secrets Manager may arrive in between. */
 	int bad = tx_printf(c, "%.*s %s%.*s HTTP/1.1\r\nHost: %s\r\n",
 	    (int)m->method.len, m->method.ptr, g.cfg.server.prefix,
 	    (int)m->target.len, m->target.ptr, host);
-	if (g.cfg.auth[0])
-		bad |= tx_printf(c, "Authorization: %s\r\n", g.cfg.auth);
 	for (size_t i = 0; i < m->num_headers; i++) {
 		const struct apm_http_header *h = &m->headers[i];
 		if (!proxy_drops_header(h->name))
@@ -4386,6 +4387,8 @@ agent_proxy_answer(int ai, struct upstream *u, int ok)
 static void
 proxy_schedule(void)
 {
+	if (aws_first_call_pending())
+		return; /* the auth they need is on its way (bounded by its timeout) */
 	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
 		struct agent *a = &g.agents[i];
 		if (a->c.fd < 0 || a->state != AG_PROXY_WAIT || a->c.tx_len == 0)
@@ -4402,7 +4405,16 @@ proxy_schedule(void)
 		if (!was_closed)
 			u->state = UP_BUSY;
 		uc->tx_len = uc->tx_off = 0;
-		tx_put(uc, a->c.tx, a->c.tx_len);
+		const char *eol = memmem(a->c.tx, a->c.tx_len, "\r\n", 2);
+		size_t line = eol ? (size_t)(eol - a->c.tx) + 2 : 0;
+		tx_put(uc, a->c.tx, line); /* request line, then our auth */
+		if (g.cfg.auth[0])
+			tx_printf(uc, "Authorization: %s\r\n", g.cfg.auth);
+		if (tx_put(uc, a->c.tx + line, a->c.tx_len - line) < 0) {
+			a->c.tx_len = 0;
+			agent_respond(a, 431, "proxied request too large", 0);
+			continue;
+		}
 		a->c.tx_len = 0;
 		u->job = JOB_PROXY;
 		u->agent = i;
@@ -4649,6 +4661,13 @@ static int
 aws_acm_wanted(void)
 {
 	return aws.id[AWS_ACM] != NULL;
+}
+
+/* Secrets are wanted and their first attempt has not ended yet. */
+static int
+aws_first_call_pending(void)
+{
+	return aws.key_id && aws.failures == 0 && aws_pending();
 }
 
 /* A call is still to be made: deliveries wait for it. */

@@ -735,3 +735,21 @@ def secrets_cold_start_not_delayed(t):
     assert_delivered_before_next(t, tx, t_next, "first invocation", aws)
     assert_auth_everywhere(t, "Bearer " + TOKEN)
     finish(t, creds, [aws], ids=[TOKEN_ID])
+
+
+@scenario(apm=ApmArgs(token=TOKEN))
+def secrets_proxy_waits_for_the_secret(t):
+    """The agent's first GET / (sent as soon as it starts) goes out with the fetched token, not
+    without auth: proxied calls wait for the first Secrets Manager attempt."""
+    from e2e import http_request
+    creds = Creds()
+    aws = new_aws(t, creds, {TOKEN_ID: TOKEN})
+    aws.delay = 0.3     # the secret arrives well after the agent's first call
+    t.start(aws_env(creds, aws, token=TOKEN_ID))
+    status, _, body = http_request(t.port, "GET", "/")
+    assert status == 200, "GET / through the extension: %s %r (401 = sent before the " \
+        "secret arrived)" % (status, body[:200])
+    gets = [r for r in t.apm.requests if r.method == "GET"]
+    assert gets and gets[0].headers.get("Authorization") == "Bearer " + TOKEN, \
+        "the proxied GET / carried %r" % (gets[0].headers.get("Authorization") if gets else None)
+    finish(t, creds, [aws], ids=[TOKEN_ID])
