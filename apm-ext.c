@@ -1216,7 +1216,6 @@ int
 apm_url_parse(const char *s, size_t len, struct apm_url *u)
 {
 	memset(u, 0, sizeof *u);
-	struct apm_str v = { s, len };
 	size_t p;
 	if (len > APM_URL_MAX || memchr(s, '?', len) || memchr(s, '#', len))
 		return -1;
@@ -1230,7 +1229,6 @@ apm_url_parse(const char *s, size_t len, struct apm_url *u)
 	} else {
 		return -1;
 	}
-	(void)v;
 	size_t a = p;
 	while (p < len && s[p] != '/')
 		p++;
@@ -1984,7 +1982,6 @@ struct upstream {
 	int resp_started;       /* a response byte has arrived */
 	int status;             /* response status */
 	int resp_close;         /* Connection: close in the response */
-	struct apm_str ctype;   /* proxied response Content-Type (in rx) */
 	char ctype_buf[128];
 	char cenc_buf[64];
 };
@@ -3088,12 +3085,11 @@ tls_closed(struct upstream *u)
  * 0, or -1 when the connection failed (already torn down).
  */
 static int
-tls_step(struct upstream *u, int can_read, int can_write)
+tls_step(struct upstream *u)
 {
 	struct conn *c = &u->c;
 	br_ssl_engine_context *e = &c->tls->eng;
-	(void)can_read;
-	(void)can_write; /* non-blocking sockets: we just try */
+	/* non-blocking calls: we just try both ways, whatever poll said */
 	for (int guard = 0; guard < 256; guard++) {
 		unsigned st = br_ssl_engine_current_state(e);
 		int progress = 0;
@@ -3687,8 +3683,7 @@ upstream_step(struct upstream *u, short revents)
 		}
 	}
 	if (c->tls) {
-		if (tls_step(u, revents & (POLLIN | POLLHUP | POLLERR),
-		    revents & POLLOUT) < 0)
+		if (tls_step(u) < 0)
 			return;
 	} else {
 		if (revents & (POLLIN | POLLHUP | POLLERR)) {
@@ -3717,7 +3712,7 @@ upstream_step(struct upstream *u, short revents)
 	if (u->job == JOB_PAYLOAD)
 		upstream_frame_body(u);
 	if (c->tls)
-		tls_step(u, 0, 1);
+		tls_step(u);
 	else if (conn_flush(c) < 0)
 		upstream_fail(u, strerror(errno));
 }
@@ -4570,7 +4565,7 @@ lambda_send_next(void)
 	log_debug("called /event/next");
 }
 
-static void lambda_event(const char *js, size_t len);
+static void lambda_event(const struct apm_lambda_event *ev, int ok);
 
 static void
 lambda_step(short revents)
@@ -4609,14 +4604,13 @@ lambda_step(short revents)
 	if (r == 0)
 		return;
 	g.lam.req = LR_NONE;
-	char ev[4096];
-	size_t n = MIN(c->body.have, sizeof ev);
-	memcpy(ev, c->rx, n);
+	struct apm_lambda_event ev; /* parsed in place, before rx is reused */
+	int ok = apm_lambda_event_parse(c->rx, c->body.have, &ev) == 0;
 	if (c->close_after || c->eof)
 		conn_close(c);
 	else
 		buf_reset(c);
-	lambda_event(ev, n);
+	lambda_event(&ev, ok);
 	return;
 broken:
 	/* The Lambda API never breaks in practice; after a broken exchange we
@@ -4954,8 +4948,6 @@ static struct {
 	size_t agent_meta_len;
 	char reg_trace_id[64], reg_tx_id[64];
 	int proxy_sent;         /* for g.inv */
-	int runtime_failed;     /* runtimeDone status of g.inv was not success */
-	int64_t shutdown_started;
 } tel; /* own = -1 is set in main: a zero struct stays out of .data */
 
 
@@ -4979,7 +4971,6 @@ tel_inv_track(void)
 	r->start_us = epoch_us();
 	r->deadline_epoch_ms = r->start_us / 1000 + (g.inv.deadline - g.inv.t_invoke);
 	tel.proxy_sent = 0;
-	tel.runtime_failed = 0;
 }
 
 /* At SHUTDOWN: the last invocation's platform.report has not come yet. */
@@ -5258,10 +5249,8 @@ tel_runtime_done(const char *rid, const char *status)
 		}
 		return;
 	}
-	if (strcmp(status, "success") != 0) {
-		tel.runtime_failed = 1;
+	if (strcmp(status, "success") != 0)
 		tel_proxy_transaction(status);
-	}
 	invocation_end("runtimeDone");
 }
 
@@ -5533,10 +5522,10 @@ invocation_end(const char *why)
 }
 
 static void
-lambda_event(const char *js, size_t len)
+lambda_event(const struct apm_lambda_event *e, int ok)
 {
-	struct apm_lambda_event ev;
-	if (apm_lambda_event_parse(js, len, &ev) < 0) {
+	const struct apm_lambda_event ev = *e;
+	if (!ok) {
 		log_error("malformed event from /event/next; asking again");
 		lambda_send_next();
 		return;
