@@ -82,6 +82,8 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 }
 
 #define MAX_AGENT_CONNS 64      /* agent connections; the idlest is evicted */
+#define AGENT_GRACE_MS 1000     /* a new connection is spared this long */
+#define BODY_MIN_BYTES 64       /* a body brings this much per receiver timeout */
 #define MAX_UPSTREAM 4          /* connections to the APM server */
 #define AWS_SLOT MAX_UPSTREAM   /* one more connection, for AWS API calls */
 #define NUM_UPSTREAM (MAX_UPSTREAM + 1)
@@ -1946,6 +1948,7 @@ struct agent {
 	int state;              /* enum agent_state */
 	int route;              /* enum agent_route */
 	int status;             /* RT_REJECT: the status to answer */
+	uint64_t limit;         /* body bytes this route takes at most */
 	int flushed;            /* ?flushed=true */
 	int keep_alive;
 	int payload;            /* queue slot receiving the body, -1 none */
@@ -1954,6 +1957,10 @@ struct agent {
 	char request_id[128];   /* x-elastic-aws-request-id */
 	unsigned requests;      /* requests answered on this connection */
 	uint64_t accepted;      /* accept order, to break idleness ties */
+	int64_t accepted_at;    /* monotonic ms */
+	int64_t body_start;     /* AG_BODY: when its head was read */
+	int64_t window_start;   /* AG_BODY: the current progress window */
+	uint64_t window_total;  /* body.total when that window began */
 };
 
 /* A server we connect to: the APM server, Secrets Manager or ACM. */
@@ -2097,7 +2104,7 @@ static void tel_inv_track(void);
 static void tel_proxy_transaction(const char *status);
 static int tel_report_pending(void);
 static void tel_agent_metadata(const char *p, size_t n);
-static void tel_registered(const char *tx, size_t n);
+static void tel_registered(const char *rid, const char *tx, size_t n);
 static void tel_runtime_done(const char *rid, const char *status);
 static int aws_wanted(void);
 static int aws_pending(void);
@@ -3783,7 +3790,10 @@ fwd_schedule(void)
 		int best = -1;
 		for (unsigned i = 0; i < g.q.npayloads; i++) {
 			struct payload *p = &g.q.p[i];
-			if (!p->used || p->inflight || (p->open && p->len == 0))
+			/* A body still arriving goes out once it fills a block: a
+			 * small one is sent whole, so a function that dies
+			 * mid-request leaves no cut request at the server. */
+			if (!p->used || p->inflight || (p->open && p->len < BLOCK_SIZE))
 				continue;
 			if (best < 0 || p->seq < g.q.p[best].seq)
 				best = (int)i;
@@ -3874,13 +3884,16 @@ agent_abort_payload(struct agent *a, const char *why)
 	if (a->payload < 0)
 		return;
 	struct payload *p = &g.q.p[a->payload];
-	if (p->len > 0)
-		log_warn("agent request broke off after %llu bytes (%s); "
-		    "its partial body is discarded", (unsigned long long)p->len, why);
-	if (p->inflight)
+	if (p->inflight) {
+		log_warn("agent request broke off after %llu bytes (%s); its "
+		    "request to the APM server is cut off", (unsigned long long)p->len,
+		    why);
 		fwd_payload_aborted(a->payload);
-	else
+	} else {
+		log_debug("agent request broke off after %llu bytes (%s); "
+		    "discarded", (unsigned long long)p->len, why);
 		queue_free(&g.q, a->payload);
+	}
 	a->payload = -1;
 }
 
@@ -4035,6 +4048,7 @@ agent_head(struct agent *a)
 	    apm_http_header_get(&m, "x-elastic-aws-request-id"));
 	body_init(&c->body, &m, 0);
 	uint64_t limit;
+	/* A body other than intake's is kept whole in rx, after the head. */
 	if (apm_str_ieq(m.method, "POST") &&
 	    path_is(m.target, "/intake/v2/events", &q)) {
 		a->route = RT_INTAKE;
@@ -4043,7 +4057,7 @@ agent_head(struct agent *a)
 	} else if (apm_str_ieq(m.method, "POST") &&
 	    path_is(m.target, "/register/transaction", &q)) {
 		a->route = RT_REGISTER;
-		limit = REG_MAX;
+		limit = MIN(REG_MAX, RX_BUF);
 		struct apm_str ct = apm_http_header_get(&m, "content-type");
 		if (!ct.ptr || ct.len < 45 || memcmp(ct.ptr,
 		    "application/vnd.elastic.apm.transaction+ndjson", 45) != 0) {
@@ -4055,7 +4069,7 @@ agent_head(struct agent *a)
 		}
 	} else {
 		a->route = RT_PROXY;
-		limit = PROXY_BODY_MAX;
+		limit = MIN(PROXY_BODY_MAX, RX_BUF);
 		if (!g.cfg.has_server) {
 			a->route = RT_REJECT;
 			a->status = 502;
@@ -4064,6 +4078,7 @@ agent_head(struct agent *a)
 			return;
 		}
 	}
+	a->limit = limit;
 	if (m.content_length > 0 && (uint64_t)m.content_length > limit) {
 		agent_reject(a, 413, apm_err_str(APM_E_BODY_TOO_LARGE));
 		return;
@@ -4074,6 +4089,8 @@ agent_head(struct agent *a)
 	rx_consume(c, (size_t)r);
 	c->head_done = 1;
 	c->head_prev = 0;
+	a->body_start = a->window_start = now_ms();
+	a->window_total = 0;
 	a->state = AG_BODY;
 }
 
@@ -4119,6 +4136,35 @@ agent_request_done(struct agent *a)
 	}
 }
 
+/*
+ * The queue has no free block and holds no complete payload: only an agent
+ * finishing its body could free one, and every agent with bytes to store
+ * waits for a block. Refuse the newest body that holds blocks (503, close)
+ * so the others go on. 1 if one was refused.
+ */
+static int
+agent_unjam_queue(void)
+{
+	struct queue *q = &g.q;
+	if (q->free_top > 0 || q->fresh < q->nblocks)
+		return 0;
+	struct agent *victim = NULL;
+	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+		struct agent *a = &g.agents[i];
+		if (a->c.fd < 0 || a->payload < 0 || q->p[a->payload].len == 0)
+			continue;
+		if (!victim || q->p[a->payload].seq > q->p[victim->payload].seq)
+			victim = a;
+	}
+	for (unsigned i = 0; i < q->npayloads; i++)
+		if (q->p[i].used && !q->p[i].open)
+			return 0; /* its delivery (or drop) frees blocks */
+	if (!victim)
+		return 0;
+	agent_reject(victim, 503, "queue full of unfinished bodies");
+	return 1;
+}
+
 /* Move decoded intake bytes into the queue; 0 when all moved. */
 static int
 agent_push(struct agent *a)
@@ -4139,6 +4185,8 @@ agent_push(struct agent *a)
 	}
 	size_t n = queue_append(&g.q, a->payload, c->rx, c->body.have);
 	rx_consume(c, n);
+	if (c->body.have && agent_unjam_queue() && a->payload >= 0)
+		return agent_push(a);
 	return c->body.have ? -1 : 0;
 }
 
@@ -4151,14 +4199,15 @@ agent_body(struct agent *a)
 		agent_reject(a, 400, apm_err_str(c->body.ch.error));
 		return;
 	}
-	uint64_t limit = a->route == RT_INTAKE ? g.cfg.max_body :
-	    a->route == RT_REGISTER ? REG_MAX : PROXY_BODY_MAX;
-	if (c->body.total > limit) {
+	if (c->body.total > a->limit ||
+	    (r == 0 && a->route != RT_INTAKE && c->rx_len == c->rx_cap)) {
 		agent_reject(a, 413, apm_err_str(APM_E_BODY_TOO_LARGE));
 		return;
 	}
 	if (a->route == RT_INTAKE && agent_push(a) < 0)
 		return; /* queue full: wait */
+	if (a->route == RT_REJECT)
+		rx_consume(c, c->body.have); /* its answer is known: discard */
 	if (r == 1)
 		agent_request_done(a);
 }
@@ -4207,9 +4256,9 @@ agent_events(struct agent *a)
 	case AG_PROXY_WAIT:
 		return 0;
 	case AG_BODY:
-		if (c->body.have > 0 || c->rx_len == c->rx_cap)
-			return 0; /* back-pressure */
-		return POLLIN;
+		if (a->route == RT_INTAKE && c->body.have > 0)
+			return 0; /* back-pressure: the queue is full */
+		return c->rx_len < c->rx_cap ? POLLIN : 0;
 	default:
 		return c->rx_len < c->rx_cap ? POLLIN : 0;
 	}
@@ -4220,9 +4269,24 @@ agent_timeouts(struct agent *a, int64_t now)
 {
 	struct conn *c = &a->c;
 	int busy = a->state != AG_HEAD || c->rx_len > 0;
-	if (a->state == AG_PROXY_WAIT || (a->state == AG_BODY && c->body.have > 0)) {
-		c->deadline = 0; /* waiting on us, not on the agent */
+	if (a->state == AG_PROXY_WAIT) {
+		c->deadline = 0; /* waiting on the APM server, bounded there */
 		return;
+	}
+	/* A body must bring BODY_MIN_BYTES in every receiver timeout (one that
+	 * trickles a byte at a time holds its slot for nothing). An intake body
+	 * waiting for queue room is bounded by this too: the queue moves or the
+	 * body is refused. */
+	if (a->state == AG_BODY && now - a->window_start >= g.cfg.receiver_timeout_ms) {
+		if (c->body.total - a->window_total < BODY_MIN_BYTES) {
+			log_warn("agent request body made no progress (%llu bytes in "
+			    "%lld ms); closed", (unsigned long long)(c->body.total -
+			    a->window_total), (long long)g.cfg.receiver_timeout_ms);
+			agent_reject(a, 408, "request body too slow");
+			return;
+		}
+		a->window_start = now;
+		a->window_total = c->body.total;
 	}
 	/* A head must arrive whole within the timeout (a slowloris trickles
 	 * bytes to stay "active"); a body may pause up to it between bytes. */
@@ -4233,6 +4297,9 @@ agent_timeouts(struct agent *a, int64_t now)
 	} else {
 		c->head_start = 0;
 		c->deadline = busy ? c->last_active + g.cfg.receiver_timeout_ms : 0;
+		if (a->state == AG_BODY)
+			c->deadline = MIN(c->deadline,
+			    a->window_start + g.cfg.receiver_timeout_ms);
 	}
 	if (c->deadline && now >= c->deadline) {
 		if (a->state == AG_RESPOND) {
@@ -4264,40 +4331,79 @@ agent_step(struct agent *a, short revents)
 	}
 }
 
-/* How much closing this connection would cost: -1 never (a request is
- * under way); else higher is dearer. */
+/*
+ * How much closing this connection would cost: -1 never (a request is
+ * under way); else higher is dearer. 0-1: never completed a request and
+ * older than AGENT_GRACE_MS (what idle floods are made of); 2: just
+ * accepted, its first head may still be on the way; 3: a kept-alive agent
+ * connection (closing it could make an agent lose a request).
+ */
 static int
-agent_evict_rank(const struct agent *a)
+agent_evict_rank(const struct agent *a, int64_t now)
 {
 	if (a->c.fd < 0 || a->state != AG_HEAD || a->payload >= 0)
 		return -1;
-	return (a->requests > 0) * 2 + (a->c.rx_len > 0);
+	if (a->requests > 0)
+		return 3;
+	if (now - a->accepted_at < AGENT_GRACE_MS)
+		return 2;
+	return a->c.rx_len > 0;
 }
 
 /*
- * The connection to give up when all slots are taken: one that never
- * completed a request (what idle floods are made of) before a kept-alive
- * agent connection (closing that one could make an agent lose a request),
- * the idlest first; never one with a request under way.
+ * The connection to give up when all slots are taken: the cheapest rank;
+ * within a rank the idlest, except for young connections, where the newest
+ * goes first, so a flood arriving after an agent connected evicts itself.
  */
 static int
 agent_evictable(void)
 {
+	int64_t now = now_ms();
 	int best = -1, best_rank = 0;
 	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
 		struct agent *a = &g.agents[i];
-		int r = agent_evict_rank(a);
+		int r = agent_evict_rank(a, now);
 		if (r < 0)
 			continue;
 		struct agent *b = best < 0 ? NULL : &g.agents[best];
-		if (!b || r < best_rank || (r == best_rank &&
-		    (a->c.last_active < b->c.last_active ||
-		    (a->c.last_active == b->c.last_active &&
-		    a->accepted < b->accepted)))) {
+		int before = !b || r < best_rank;
+		if (b && r == best_rank)
+			before = r == 2 ? a->accepted > b->accepted :
+			    a->c.last_active < b->c.last_active ||
+			    (a->c.last_active == b->c.last_active &&
+			    a->accepted < b->accepted);
+		if (before) {
 			best = i;
 			best_rank = r;
 		}
 	}
+	return best;
+}
+
+/*
+ * Every slot has a request under way: the body arriving slowest (bytes per
+ * second since its head) yields to a new connection, or -1 if none is
+ * slower than BODY_MIN_BYTES per second.
+ */
+static int
+agent_slowest_body(void)
+{
+	int64_t now = now_ms();
+	int best = -1;
+	double best_rate = BODY_MIN_BYTES;
+	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+		struct agent *a = &g.agents[i];
+		if (a->c.fd < 0 || a->state != AG_BODY)
+			continue;
+		double rate = (double)a->c.body.total * 1000.0 /
+		    (double)(now - a->body_start + 1);
+		if (rate < best_rate) {
+			best = i;
+			best_rate = rate;
+		}
+	}
+	if (best >= 0)
+		agent_abort_payload(&g.agents[best], "slowest body, all slots taken");
 	return best;
 }
 
@@ -4324,6 +4430,8 @@ agent_accept(int lfd)
 				agent_step(&g.agents[slot], POLLIN);
 				slot = -1;
 			}
+			if (slot < 0)
+				slot = agent_slowest_body();
 			if (slot < 0) {
 				close(fd);
 				g.over_limit++;
@@ -4339,7 +4447,7 @@ agent_accept(int lfd)
 		struct agent *a = &g.agents[slot];
 		buf_reset(&a->c);
 		a->c.fd = fd;
-		a->c.last_active = now_ms();
+		a->c.last_active = a->accepted_at = now_ms();
 		a->state = AG_HEAD;
 		a->payload = -1;
 		a->keep_alive = 1;
@@ -4447,7 +4555,7 @@ register_transaction(struct agent *a)
 		g.reg_len = n;
 		snprintf(g.reg_request_id, sizeof g.reg_request_id, "%s",
 		    a->request_id);
-		tel_registered(nl + 1, n - (size_t)(nl + 1 - c->rx));
+		tel_registered(a->request_id, nl + 1, n - (size_t)(nl + 1 - c->rx));
 		log_debug("transaction registered for %s", a->request_id);
 		agent_respond(a, 200, NULL, 0);
 	}
@@ -4928,25 +5036,29 @@ struct telconn {
 	int reject;             /* status to answer instead of reading */
 };
 
-/* What the platform and the agent told us about one invocation. */
+/* What the platform and the agent told us about one invocation. Telemetry
+ * may come an invocation late, so the last few are kept. */
+#define TEL_RECENT 8
+
 struct inv_info {
 	char request_id[128];
 	char arn[256];
-	int64_t deadline_epoch_ms;
+	int64_t deadline_epoch_ms; /* 0 until its INVOKE is read */
 	int64_t start_us;       /* platform.start time, or INVOKE receipt */
 	int reported;           /* platform.report arrived */
+	char trace_id[33], tx_id[17]; /* registered transaction, "" if none */
 };
 
 static struct {
 	struct telconn conns[MAX_TEL_CONNS];
 	int subscribed;
-	struct inv_info recent[4]; /* ring of the last invocations */
+	struct inv_info recent[TEL_RECENT]; /* ring of the last invocations */
 	unsigned recent_next;
+	char stream_rid[128];   /* request id of the last platform.start read */
 	uint64_t bad_posts, records, logs_dropped;
 	int own;                /* open payload of our own events, -1 none */
 	char agent_meta[8192];  /* metadata line of the agent, if known */
 	size_t agent_meta_len;
-	char reg_trace_id[64], reg_tx_id[64];
 	int proxy_sent;         /* for g.inv */
 } tel; /* own = -1 is set in main: a zero struct stays out of .data */
 
@@ -4954,23 +5066,46 @@ static struct {
 static struct inv_info *
 tel_inv_find(const char *rid)
 {
-	for (unsigned i = 0; i < 4; i++)
+	for (unsigned i = 0; i < TEL_RECENT; i++)
 		if (rid[0] && strcmp(tel.recent[i].request_id, rid) == 0)
 			return &tel.recent[i];
 	return NULL;
 }
 
-/* Remember an invocation for the report that follows it. */
+/* The entry of request id rid, made (over the oldest) if it is new. */
+static struct inv_info *
+tel_inv_get(const char *rid)
+{
+	struct inv_info *r = tel_inv_find(rid);
+	if (r)
+		return r;
+	r = &tel.recent[tel.recent_next++ % TEL_RECENT];
+	memset(r, 0, sizeof *r);
+	snprintf(r->request_id, sizeof r->request_id, "%s", rid);
+	return r;
+}
+
+/* Remember an invocation for the telemetry that follows it. */
 static void
 tel_inv_track(void)
 {
-	struct inv_info *r = &tel.recent[tel.recent_next++ % 4];
-	memset(r, 0, sizeof *r);
-	snprintf(r->request_id, sizeof r->request_id, "%s", g.inv.request_id);
+	struct inv_info *r = tel_inv_get(g.inv.request_id);
 	snprintf(r->arn, sizeof r->arn, "%s", g.inv.arn);
-	r->start_us = epoch_us();
-	r->deadline_epoch_ms = r->start_us / 1000 + (g.inv.deadline - g.inv.t_invoke);
+	int64_t now_epoch_ms = epoch_us() / 1000;
+	if (!r->start_us)
+		r->start_us = now_epoch_ms * 1000;
+	r->deadline_epoch_ms = now_epoch_ms + (g.inv.deadline - g.inv.t_invoke);
 	tel.proxy_sent = 0;
+}
+
+/* The function's timeout: Lambda's are whole seconds, and deadline - start
+ * falls a little short of it (start is read late) or, by clock rounding,
+ * up to a few ms over. */
+static int64_t
+tel_inv_timeout_ms(const struct inv_info *inv)
+{
+	int64_t ms = inv->deadline_epoch_ms - inv->start_us / 1000 - 10;
+	return ms <= 0 ? 1000 : (ms + 999) / 1000 * 1000;
 }
 
 /* At SHUTDOWN: the last invocation's platform.report has not come yet. */
@@ -4995,19 +5130,41 @@ tel_agent_metadata(const char *p, size_t n)
 	memcpy(tel.agent_meta, p, tel.agent_meta_len);
 }
 
-/* Keep the trace and transaction ids of a registered transaction. */
+/* n lowercase hex digits, as trace and span ids are. */
+static int
+is_hex_id(const char *s, size_t n)
+{
+	if (strlen(s) != n)
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return 0;
+	return 1;
+}
+
+/* Keep the trace and transaction ids of the transaction registered for
+ * request id rid; ids of the wrong shape are dropped. */
 static void
-tel_registered(const char *tx, size_t n)
+tel_registered(const char *rid, const char *tx, size_t n)
 {
 	struct apm_json_tok t[256];
 	int k = apm_json_parse(tx, n, t, 256, NULL, NULL);
 	int obj = k > 0 ? apm_json_get(tx, t, k, 0, "transaction") : -1;
-	tel.reg_trace_id[0] = tel.reg_tx_id[0] = 0;
-	if (obj < 0)
-		return;
-	json_get_str(tx, t, k, obj, "trace_id", tel.reg_trace_id,
-	    sizeof tel.reg_trace_id);
-	json_get_str(tx, t, k, obj, "id", tel.reg_tx_id, sizeof tel.reg_tx_id);
+	struct inv_info *inv = tel_inv_get(rid);
+	char trace[64] = "", id[64] = "";
+	if (obj >= 0) {
+		json_get_str(tx, t, k, obj, "trace_id", trace, sizeof trace);
+		json_get_str(tx, t, k, obj, "id", id, sizeof id);
+	}
+	if (!is_hex_id(trace, 32) || !is_hex_id(id, 16)) {
+		log_debug("registered transaction of %s has malformed ids; "
+		    "its log lines carry none", rid);
+		trace[0] = id[0] = 0;
+	}
+	memcpy(inv->trace_id, trace, sizeof inv->trace_id - 1);
+	inv->trace_id[sizeof inv->trace_id - 1] = 0;
+	memcpy(inv->tx_id, id, sizeof inv->tx_id - 1);
+	inv->tx_id[sizeof inv->tx_id - 1] = 0;
 }
 
 static int
@@ -5111,8 +5268,12 @@ static void
 tel_report(const struct apm_tel_record *r)
 {
 	struct inv_info *inv = tel_inv_find(r->request_id);
-	if (inv)
-		inv->reported = 1;
+	if (!inv || !inv->deadline_epoch_ms) {
+		log_debug("platform.report for unknown request id %s; dropped",
+		    r->request_id);
+		return;
+	}
+	inv->reported = 1;
 	if (own_begin() < 0)
 		return;
 	char b[1024];
@@ -5123,8 +5284,7 @@ tel_report(const struct apm_tel_record *r)
 	own_puts(b);
 	own_put_escaped(r->request_id, strlen(r->request_id));
 	own_puts("\",\"id\":\"");
-	const char *arn = inv ? inv->arn : g.inv.arn;
-	own_put_escaped(arn, strlen(arn));
+	own_put_escaped(inv->arn, strlen(inv->arn));
 	own_puts("\",\"name\":\"");
 	own_put_escaped(g.cfg.function_name, strlen(g.cfg.function_name));
 	own_puts("\",\"version\":\"");
@@ -5139,11 +5299,8 @@ tel_report(const struct apm_tel_record *r)
 		own_sample("faas.coldstart_duration", r->init_raw, (int64_t)r->init_ms);
 		own_puts(",");
 	}
-	if (inv) {
-		own_sample("faas.timeout", none, inv->deadline_epoch_ms -
-		    inv->start_us / 1000);
-		own_puts(",");
-	}
+	own_sample("faas.timeout", none, tel_inv_timeout_ms(inv));
+	own_puts(",");
 	own_sample("system.memory.total", none, r->memory_mb * 1048576);
 	own_puts(",");
 	own_sample("system.memory.actual.free", none,
@@ -5151,36 +5308,54 @@ tel_report(const struct apm_tel_record *r)
 	own_puts("}}}\n");
 }
 
-/* A function log line -> one log event. */
+/* The length of a JSON string's contents without its trailing \n and \r
+ * escapes (a backslash that is itself escaped is no escape). */
+static size_t
+json_trim_newlines(const char *p, size_t n)
+{
+	while (n >= 2 && (p[n - 1] == 'n' || p[n - 1] == 'r')) {
+		size_t bs = 0;
+		while (bs < n - 1 && p[n - 2 - bs] == '\\')
+			bs++;
+		if (bs % 2 == 0)
+			break;
+		n -= 2;
+	}
+	return n;
+}
+
+/*
+ * A function log line -> one log event. It belongs to the invocation of the
+ * last platform.start before it in the stream (telemetry can arrive after
+ * the next INVOKE), else to the current one.
+ */
 static void
 tel_function_log(const struct apm_tel_record *r)
 {
 	if (!g.cfg.capture_logs || own_begin() < 0)
 		return;
+	const char *rid = tel.stream_rid[0] ? tel.stream_rid : g.inv.request_id;
+	struct inv_info *inv = tel_inv_find(rid);
+	const char *arn = inv && inv->arn[0] ? inv->arn : g.inv.arn;
 	char b[256];
 	snprintf(b, sizeof b, "{\"log\":{\"@timestamp\":%lld,\"message\":\"",
 	    (long long)(r->time_us ? r->time_us : epoch_us()));
 	own_puts(b);
 	struct apm_str m = r->log;
-	if (r->log_is_string) { /* already JSON string contents */
-		while (m.len >= 2 && m.ptr[m.len - 2] == '\\' &&
-		    (m.ptr[m.len - 1] == 'n' || m.ptr[m.len - 1] == 'r'))
-			m.len -= 2;
-		own_put(m.ptr, m.len);
-	} else {
+	if (r->log_is_string) /* already JSON string contents */
+		own_put(m.ptr, json_trim_newlines(m.ptr, m.len));
+	else
 		own_put_escaped(m.ptr, m.len);
-	}
 	own_puts("\",\"faas\":{\"id\":\"");
-	own_put_escaped(g.inv.arn, strlen(g.inv.arn));
+	own_put_escaped(arn, strlen(arn));
 	own_puts("\",\"name\":\"");
 	own_put_escaped(g.cfg.function_name, strlen(g.cfg.function_name));
 	own_puts("\",\"execution\":\"");
-	own_put_escaped(g.inv.request_id, strlen(g.inv.request_id));
+	own_put_escaped(rid, strlen(rid));
 	own_puts("\"}");
-	if (g.inv.active && tel.reg_trace_id[0] &&
-	    strcmp(g.reg_request_id, g.inv.request_id) == 0) {
+	if (inv && inv->trace_id[0]) { /* checked hex: nothing to escape */
 		snprintf(b, sizeof b, ",\"trace.id\":\"%s\",\"transaction.id\":\"%s\"",
-		    tel.reg_trace_id, tel.reg_tx_id);
+		    inv->trace_id, inv->tx_id);
 		own_puts(b);
 	}
 	own_puts("}}\n");
@@ -5227,8 +5402,9 @@ tel_proxy_transaction(const char *status)
 		j = next;
 	}
 	char b[256];
-	snprintf(b, sizeof b, "%s\"result\":\"%s\",\"outcome\":\"failure\","
-	    "\"duration\":%lld%s}}\n", first ? "" : ",", status,
+	own_puts(first ? "\"result\":\"" : ",\"result\":\"");
+	own_put_escaped(status, strlen(status));
+	snprintf(b, sizeof b, "\",\"outcome\":\"failure\",\"duration\":%lld%s}}\n",
 	    (long long)((g.inv.ended ? g.inv.t_end : now_ms()) - g.inv.t_invoke),
 	    has_span_count ? "" : ",\"span_count\":{\"started\":0}");
 	own_puts(b);
@@ -5260,9 +5436,10 @@ tel_record(const struct apm_tel_record *r)
 	tel.records++;
 	switch (r->type) {
 	case APM_TEL_START: {
-		struct inv_info *inv = tel_inv_find(r->request_id);
-		if (inv && r->time_us)
+		struct inv_info *inv = tel_inv_get(r->request_id);
+		if (r->time_us)
 			inv->start_us = r->time_us;
+		snprintf(tel.stream_rid, sizeof tel.stream_rid, "%s", r->request_id);
 		break;
 	}
 	case APM_TEL_RUNTIME_DONE:
@@ -5558,8 +5735,10 @@ lambda_event(const struct apm_lambda_event *e, int ok)
 	g.inv.t_invoke = now;
 	g.inv.deadline = now + left;
 	/* Thawed: timers that ran on through the freeze start again. */
-	for (int i = 0; i < MAX_AGENT_CONNS; i++)
-		g.agents[i].c.last_active = now;
+	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+		g.agents[i].c.last_active = g.agents[i].window_start = now;
+		g.agents[i].window_total = g.agents[i].c.body.total;
+	}
 	tel_inv_track();
 	log_debug("invoke %s, %lld ms to deadline", ev.request_id, (long long)left);
 	if (g.end_pending) {
@@ -5600,6 +5779,20 @@ loop_flushed(void)
 	return 1;
 }
 
+/*
+ * Deliveries are failing: the last attempt failed (refused, 5xx, timed
+ * out) and none succeeded since, or the secrets they wait for cannot be had
+ * (no credentials, or a failed attempt). An invocation is not held then;
+ * the data stays queued and is retried with backoff.
+ */
+static int
+loop_failing(void)
+{
+	if (g.failures > 0)
+		return 1;
+	return aws_pending() && (aws.failures > 0 || !aws.key_id);
+}
+
 /* Decide about /next and exit; returns the next deadline to wake for. */
 static int64_t
 loop_lambda_tick(int64_t now)
@@ -5634,14 +5827,19 @@ loop_lambda_tick(int64_t now)
 	}
 	if (!g.inv.ended)
 		return g.inv.deadline - DEADLINE_MARGIN_MS;
-	int64_t bound = g.inv.t_end + g.cfg.forwarder_timeout_ms;
-	int backing_off = g.retry_at > now;
-	if (loop_flushed() || backing_off || now >= bound) {
+	/* Held for the forwarder timeout at most, and never past the deadline:
+	 * a /next after it makes Lambda time the invocation out. */
+	int64_t bound = MIN(g.inv.t_end + g.cfg.forwarder_timeout_ms,
+	    g.inv.deadline - DEADLINE_MARGIN_MS);
+	int failing = loop_failing();
+	if (loop_flushed() || failing || now >= bound) {
 		if (!loop_idle())
 			log_info("calling /event/next with %u payloads held (%s)",
 			    g.q.used, loop_flushed() ? "agent request still open at "
-			    "the deadline" : backing_off ? "APM server failing" :
-			    "forwarder timeout");
+			    "the deadline" : failing ? (g.failures ? "APM server failing" :
+			    "secrets unavailable") :
+			    now >= g.inv.deadline - DEADLINE_MARGIN_MS ?
+			    "invocation deadline" : "forwarder timeout");
 		g.inv.active = 0;
 		lambda_send_next();
 		return 0;
@@ -6035,17 +6233,45 @@ lambda_addr(const char *api)
 int apm_ext_main(int argc, char **argv);
 #endif
 
+/* --version and --help: answered before anything else runs. 1 if handled. */
+static int
+main_flags(int argc, char **argv)
+{
+	static const char usage[] =
+	    APM_EXT_NAME " " APM_EXT_VERSION ": AWS Lambda extension for Elastic APM.\n"
+	    "Lambda starts it from the layer (extensions/apm-lambda-extension); it\n"
+	    "receives the APM agents' data on localhost:8200 and forwards it to the\n"
+	    "APM server named by ELASTIC_APM_LAMBDA_APM_SERVER. It is configured by\n"
+	    "environment variables only: see README.md (Configuration).\n"
+	    "Flags: --version, --help.\n";
+	if (argc < 2)
+		return 0;
+	static const char version[] = APM_EXT_NAME " " APM_EXT_VERSION "\n";
+	const char *out;
+	if (strcmp(argv[1], "--version") == 0)
+		out = version;
+	else if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)
+		out = usage;
+	else
+		return 0;
+	(void)!write(1, out, strlen(out));
+	return 1;
+}
+
 int
 main(int argc, char **argv)
 {
 	static char lam_rx[RX_BUF], lam_tx[1024];
+	if (main_flags(argc, argv))
+		return 0;
 	const char *api = getenv("AWS_LAMBDA_RUNTIME_API");
 	const char *name = argc > 0 ? strrchr(argv[0], '/') : NULL;
 	name = name ? name + 1 : (argc > 0 ? argv[0] : APM_EXT_NAME);
 	g.lam.c = (struct conn){ .fd = -1, .rx = lam_rx, .rx_cap = sizeof lam_rx,
 		.tx = lam_tx, .tx_cap = sizeof lam_tx };
 	if (!api || lambda_addr(api) < 0) {
-		log_error("AWS_LAMBDA_RUNTIME_API is missing or malformed");
+		log_error("AWS_LAMBDA_RUNTIME_API is missing or malformed: this is "
+		    "a Lambda extension, started by Lambda (try --help)");
 		return 1;
 	}
 	tel.own = aws.current = -1;
