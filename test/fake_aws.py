@@ -39,7 +39,8 @@ summary() for assertion messages.
 
 The Signature V4 functions (canonical_request, string_to_sign, signing_key,
 signature, parse_authorization, verify, sign_request) are usable on their own;
-test/test_fake_aws.py runs them over AWS's published test suite.
+test/test_fake_aws.py checks them against published expected values, and against
+AWS's whole SigV4 test suite when that is available (see there).
 
 Standalone: python3 test/fake_aws.py --cert C --key K --access-key A --secret-key S
             [--session-token T] [--secret ID=VALUE ...] [--port P]
