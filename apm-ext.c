@@ -53,6 +53,7 @@
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -96,8 +97,9 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 #define TEL_BODY_MAX (2u << 20) /* telemetry POST body (2 x maxBytes) */
 #define TEL_TOKENS 2048         /* tokens of one telemetry record */
 #define TEL_KEEP_RESIDENT 65536 /* telemetry buffer kept resident after a batch */
-#define REG_MAX 16384           /* /register/transaction body */
-#define PROXY_BODY_MAX 65536    /* proxied request or response body */
+#define REG_MAX RX_BUF          /* /register/transaction body */
+#define PROXY_BODY_MAX RX_BUF   /* proxied request or response body: what
+                                   one receive buffer holds */
 #define ERRTEXT_MAX 512         /* upstream error text kept for the log */
 #define SHUTDOWN_MARGIN_MS 150  /* exit this long before deadlineMs */
 #define DEADLINE_MARGIN_MS 100  /* an invocation ends this long before its deadline */
@@ -172,6 +174,28 @@ str_copy(char *dst, size_t cap, struct apm_str s)
 	if (n)
 		memcpy(dst, s.ptr, n);
 	dst[n] = 0;
+}
+
+/* Overwrite every occurrence of secret in text with '*' (for log lines
+ * that carry a server's words, which may echo our request). */
+static void
+str_redact(char *text, const char *secret)
+{
+	size_t n = secret ? strlen(secret) : 0;
+	if (n < 4)
+		return;
+	for (char *p = strstr(text, secret); p; p = strstr(p + n, secret))
+		memset(p, '*', n);
+}
+
+/* Whether s holds a control byte (CR, LF, ...): unfit for a header. */
+static int
+str_has_ctl(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s < 0x20 || *s == 0x7f)
+			return 1;
+	return 0;
 }
 
 static int64_t
@@ -1969,8 +1993,17 @@ struct endpoint {
 	struct sockaddr_storage addr;
 	socklen_t addrlen;
 	int resolved;
+	pid_t resolver;         /* resolver process under way, 0 none */
+	int resolver_fd;        /* its answer pipe; -1 none */
+	int64_t resolver_deadline;
+	int64_t resolve_after;  /* no new resolver before (after a failure) */
+	unsigned resolve_failures;
 	int verify;             /* check its certificate */
 	const char *what;       /* for log lines */
+	/* TLS session to resume: this endpoint's own, never another's (a
+	 * resumed session skips the certificate and name checks). */
+	br_ssl_session_parameters session;
+	int have_session;
 };
 
 enum up_state { UP_CLOSED, UP_CONNECTING, UP_HANDSHAKE, UP_IDLE, UP_BUSY };
@@ -1989,6 +2022,8 @@ struct upstream {
 	int resp_started;       /* a response byte has arrived */
 	int status;             /* response status */
 	int resp_close;         /* Connection: close in the response */
+	int head_req;           /* JOB_PROXY: a HEAD request, its answer has no body */
+	int64_t resp_length;    /* the answer's Content-Length, -1 none */
 	char ctype_buf[128];
 	char cenc_buf[64];
 };
@@ -2065,7 +2100,7 @@ struct lambda {
 static struct apm_json_tok tel_toks[TEL_TOKENS];
 
 /* What each pollfd slot of a loop pass belongs to. */
-enum { PK_LISTEN, PK_LAMBDA, PK_AGENT, PK_UP, PK_TEL };
+enum { PK_LISTEN, PK_LAMBDA, PK_AGENT, PK_UP, PK_TEL, PK_RESOLVER };
 
 struct pollref {
 	int kind;
@@ -2289,27 +2324,158 @@ sock_addr_numeric(const char *host, uint16_t port, struct sockaddr_storage *ss,
 	return -1;
 }
 
-/* Numeric or, failing that, resolved (blocking getaddrinfo; see README). */
+/* A numeric address or "localhost", without the resolver. 0 or -1. */
 static int
-sock_resolve(const char *host, uint16_t port, struct sockaddr_storage *ss,
+sock_addr_local(const char *host, uint16_t port, struct sockaddr_storage *ss,
     socklen_t *len)
 {
 	if (sock_addr_numeric(host, port, ss, len) == 0)
 		return 0;
 	if (strcmp(host, "localhost") == 0)
 		return sock_addr_numeric("127.0.0.1", port, ss, len);
+	return -1;
+}
+
+/* What a resolver process writes back. */
+struct resolved_addr {
+	int rc;                 /* getaddrinfo's result, 0 = found */
+	socklen_t len;
+	struct sockaddr_storage addr;
+};
+
+/* Blocking resolution: getaddrinfo, which reads /etc/hosts and
+ * /etc/resolv.conf (search, ndots, timeouts) as musl does. */
+static struct resolved_addr
+sock_getaddrinfo(const char *host, uint16_t port)
+{
+	struct resolved_addr r = { 0 };
 	struct addrinfo hints = { 0 }, *res = NULL;
 	hints.ai_socktype = SOCK_STREAM;
 	char ps[8];
 	snprintf(ps, sizeof ps, "%u", port);
-	int rc = getaddrinfo(host, ps, &hints, &res);
-	if (rc != 0 || !res) {
-		log_error("cannot resolve %s: %s", host, gai_strerror(rc));
+	r.rc = getaddrinfo(host, ps, &hints, &res);
+	if (r.rc == 0 && res && res->ai_addrlen <= sizeof r.addr) {
+		memcpy(&r.addr, res->ai_addr, res->ai_addrlen);
+		r.len = res->ai_addrlen;
+	} else if (r.rc == 0) {
+		r.rc = EAI_FAIL;
+	}
+	if (res)
+		freeaddrinfo(res);
+	return r;
+}
+
+/* Numeric, "localhost" or resolved, blocking: only before the loop runs
+ * (AWS_LAMBDA_RUNTIME_API, an address in practice). 0 or -1. */
+static int
+sock_resolve(const char *host, uint16_t port, struct sockaddr_storage *ss,
+    socklen_t *len)
+{
+	if (sock_addr_local(host, port, ss, len) == 0)
+		return 0;
+	struct resolved_addr r = sock_getaddrinfo(host, port);
+	if (r.rc != 0) {
+		log_error("cannot resolve %s: %s", host, gai_strerror(r.rc));
 		return -1;
 	}
-	memcpy(ss, res->ai_addr, res->ai_addrlen);
-	*len = res->ai_addrlen;
-	freeaddrinfo(res);
+	*ss = r.addr;
+	*len = r.len;
+	return 0;
+}
+
+/*
+ * Name resolution inside the loop runs in a child process that calls
+ * getaddrinfo and writes the answer to a pipe the loop polls. A DNS client
+ * of our own would repeat what musl already does right (hosts file,
+ * resolv.conf's search, ndots, timeout and attempts options, A and AAAA)
+ * in some 400 lines with a parser to fuzz; a resolution happens once per
+ * endpoint and again only after repeated failures, and a fork of this
+ * small static process costs a fraction of a millisecond (pages shared
+ * copy-on-write). The loop never waits: a resolver that hangs is killed at
+ * its deadline and the endpoint counts as failing.
+ */
+static int
+resolver_start(struct endpoint *ep, int64_t timeout_ms)
+{
+	int p[2];
+	if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
+		return -1;
+	pid_t pid = fork();
+	if (pid < 0) {
+		close(p[0]);
+		close(p[1]);
+		return -1;
+	}
+	if (pid == 0) {
+		close(p[0]);
+		struct resolved_addr r = sock_getaddrinfo(ep->url.host, ep->url.port);
+		(void)!write(p[1], &r, sizeof r);
+		_exit(0);
+	}
+	close(p[1]);
+	ep->resolver = pid;
+	ep->resolver_fd = p[0];
+	ep->resolver_deadline = now_ms() + timeout_ms;
+	return 0;
+}
+
+/* Stop a resolver and reap it. */
+static void
+resolver_stop(struct endpoint *ep)
+{
+	if (!ep->resolver)
+		return;
+	kill(ep->resolver, SIGKILL);
+	waitpid(ep->resolver, NULL, 0);
+	close(ep->resolver_fd);
+	ep->resolver = 0;
+	ep->resolver_fd = -1;
+}
+
+/*
+ * Read the resolver's answer (its pipe is readable, or closed). 1 resolved,
+ * -1 failed (why is set), 0 nothing yet.
+ */
+static int
+resolver_read(struct endpoint *ep, const char **why)
+{
+	struct resolved_addr r;
+	ssize_t n = read(ep->resolver_fd, &r, sizeof r);
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return 0;
+	resolver_stop(ep);
+	if (n != (ssize_t)sizeof r) {
+		*why = "resolver process failed";
+		return -1;
+	}
+	if (r.rc != 0) {
+		*why = gai_strerror(r.rc);
+		return -1;
+	}
+	ep->addr = r.addr;
+	ep->addrlen = r.len;
+	ep->resolved = 1;
+	return 1;
+}
+
+/*
+ * Whether ep's address is known; starts a resolver when it is not (and
+ * none runs). 1 known, 0 not yet (the loop hears when it is).
+ */
+static int
+endpoint_ready(struct endpoint *ep, int64_t timeout_ms)
+{
+	if (ep->resolved)
+		return 1;
+	if (sock_addr_local(ep->url.host, ep->url.port, &ep->addr,
+	    &ep->addrlen) == 0) {
+		ep->resolved = 1;
+		return 1;
+	}
+	if (!ep->resolver && now_ms() >= ep->resolve_after &&
+	    resolver_start(ep, timeout_ms) < 0)
+		log_error("cannot start a resolver for %s: %s", ep->url.host,
+		    strerror(errno));
 	return 0;
 }
 
@@ -2396,8 +2562,6 @@ static struct {
 	br_x509_trust_anchor *ta;
 	size_t nta, cap;
 	int loaded;
-	br_ssl_session_parameters session; /* for resumption on any slot */
-	int have_session;
 	int last_err;           /* last handshake error logged, to log once */
 	struct tls_slot *slots;
 } tls;
@@ -2926,8 +3090,8 @@ tls_load(void)
 	if (tls.loaded)
 		return;
 	tls.loaded = 1;
-	if (!g.cfg.verify_cert)
-		return;
+	if (!g.cfg.verify_cert && !aws_wanted())
+		return; /* AWS endpoints are verified whatever the APM setting */
 	for (size_t i = 0; i < sizeof bundles / sizeof *bundles; i++)
 		if (access(bundles[i], R_OK) == 0) {
 			tls_load_file(bundles[i], "CA bundle");
@@ -3056,9 +3220,9 @@ tls_start(struct upstream *u)
 			br_ssl_engine_set_x509(&s->cc.eng, &ic->vtable);
 		}
 	}
-	if (tls.have_session)
-		br_ssl_engine_set_session_parameters(&s->cc.eng, &tls.session);
-	if (!br_ssl_client_reset(&s->cc, name, tls.have_session)) {
+	if (u->ep->have_session)
+		br_ssl_engine_set_session_parameters(&s->cc.eng, &u->ep->session);
+	if (!br_ssl_client_reset(&s->cc, name, u->ep->have_session)) {
 		log_error("TLS engine reset failed (%d)",
 		    br_ssl_engine_last_error(&s->cc.eng));
 		return -1;
@@ -3104,8 +3268,8 @@ tls_step(struct upstream *u)
 		if (st & BR_SSL_CLOSED)
 			return tls_closed(u);
 		if (u->state == UP_HANDSHAKE && (st & BR_SSL_SENDAPP)) {
-			br_ssl_engine_get_session_parameters(e, &tls.session);
-			tls.have_session = 1;
+			br_ssl_engine_get_session_parameters(e, &u->ep->session);
+			u->ep->have_session = 1;
 			tls.last_err = 0;
 			u->state = u->job == JOB_NONE ? UP_IDLE : UP_BUSY;
 			if (u->job == JOB_NONE)
@@ -3291,13 +3455,16 @@ static void
 body_init(struct body *b, const struct apm_http_msg *m, int is_response)
 {
 	memset(b, 0, sizeof *b);
-	if (m->chunked) {
+	if (is_response && (m->status < 200 || m->status == 204 ||
+	    m->status == 304)) {
+		b->mode = BODY_NONE; /* never a body, whatever the headers say */
+		b->done = 1;
+	} else if (m->chunked) {
 		b->mode = BODY_CHUNKED;
 	} else if (m->content_length > 0) {
 		b->mode = BODY_LENGTH;
 		b->left = (uint64_t)m->content_length;
-	} else if (m->content_length < 0 && is_response && m->status != 204 &&
-	    m->status != 304 && m->status >= 200) {
+	} else if (m->content_length < 0 && is_response) {
 		b->mode = BODY_EOF;
 	} else {
 		b->mode = BODY_NONE;
@@ -3374,11 +3541,9 @@ upstream_connect(struct upstream *u)
 		errno = EPERM; /* said once by tls_load: nothing to verify with */
 		return -1;
 	}
-	if (!ep->resolved) {
-		if (sock_resolve(ep->url.host, ep->url.port, &ep->addr,
-		    &ep->addrlen) < 0)
-			return -1;
-		ep->resolved = 1;
+	if (NEVER(!ep->resolved)) { /* callers wait for endpoint_ready */
+		errno = EDESTADDRREQ;
+		return -1;
 	}
 	int fd = sock_connect(&ep->addr, ep->addrlen);
 	if (fd < 0) {
@@ -3418,6 +3583,7 @@ upstream_begin_payload(struct upstream *u, int s)
 	char host[300];
 	upstream_host_header(u->ep, host, sizeof host);
 	u->job = JOB_PAYLOAD;
+	u->head_req = 0;
 	u->payload = s;
 	u->sent = 0;
 	u->sent_last = 0;
@@ -3482,7 +3648,7 @@ upstream_idle(struct upstream *u)
 	buf_reset(&u->c);
 }
 
-static void agent_proxy_answer(int ai, struct upstream *u, int ok);
+static void agent_proxy_answer(int ai, struct upstream *u, const char *failed);
 
 /* Tear down a connection that failed; hand its job back or fail it. */
 static void
@@ -3506,7 +3672,7 @@ upstream_fail(struct upstream *u, const char *why)
 		}
 	} else if (job == JOB_PROXY) {
 		if (u->agent >= 0)
-			agent_proxy_answer(u->agent, u, 0);
+			agent_proxy_answer(u->agent, u, why);
 	} else if (job == JOB_AWS) {
 		aws_failed(why);
 	} else if (!u->reused) {
@@ -3584,13 +3750,15 @@ upstream_response_done(struct upstream *u)
 		for (size_t i = 0; i < n; i++)
 			text[i] = (c->rx[i] >= 0x20 && c->rx[i] < 0x7f) ? c->rx[i] : ' ';
 		text[n] = 0;
+		if (g.cfg.auth[0])
+			str_redact(text, strchr(g.cfg.auth, ' ') + 1);
 		snprintf(why, sizeof why, "HTTP %d %s", u->status, text);
 		int ok = u->status >= 200 && u->status < 300;
 		int retryable = u->status == 429 || u->status == 408 ||
 		    u->status >= 500;
 		fwd_done(u, ok, retryable, why);
 	} else if (u->job == JOB_PROXY && u->agent >= 0) {
-		agent_proxy_answer(u->agent, u, 1);
+		agent_proxy_answer(u->agent, u, NULL);
 	} else if (u->job == JOB_AWS) {
 		aws_answer(u);
 	}
@@ -3620,7 +3788,8 @@ upstream_read(struct upstream *u)
 			return;
 		}
 		if (r < 0 || m.status < 200) {
-			if (r >= 0 && m.status == 100) { /* interim: skip it */
+			if (r >= 0 && m.status >= 100 && m.status != 101) {
+				/* interim (100 Continue, 103 Early Hints): skip it */
 				rx_consume(c, (size_t)r);
 				c->head_prev = 0;
 				return upstream_read(u);
@@ -3635,6 +3804,11 @@ upstream_read(struct upstream *u)
 		str_copy(u->ctype_buf, sizeof u->ctype_buf, ct);
 		str_copy(u->cenc_buf, sizeof u->cenc_buf, ce);
 		body_init(&c->body, &m, 1);
+		u->resp_length = m.content_length;
+		if (u->head_req) {
+			c->body.mode = BODY_NONE;
+			c->body.done = 1;
+		}
 		if (c->body.mode == BODY_EOF)
 			u->resp_close = 1;
 		rx_consume(c, (size_t)r);
@@ -3778,7 +3952,8 @@ static void
 fwd_schedule(void)
 {
 	int64_t now = now_ms();
-	if (!g.cfg.has_server || now < g.retry_at || aws_pending())
+	if (!g.cfg.has_server || now < g.retry_at || aws_pending() ||
+	    !endpoint_ready(&g.apm, g.cfg.forwarder_timeout_ms))
 		return;
 	int busy = 0;
 	for (int i = 0; i < MAX_UPSTREAM; i++)
@@ -3826,6 +4001,11 @@ fwd_prewarm(void)
 		return; /* an ACM CA must join the anchors first */
 	if (g.apm.url.tls)
 		tls_load();
+	if (!endpoint_ready(&g.apm, g.cfg.forwarder_timeout_ms))
+		return; /* called again once the name is resolved */
+	for (int i = 0; i < MAX_UPSTREAM; i++)
+		if (g.up[i].c.fd >= 0)
+			return;
 	struct upstream *u = &g.up[0];
 	u->job = JOB_NONE;
 	if (upstream_connect(u) < 0)
@@ -3987,12 +4167,73 @@ proxy_drops_header(struct apm_str name)
 {
 	static const char *const drop[] = { "authorization", "host",
 		"connection", "content-length", "transfer-encoding", "keep-alive",
-		"te", "upgrade", "proxy-authorization", "proxy-connection",
-		"expect" };
+		"te", "trailer", "upgrade", "proxy-authorization",
+		"proxy-connection", "expect" };
 	for (size_t i = 0; i < sizeof drop / sizeof *drop; i++)
 		if (apm_str_ieq(name, drop[i]))
 			return 1;
 	return 0;
+}
+
+/* Whether a header is named in the Connection header's list (hop-by-hop
+ * by the sender's word: not passed on). */
+static int
+proxy_named_in_connection(const struct apm_http_msg *m, struct apm_str name)
+{
+	struct apm_str v = apm_http_header_get(m, "connection");
+	size_t i = 0;
+	while (v.ptr && i < v.len) {
+		while (i < v.len && (v.ptr[i] == ' ' || v.ptr[i] == ',' ||
+		    v.ptr[i] == '\t'))
+			i++;
+		size_t start = i;
+		while (i < v.len && v.ptr[i] != ',' && v.ptr[i] != ' ' &&
+		    v.ptr[i] != '\t')
+			i++;
+		if (i > start && name.len == i - start) {
+			char tok[64];
+			str_copy(tok, sizeof tok, (struct apm_str){ v.ptr + start, i - start });
+			if (apm_str_ieq(name, tok))
+				return 1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * A target we may proxy with our Authorization: origin-form ("/path?q"),
+ * no "//" authority trick, no dot segment (plain or percent-encoded) that
+ * could climb out of the server URL's prefix, no backslash.
+ */
+static int
+proxy_target_ok(struct apm_str t)
+{
+	if (t.len == 0 || t.ptr[0] != '/' || (t.len > 1 && t.ptr[1] == '/'))
+		return 0;
+	size_t plen = t.len;
+	const char *q = memchr(t.ptr, '?', t.len);
+	if (q)
+		plen = (size_t)(q - t.ptr);
+	size_t seg = 1, dots = 0, other = 0;
+	for (size_t i = 1; i <= plen; i++) {
+		if (i == plen || t.ptr[i] == '/') {
+			if (other == 0 && dots > 0 && i > seg)
+				return 0; /* "." or ".." segment */
+			seg = i + 1;
+			dots = other = 0;
+		} else if (t.ptr[i] == '\\') {
+			return 0;
+		} else if (t.ptr[i] == '.') {
+			dots++;
+		} else if (t.ptr[i] == '%' && i + 2 < plen && t.ptr[i + 1] == '2' &&
+		    (t.ptr[i + 2] == 'e' || t.ptr[i + 2] == 'E')) {
+			dots++;
+			i += 2;
+		} else {
+			other++;
+		}
+	}
+	return 1;
 }
 
 /* Write the upstream request head of a proxied call into the agent's tx. */
@@ -4010,7 +4251,8 @@ agent_proxy_head(struct agent *a, const struct apm_http_msg *m)
 	    (int)m->target.len, m->target.ptr, host);
 	for (size_t i = 0; i < m->num_headers; i++) {
 		const struct apm_http_header *h = &m->headers[i];
-		if (!proxy_drops_header(h->name))
+		if (!proxy_drops_header(h->name) &&
+		    !proxy_named_in_connection(m, h->name))
 			bad |= tx_printf(c, "%.*s: %.*s\r\n", (int)h->name.len,
 			    h->name.ptr, (int)h->value.len, h->value.ptr);
 	}
@@ -4057,7 +4299,7 @@ agent_head(struct agent *a)
 	} else if (apm_str_ieq(m.method, "POST") &&
 	    path_is(m.target, "/register/transaction", &q)) {
 		a->route = RT_REGISTER;
-		limit = MIN(REG_MAX, RX_BUF);
+		limit = REG_MAX;
 		struct apm_str ct = apm_http_header_get(&m, "content-type");
 		if (!ct.ptr || ct.len < 45 || memcmp(ct.ptr,
 		    "application/vnd.elastic.apm.transaction+ndjson", 45) != 0) {
@@ -4069,10 +4311,18 @@ agent_head(struct agent *a)
 		}
 	} else {
 		a->route = RT_PROXY;
-		limit = MIN(PROXY_BODY_MAX, RX_BUF);
+		limit = PROXY_BODY_MAX;
 		if (!g.cfg.has_server) {
 			a->route = RT_REJECT;
 			a->status = 502;
+		} else if (apm_str_ieq(m.method, "CONNECT") ||
+		    !proxy_target_ok(m.target)) {
+			a->route = RT_REJECT;
+			a->status = 400;
+			log_warn("agent request for \"%.*s %.*s\" refused: only "
+			    "paths under the APM server URL are proxied",
+			    (int)MIN(m.method.len, 16), m.method.ptr,
+			    (int)MIN(m.target.len, 128), m.target.ptr);
 		} else if (agent_proxy_head(a, &m) < 0) {
 			agent_reject(a, 431, "headers too large to proxy");
 			return;
@@ -4351,9 +4601,8 @@ agent_evict_rank(const struct agent *a, int64_t now)
 }
 
 /*
- * The connection to give up when all slots are taken: the cheapest rank;
- * within a rank the idlest, except for young connections, where the newest
- * goes first, so a flood arriving after an agent connected evicts itself.
+ * The connection to give up when all slots are taken: the cheapest rank,
+ * within a rank the idlest (the oldest, for connections that never sent).
  */
 static int
 agent_evictable(void)
@@ -4368,8 +4617,7 @@ agent_evictable(void)
 		struct agent *b = best < 0 ? NULL : &g.agents[best];
 		int before = !b || r < best_rank;
 		if (b && r == best_rank)
-			before = r == 2 ? a->accepted > b->accepted :
-			    a->c.last_active < b->c.last_active ||
+			before = a->c.last_active < b->c.last_active ||
 			    (a->c.last_active == b->c.last_active &&
 			    a->accepted < b->accepted);
 		if (before) {
@@ -4456,21 +4704,30 @@ agent_accept(int lfd)
 	}
 }
 
-/* The APM server's answer to a proxied call, or 502. */
+/* The APM server's answer to a proxied call, or 502 when it failed. */
 static void
-agent_proxy_answer(int ai, struct upstream *u, int ok)
+agent_proxy_answer(int ai, struct upstream *u, const char *failed)
 {
 	struct agent *a = &g.agents[ai];
 	struct conn *c = &a->c;
 	if (c->fd < 0 || a->state != AG_PROXY_WAIT)
 		return;
-	if (!ok) {
-		agent_respond(a, 502, "APM server unreachable", 0);
+	if (failed) {
+		int big = strstr(failed, "too large") != NULL;
+		log_warn("proxied agent request failed: %s", failed);
+		agent_respond(a, 502, big ? "APM server answer over the 16 KiB proxy "
+		    "limit" : "APM server unreachable", 0);
 		return;
 	}
 	c->tx_len = c->tx_off = 0;
-	tx_printf(c, "HTTP/1.1 %d %s\r\nContent-Length: %zu\r\n", u->status,
-	    status_text(u->status), u->c.body.have);
+	tx_printf(c, "HTTP/1.1 %d %s\r\n", u->status, status_text(u->status));
+	if (u->head_req || u->status == 304) { /* the length a GET would get */
+		if (u->resp_length >= 0)
+			tx_printf(c, "Content-Length: %lld\r\n",
+			    (long long)u->resp_length);
+	} else if (u->status != 204) {
+		tx_printf(c, "Content-Length: %zu\r\n", u->c.body.have);
+	}
 	if (u->ctype_buf[0])
 		tx_printf(c, "Content-Type: %s\r\n", u->ctype_buf);
 	if (u->cenc_buf[0])
@@ -4492,6 +4749,8 @@ proxy_schedule(void)
 {
 	if (aws_first_call_pending())
 		return; /* the auth they need is on its way (bounded by its timeout) */
+	if (!endpoint_ready(&g.apm, g.cfg.forwarder_timeout_ms))
+		return; /* answered 502 if resolving fails */
 	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
 		struct agent *a = &g.agents[i];
 		if (a->c.fd < 0 || a->state != AG_PROXY_WAIT || a->c.tx_len == 0)
@@ -4520,11 +4779,26 @@ proxy_schedule(void)
 		}
 		a->c.tx_len = 0;
 		u->job = JOB_PROXY;
+		u->head_req = line > 5 && memcmp(uc->tx, "HEAD ", 5) == 0;
 		u->agent = i;
 		u->payload = -1;
 		u->sent_last = 1;
 		u->resp_started = 0;
 		uc->deadline = now_ms() + g.cfg.forwarder_timeout_ms;
+	}
+}
+
+/* The APM server cannot be reached at all (its name does not resolve):
+ * proxied calls still waiting get 502. */
+static void
+proxy_fail_waiting(void)
+{
+	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+		struct agent *a = &g.agents[i];
+		if (a->c.fd >= 0 && a->state == AG_PROXY_WAIT && a->c.tx_len > 0) {
+			a->c.tx_len = 0;
+			agent_respond(a, 502, "APM server unreachable", 0);
+		}
 	}
 }
 
@@ -4831,17 +5105,35 @@ aws_config(void)
 		aws.key_id = NULL;
 }
 
-/* The Authorization value: an API key wins over a token; a fetched
- * secret wins over the plain variable. */
+/*
+ * The Authorization value: an API key wins over a token; a fetched secret
+ * wins over the plain variable. A secret with control bytes (CR, LF...)
+ * would split every request head it goes into: it is refused, and nothing
+ * is delivered rather than requests the server would misread.
+ */
 static void
 aws_apply_auth(void)
 {
 	const char *key = aws.apikey[0] ? aws.apikey : getenv("ELASTIC_APM_API_KEY");
 	const char *tok = aws.token[0] ? aws.token : getenv("ELASTIC_APM_SECRET_TOKEN");
-	if (key && *key)
-		snprintf(g.cfg.auth, sizeof g.cfg.auth, "ApiKey %s", key);
-	else if (tok && *tok)
-		snprintf(g.cfg.auth, sizeof g.cfg.auth, "Bearer %s", tok);
+	const char *scheme = "ApiKey", *v = key, *from = aws.apikey[0] ?
+	    "the API key from Secrets Manager" : "ELASTIC_APM_API_KEY";
+	if (!key || !*key) {
+		scheme = "Bearer";
+		v = tok;
+		from = aws.token[0] ? "the secret token from Secrets Manager" :
+		    "ELASTIC_APM_SECRET_TOKEN";
+	}
+	g.cfg.auth[0] = 0;
+	if (!v || !*v)
+		return;
+	if (str_has_ctl(v)) {
+		log_error("%s contains control characters (CR, LF or others): "
+		    "refused, and no data will be sent to the APM server", from);
+		g.cfg.has_server = 0;
+		return;
+	}
+	snprintf(g.cfg.auth, sizeof g.cfg.auth, "%s %s", scheme, v);
 }
 
 static const char *const aws_call_names[] = {
@@ -4909,6 +5201,8 @@ aws_schedule(void)
 	while (!aws.id[k] || aws.done[k])
 		k++;
 	struct endpoint *ep = k == AWS_ACM ? &aws.acm : &aws.sm;
+	if (!endpoint_ready(ep, g.cfg.forwarder_timeout_ms))
+		return;
 	if (u->c.fd >= 0 && u->state == UP_IDLE && u->ep == ep) {
 		u->state = UP_BUSY;
 	} else {
@@ -4927,6 +5221,7 @@ aws_schedule(void)
 	}
 	aws.current = k;
 	u->job = JOB_AWS;
+	u->head_req = 0;
 	u->sent_last = 1;
 	u->resp_started = 0;
 	u->c.deadline = now_ms() + g.cfg.forwarder_timeout_ms;
@@ -4939,8 +5234,8 @@ aws_failed(const char *why)
 	aws.current = -1;
 	aws.failures++;
 	g.rnd = g.rnd * 1103515245u + 12345u;
-	int64_t delay = apm_backoff_ms(aws.failures + 1, g.rnd >> 8);
-	aws.retry_at = now_ms() + delay;
+	int64_t delay = apm_backoff_ms(aws.failures, g.rnd >> 8);
+	aws.retry_at = now_ms() + delay; /* the first retry at once */
 	if (aws.failures == 1 || aws.failures % 10 == 0)
 		log_error("%s for \"%.128s\" failed: %s; delivery waits, retrying in "
 		    "%lld ms", aws_call_names[k], aws.id[k], why, (long long)delay);
@@ -4971,6 +5266,8 @@ aws_answer(struct upstream *u)
 			if (aws_field(js, t, n, "message", msg, sizeof msg) < 0)
 				aws_field(js, t, n, "Message", msg, sizeof msg);
 		}
+		str_redact(msg, aws.session);
+		str_redact(msg, aws.secret);
 		const char *hash = strrchr(type, '#');
 		snprintf(why, sizeof why, "HTTP %d %s%s%s", u->status,
 		    hash ? hash + 1 : (type[0] ? type : "(no AWS error type)"),
@@ -5756,6 +6053,14 @@ lambda_event(const struct apm_lambda_event *e, int ok)
 	}
 }
 
+/* The endpoints whose names may be resolved while the loop runs. */
+static struct endpoint *
+loop_endpoint(int i)
+{
+	return i == 0 ? &g.apm : i == 1 ? &aws.sm : &aws.acm;
+}
+#define NUM_ENDPOINTS 3
+
 /* Nothing held: no payload queued or being received. */
 static int
 loop_idle(void)
@@ -5782,15 +6087,18 @@ loop_flushed(void)
 /*
  * Deliveries are failing: the last attempt failed (refused, 5xx, timed
  * out) and none succeeded since, or the secrets they wait for cannot be had
- * (no credentials, or a failed attempt). An invocation is not held then;
- * the data stays queued and is retried with backoff.
+ * (no credentials, or an attempt failed and the next waits for its
+ * backoff). An invocation is not held then; the data stays queued and is
+ * retried with backoff. A secrets call under way holds it (bounded by the
+ * forwarder timeout and the deadline, as a delivery).
  */
 static int
 loop_failing(void)
 {
 	if (g.failures > 0)
 		return 1;
-	return aws_pending() && (aws.failures > 0 || !aws.key_id);
+	return aws_pending() && (!aws.key_id ||
+	    (aws.failures > 0 && aws.current < 0));
 }
 
 /* Decide about /next and exit; returns the next deadline to wake for. */
@@ -5814,6 +6122,8 @@ loop_lambda_tick(int64_t now)
 			    (unsigned long long)g.q.delivered_bytes,
 			    (unsigned long long)g.q.dropped,
 			    (unsigned long long)g.q.rejected);
+			for (int i = 0; i < NUM_ENDPOINTS; i++)
+				resolver_stop(loop_endpoint(i));
 			exit(0);
 		}
 		return report_wait ? MIN(g.exit_at, g.shutdown_at + REPORT_WAIT_MS) :
@@ -5870,10 +6180,58 @@ upstream_timeouts(int64_t now)
 	}
 }
 
+/* A resolver answered (r 1), failed or timed out (r -1). */
+static void
+loop_resolved(struct endpoint *ep, int r, const char *why)
+{
+	g.progress++;
+	if (r > 0) {
+		log_debug("%s resolved", ep->url.host);
+		ep->resolve_failures = 0;
+		if (ep == &g.apm)
+			fwd_prewarm();
+		return;
+	}
+	ep->resolve_failures++;
+	g.rnd = g.rnd * 1103515245u + 12345u;
+	ep->resolve_after = now_ms() + apm_backoff_ms(ep->resolve_failures + 1,
+	    g.rnd >> 8);
+	char msg[300];
+	snprintf(msg, sizeof msg, "cannot resolve %.200s: %s", ep->url.host, why);
+	if (ep == &g.apm) {
+		fwd_backoff(msg);
+		proxy_fail_waiting();
+	} else {
+		aws_failed(msg);
+	}
+}
+
+/* Resolvers: answers that came, deadlines that passed; the next deadline. */
+static int64_t
+loop_resolvers(struct pollfd *pfd, struct pollref *ref, int *n, int64_t now)
+{
+	int64_t wake = 0;
+	for (int i = 0; i < NUM_ENDPOINTS; i++) {
+		struct endpoint *ep = loop_endpoint(i);
+		if (!ep->resolver)
+			continue;
+		if (now >= ep->resolver_deadline) {
+			resolver_stop(ep);
+			loop_resolved(ep, -1, "resolver timed out");
+			continue;
+		}
+		wake = earliest(wake, ep->resolver_deadline);
+		pfd[*n] = (struct pollfd){ ep->resolver_fd, POLLIN, 0 };
+		ref[(*n)++] = (struct pollref){ PK_RESOLVER, i };
+	}
+	return wake;
+}
+
 static void
 loop_run(void)
 {
-	struct pollfd pfd[3 + 1 + MAX_AGENT_CONNS + NUM_UPSTREAM + 4];
+	struct pollfd pfd[3 + 1 + MAX_AGENT_CONNS + NUM_UPSTREAM + 4 +
+	    NUM_ENDPOINTS];
 	struct pollref ref[sizeof pfd / sizeof *pfd];
 	for (;;) {
 		int64_t now = now_ms();
@@ -5930,6 +6288,7 @@ loop_run(void)
 			ref[n++] = (struct pollref){ PK_UP, i };
 		}
 		n = tel_poll_add(pfd, ref, n);
+		wake = earliest(wake, loop_resolvers(pfd, ref, &n, now));
 		int timeout = -1;
 		if (wake) {
 			int64_t d = wake - now_ms();
@@ -5967,6 +6326,14 @@ loop_run(void)
 			case PK_TEL:
 				tel_dispatch(ref[i].idx, re);
 				break;
+			case PK_RESOLVER: {
+				struct endpoint *ep = loop_endpoint(ref[i].idx);
+				const char *why = "";
+				int rr = resolver_read(ep, &why);
+				if (rr)
+					loop_resolved(ep, rr, why);
+				break;
+			}
 			}
 		}
 	}
@@ -6059,6 +6426,11 @@ cfg_load(struct config *c)
 	if (url && *url) {
 		if (apm_url_parse(url, strlen(url), &c->server) == 0)
 			c->has_server = 1;
+		else if (strchr(url, '@'))
+			log_error("ELASTIC_APM_LAMBDA_APM_SERVER holds credentials "
+			    "(user:password@), which are not supported (value not "
+			    "logged): use ELASTIC_APM_SECRET_TOKEN or ELASTIC_APM_API_KEY; "
+			    "agent data will be discarded");
 		else
 			log_error("ELASTIC_APM_LAMBDA_APM_SERVER=\"%.128s\" is not an "
 			    "http(s) URL: agent data will be discarded", url);
@@ -6066,12 +6438,7 @@ cfg_load(struct config *c)
 		log_error("ELASTIC_APM_LAMBDA_APM_SERVER is not set: agent data "
 		    "will be accepted and discarded");
 	}
-	const char *key = getenv("ELASTIC_APM_API_KEY");
-	const char *tok = getenv("ELASTIC_APM_SECRET_TOKEN");
-	if (key && *key)
-		snprintf(c->auth, sizeof c->auth, "ApiKey %s", key);
-	else if (tok && *tok)
-		snprintf(c->auth, sizeof c->auth, "Bearer %s", tok);
+	aws_apply_auth();
 	c->receiver_port = (uint16_t)cfg_uint("ELASTIC_APM_DATA_RECEIVER_SERVER_PORT",
 	    8200, 1, 65535);
 	c->telemetry_port = (uint16_t)cfg_uint("APM_EXT_TELEMETRY_PORT",
