@@ -60,6 +60,14 @@ TELEMETRY_TYPES = ("platform", "function", "extension")
 TELEMETRY_RETRIES = 4          # attempts after the first one
 TELEMETRY_POST_TIMEOUT = 30.0  # seconds; a thawed extension answers in time
 
+# The invocation-deadline rule: the extension's /event/next that ends an
+# invocation must come at least this long before the invocation's deadline,
+# or it is a protocol error (exempt: invocations the test times out with
+# timeout(), which Lambda ends itself). 0 = strictly before the deadline,
+# what Lambda enforces (a later /next turns a successful invocation into a
+# "Task timed out"); the extension itself aims at deadline - 100 ms.
+DEADLINE_MARGIN_MS = 0
+
 
 def iso_now(t=None):
     """ISO-8601 UTC with milliseconds and 'Z', as Lambda stamps telemetry."""
@@ -73,6 +81,12 @@ def epoch_ms():
     return int(time.time() * 1000)
 
 
+def iso_ms(ms):
+    """Epoch milliseconds -> ISO-8601 UTC with milliseconds and 'Z'."""
+    d = datetime.datetime.fromtimestamp(ms // 1000, datetime.timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (ms % 1000)
+
+
 def make_trace_header():
     root = "1-%08x-%s" % (int(time.time()), uuid.uuid4().hex[:24])
     return "Root=%s;Parent=%s;Sampled=1" % (root, uuid.uuid4().hex[:16])
@@ -81,15 +95,22 @@ def make_trace_header():
 class Invocation:
     """One invocation as the fake platform sees it."""
 
-    def __init__(self, request_id, deadline_ms, t_invoke, trace_id, payload, timeout_ms):
+    def __init__(self, request_id, deadline_ms, t_invoke, trace_id, payload, timeout_ms,
+                 t_deadline=None, index=0):
         self.request_id = request_id
+        self.index = index                  # 0-based position in FakeLambda.invocations
         self.deadline_ms = deadline_ms      # epoch ms, as sent in the INVOKE event
         self.t_invoke = t_invoke            # monotonic, when the event was handed out
+        # monotonic time of deadline_ms (the fake's own clock for the deadline rule)
+        self.t_deadline = t_deadline if t_deadline is not None else \
+            t_invoke + timeout_ms / 1000.0
+        self.start_ms = deadline_ms - timeout_ms  # epoch ms; platform.start's time
         self.trace_id = trace_id            # X-Amzn-Trace-Id value
         self.payload = payload
         self.timeout_ms = timeout_ms
         self.ext_next_index = None          # 1-based number of the /next call that got it
         self.t_delivered = None             # monotonic, when that /next was answered
+        self.t_handed = None                # monotonic, once that answer was written
         self.t_runtime_got = None           # monotonic, when a real runtime took it
         self.runtime_next_index = None
         self.t_runtime_done = None
@@ -98,6 +119,10 @@ class Invocation:
         self.response = None                # bytes posted by a real runtime
         self.t_end = None                   # extension's /next after it (finish)
         self.reported = False
+        self.t_ext_next_after = None        # monotonic, the /next that ended it
+        self.late_by = None                 # seconds past deadline - margin, if late
+        self.deadline_error = None          # the protocol error recorded for it
+        self.timed_out = False              # timeout() was called: Lambda ends it
 
     def __repr__(self):
         return "Invocation(%s)" % self.request_id
@@ -126,15 +151,16 @@ def _read_body(handler):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
+    """Answers like Lambda's Go net/http server: TCP_NODELAY on the accepted
+    socket and every response, head and body, in one write (one sendall), so
+    that an extension sees the whole answer in the first segment it reads and
+    never waits on a Nagle / delayed-ACK pause between head and body."""
     protocol_version = "HTTP/1.1"
     server_version = "FakeLambda/1.0"
     sys_version = ""
-    wbufsize = -1  # headers and body leave in one write (see setup)
 
     def setup(self):
         super().setup()
-        # Without this, a response written in two pieces meets Nagle plus the
-        # client's delayed ACK: ~40 ms late events, which Lambda does not do.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, fmt, *args):  # quiet
@@ -145,16 +171,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = json.dumps(body).encode()
         elif isinstance(body, str):
             body = body.encode()
-        self.send_response(status)
+        reason = self.responses.get(status, ("",))[0]
+        head = ["HTTP/1.1 %d %s" % (status, reason)]
         if body or ctype:
-            self.send_header("Content-Type", ctype)
+            head.append("Content-Type: %s" % ctype)
+        head.append("Date: %s" % self.date_time_string())
         for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if body:
-            self.wfile.write(body)
-        self.wfile.flush()
+            head.append("%s: %s" % (k, v))
+        head.append("Content-Length: %d" % len(body))
+        if self.close_connection:
+            head.append("Connection: close")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        self.wfile.flush()              # nothing buffered: we bypass it
+        self.connection.sendall(data)   # head and body: one write
 
     def _dispatch(self, method):
         fl = self.server.fake
@@ -209,7 +238,8 @@ def _client_gone(sock):
 class FakeLambda:
     """The fake platform. See the module docstring; API summary:
 
-    FakeLambda(telemetry=True)           .address  .port  .close()
+    FakeLambda(telemetry=True, late_telemetry=False)  .address  .port  .close()
+                                         (telemetry="late" = both True)
     start_extension(path, env, name)     start_runtime(argv, env)
     wait_registered(timeout) -> t        wait_ext_next(n, timeout) -> t
     wait_init_done(timeout) -> t         wait_subscribed(timeout)
@@ -222,17 +252,42 @@ class FakeLambda:
     timeout(inv, at_deadline=True) -> shutdown()'s tuple
     shutdown(reason, deadline_ms, flush_telemetry=2.0) -> (exit_code, t_exit, killed)
     log_line(text_or_obj, request_id)    emit(records)
+    set_late_telemetry(on)               hold_telemetry()  release_telemetry()
     post_telemetry_raw(body, content_type) -> status
+    deadline_left(inv) -> seconds until inv's deadline (negative: past)
     ext_logs()  ext_log_text()  ext_log_tail(n)  freeze()  thaw()
     Recorded: t_exec, t_register, register_headers, ext_events_wanted,
     ext_next_times, ext_delivered, ext_errors, subscription, subscribe_attempts,
     telemetry_port, telemetry_posts, telemetry_statuses, telemetry_dropped,
     invocations, runtime_next_times, runtime_errors, shutdown_event,
     t_shutdown, freezes, protocol_errors.
+
+    The invocation-deadline rule (every scenario): the extension's /next
+    that ends invocation N must come before N's deadline minus
+    DEADLINE_MARGIN_MS (the fake's monotonic inv.t_deadline); a later one
+    is a protocol error, unless the test calls timeout(N) (then Lambda
+    itself ends N at its deadline). Recorded per invocation:
+    inv.t_ext_next_after, inv.late_by.
+
+    Late telemetry (late_telemetry=True, or set_late_telemetry(True) at any
+    time): the stream keeps its order, but what is emitted during
+    invocation N (its function log lines, platform.runtimeDone,
+    platform.report) and the platform.start of N+1 are held until the
+    extension's /next has returned INVOKE N+1; then they leave together, as
+    Lambda delivers what it buffered when a sandbox frozen right after N is
+    thawed for N+1. Records emitted before the first invocation wait for
+    INVOKE 1. hold_telemetry() holds every further batch (any mode) until
+    release_telemetry(), to order a late batch after something the test
+    does first (e.g. the agent's /register/transaction for N+1). SHUTDOWN
+    and timeout() release everything (shutdown()'s flush). Held records do
+    not count for wait_telemetry_idle().
     """
 
-    def __init__(self, telemetry=True):
-        self.telemetry = telemetry
+    def __init__(self, telemetry=True, late_telemetry=False):
+        if telemetry == "late":
+            telemetry, late_telemetry = True, True
+        self.telemetry = bool(telemetry)
+        self.late_telemetry = bool(late_telemetry)
         self._cv = threading.Condition()
         self._closing = False
 
@@ -254,6 +309,7 @@ class FakeLambda:
         self._ext_parked = 0
         self._ext_queue = collections.deque()
         self._ext_delayed = 0           # INVOKEs held back by invoke(ext_delay=)
+        self._ext_current = None        # invocation whose INVOKE the last /next got
 
         # runtime state
         self.runtime_proc = None
@@ -280,9 +336,10 @@ class FakeLambda:
         self.telemetry_port = None      # where batches go (127.0.0.1:<port>)
         self.telemetry_posts = []       # {'records','statuses','ok','t'} per batch
         self.telemetry_dropped = []     # records emitted with nobody subscribed
-        self._tq = collections.deque()  # (time emitted, record) pending
+        self._tq = collections.deque()  # (time emitted, record, gate) pending
         self._t_inflight = False
-        self._t_flush_now = False       # skip the buffering delay (shutdown)
+        self._t_flush_now = False       # skip the buffering delay and gates (shutdown)
+        self._t_hold = False            # hold_telemetry()
 
         self._tmpdirs = []
         self._srv = _Server(("127.0.0.1", 0), _Handler)
@@ -335,7 +392,7 @@ class FakeLambda:
     def wait_delivered(self, inv, timeout=10):
         """Wait until the INVOKE of inv was handed to the extension's /next."""
         inv = self._inv(inv)
-        self._wait(lambda: inv.ext_next_index is not None, timeout,
+        self._wait(lambda: inv.t_handed is not None, timeout,
                    "INVOKE %s to reach the extension" % inv.request_id, watch_ext=True)
         return inv.t_delivered
 
@@ -370,11 +427,13 @@ class FakeLambda:
                    % len(self.ext_next_times), watch_ext=True)
 
     def wait_telemetry_idle(self, timeout=10):
-        """Wait until every emitted record was POSTed (and answered, or given up)."""
+        """Wait until every emitted record was POSTed (and answered, or given
+        up). Records held back (late telemetry, hold_telemetry) do not count."""
         def idle():
             if self.subscription is None:
                 return True
-            return not self._tq and not self._t_inflight
+            return not self._t_inflight and not (
+                self._tq and self._t_open_locked(self._tq[0], due=True))
         self._wait(idle, timeout, "telemetry delivery (%d records pending)" % len(self._tq))
 
     def wait_for(self, pred, timeout=10, what="condition"):
@@ -541,13 +600,17 @@ class FakeLambda:
         trace_id = trace_id or make_trace_header()
         with self._cv:
             assert request_id not in self._by_id, "duplicate request id " + request_id
-            inv = Invocation(request_id, epoch_ms() + timeout_ms, time.monotonic(),
-                             trace_id, payload if payload is not None else {}, timeout_ms)
+            now_e, now_m = time.time(), time.monotonic()
+            deadline_ms = int(now_e * 1000) + timeout_ms
+            inv = Invocation(request_id, deadline_ms, now_m, trace_id,
+                             payload if payload is not None else {}, timeout_ms,
+                             t_deadline=now_m + (deadline_ms - now_e * 1000) / 1000.0,
+                             index=len(self.invocations))
             self.invocations.append(inv)
             self._by_id[request_id] = inv
             if not self._init_reported:
                 self._init_reported = True
-                self._emit_init_records()
+                self._emit_init_records(gate=inv.index)
             event = {"eventType": "INVOKE", "deadlineMs": inv.deadline_ms,
                      "requestId": request_id, "invokedFunctionArn": FUNCTION_ARN,
                      "tracing": {"type": "X-Amzn-Trace-Id", "value": trace_id}}
@@ -558,12 +621,19 @@ class FakeLambda:
             else:
                 self._ext_queue.append((event, inv))
             self._rt_queue.append(inv)
-            self._emit_locked([{"type": "platform.start", "record": {
+            # stamped with the invocation's start: deadlineMs - its time is
+            # exactly the function's timeout, as with Lambda
+            self._emit_locked([{"type": "platform.start", "time": iso_ms(inv.start_ms),
+                                "record": {
                 "requestId": request_id, "version": FUNCTION_VERSION,
                 "tracing": {"spanId": uuid.uuid4().hex[:16], "type": "X-Amzn-Trace-Id",
-                            "value": trace_id}}}])
+                            "value": trace_id}}}], gate=inv.index)
             self._cv.notify_all()
         return inv
+
+    def deadline_left(self, inv):
+        """Seconds from now to inv's deadline (negative once it has passed)."""
+        return self._inv(inv).t_deadline - time.monotonic()
 
     def _deliver_late(self, event, inv, delay):
         end = time.monotonic() + delay
@@ -574,7 +644,7 @@ class FakeLambda:
             self._ext_queue.append((event, inv))
             self._cv.notify_all()
 
-    def _emit_init_records(self):
+    def _emit_init_records(self, gate=None):
         init_ms = 0.0
         if self.t_exec is not None and self.ext_next_times:
             init_ms = round((self.ext_next_times[0] - self.t_exec) * 1000, 3)
@@ -586,7 +656,7 @@ class FakeLambda:
             {"type": "platform.initRuntimeDone", "record": dict(base, status="success")},
             {"type": "platform.initReport", "record": dict(base, status="success",
                                                            metrics={"durationMs": init_ms})},
-        ])
+        ], gate=gate)
 
     def _inv(self, inv):
         if isinstance(inv, Invocation):
@@ -661,8 +731,16 @@ class FakeLambda:
     def timeout(self, inv, deadline_ms=2000, park_timeout=10, at_deadline=True):
         """A function timeout: at the invocation's deadline (at_deadline; else
         now), runtimeDone(timeout), report(timeout), then the sandbox is
-        reset: shutdown(reason='timeout'). Returns shutdown()'s tuple."""
+        reset: shutdown(reason='timeout'). Returns shutdown()'s tuple.
+
+        Lambda ends such an invocation itself, so the deadline rule does not
+        apply to it: a /next after its deadline (before or during this call)
+        is no protocol error."""
         inv = self._inv(inv)
+        with self._cv:
+            inv.timed_out = True
+            if inv.deadline_error is not None and inv.deadline_error in self.protocol_errors:
+                self.protocol_errors.remove(inv.deadline_error)
         if at_deadline:
             with self._cv:
                 while not self._closing and epoch_ms() < inv.deadline_ms:
@@ -748,7 +826,47 @@ class FakeLambda:
         with self._cv:
             self._emit_locked(records)
 
-    def _emit_locked(self, records):
+    def set_late_telemetry(self, on=True):
+        """Late telemetry for what is emitted from now on (see the class doc)."""
+        with self._cv:
+            self.late_telemetry = bool(on)
+            self._cv.notify_all()
+
+    def hold_telemetry(self):
+        """Send no further telemetry batch until release_telemetry() (or
+        SHUTDOWN's flush). A batch already on its way still arrives."""
+        with self._cv:
+            self._t_hold = True
+            self._cv.notify_all()
+
+    def release_telemetry(self):
+        with self._cv:
+            self._t_hold = False
+            self._cv.notify_all()
+
+    def _t_open_locked(self, entry, due=False):
+        """May this queued record leave now (its gate is open)? due: or as
+        soon as the INVOKE that opens its gate, already taken, is written."""
+        if self._t_flush_now or self.t_shutdown is not None:
+            return True
+        if self._t_hold:
+            return False
+        gate = entry[2]
+        if gate is None:
+            return True
+        if gate >= len(self.invocations):
+            return False
+        inv = self.invocations[gate]
+        return inv.t_handed is not None or (due and inv.ext_next_index is not None)
+
+    def _emit_locked(self, records, gate=None):
+        """Queue records. In late mode they wait until the extension got
+        INVOKE number `gate` (default: the invocation after the current one)."""
+        if self.late_telemetry:
+            if gate is None:
+                gate = len(self.invocations)
+        else:
+            gate = None
         now = time.monotonic()
         for r in records:
             r = dict(r)
@@ -764,14 +882,17 @@ class FakeLambda:
                 if group not in wanted:
                     self.telemetry_dropped.append(r)
                     continue
-            self._tq.append((now, r))
+            self._tq.append((now, r, gate))
         self._cv.notify_all()
 
     def _telemetry_sender(self):
         """One batch at a time, in order, like Lambda's buffered delivery."""
         while True:
             with self._cv:
-                while not self._closing and (self.subscription is None or not self._tq):
+                def ready():
+                    return self.subscription is not None and self._tq and \
+                        self._t_open_locked(self._tq[0])
+                while not self._closing and not ready():
                     self._cv.wait()
                 if self._closing:
                     return
@@ -786,12 +907,13 @@ class FakeLambda:
                     if left <= 0:
                         break
                     self._cv.wait(left)
-                while not self._closing and self.frozen:
+                while not self._closing and (self.frozen or not ready()):
                     self._cv.wait()
                 if self._closing:
                     return
                 batch, size = [], 0
-                while self._tq and len(batch) < max_items:
+                while self._tq and len(batch) < max_items and \
+                        self._t_open_locked(self._tq[0]):
                     n = len(json.dumps(self._tq[0][1]))
                     if batch and size + n > max_bytes:
                         break
@@ -822,18 +944,28 @@ class FakeLambda:
 
     def _post(self, port, body, ctype, timeout=TELEMETRY_POST_TIMEOUT):
         """POST to 127.0.0.1:port (what sandbox.localdomain resolves to in
-        Lambda); returns the status or the exception's class name."""
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        Lambda) like Go's net/http client: TCP_NODELAY, head and body in one
+        write. Returns the status or the exception's class name."""
+        head = ("POST / HTTP/1.1\r\nHost: sandbox.localdomain:%d\r\n"
+                "User-Agent: Go-http-client/1.1\r\nContent-Length: %d\r\n"
+                "Content-Type: %s\r\nAccept-Encoding: gzip\r\n\r\n"
+                % (port, len(body), ctype)).encode("latin-1")
+        sock = resp = None
         try:
-            conn.request("POST", "/", body=body, headers={
-                "Content-Type": ctype, "Host": "sandbox.localdomain:%d" % port})
-            resp = conn.getresponse()
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(head + body)
+            resp = http.client.HTTPResponse(sock, method="POST")
+            resp.begin()
             resp.read()
             return resp.status
         except (OSError, http.client.HTTPException) as e:
             return type(e).__name__
         finally:
-            conn.close()
+            if resp is not None:
+                resp.close()
+            if sock is not None:
+                sock.close()
 
     def post_telemetry_raw(self, body, content_type="application/json", timeout=10):
         """POST arbitrary bytes to the telemetry listener now; returns the
@@ -930,12 +1062,36 @@ class FakeLambda:
             resp["accountId"] = ACCOUNT_ID
         h._send(200, resp, {"Lambda-Extension-Identifier": self.ext_id})
 
+    def _check_deadline_locked(self, t_next):
+        """The /next at t_next ends the invocation the previous /next got:
+        apply the deadline rule to it."""
+        inv, self._ext_current = self._ext_current, None
+        if inv is None:
+            return
+        inv.t_ext_next_after = t_next
+        late = t_next - (inv.t_deadline - DEADLINE_MARGIN_MS / 1000.0)
+        if late < 0:
+            return
+        inv.late_by = late
+        if inv.timed_out:
+            return      # timeout(): Lambda ends it at the deadline itself
+        msg = ("/event/next ending invocation %s came %.0f ms after its deadline%s "
+               "(%.0f ms after INVOKE, timeout %d ms): Lambda would time out an "
+               "invocation whose function had returned" % (
+                   inv.request_id, (t_next - inv.t_deadline) * 1000,
+                   " - %d ms" % DEADLINE_MARGIN_MS if DEADLINE_MARGIN_MS else "",
+                   (t_next - inv.t_invoke) * 1000, inv.timeout_ms))
+        inv.deadline_error = msg
+        self.protocol_errors.append(msg)
+
     def _ext_next(self, h):
         if not self._check_id(h):
             return
         with self._cv:
-            self.ext_next_times.append(time.monotonic())
+            t_call = time.monotonic()
+            self.ext_next_times.append(t_call)
             index = len(self.ext_next_times)
+            self._check_deadline_locked(t_call)
             self._ext_parked += 1
             self._cv.notify_all()
             try:
@@ -953,10 +1109,15 @@ class FakeLambda:
                 if inv is not None:
                     inv.ext_next_index = index
                     inv.t_delivered = t
+                    self._ext_current = inv
             finally:
                 self._ext_parked -= 1
                 self._cv.notify_all()
         h._send(200, event, {"Lambda-Extension-Event-Identifier": str(uuid.uuid4())})
+        if inv is not None:
+            with self._cv:
+                inv.t_handed = time.monotonic()    # the answer is written
+                self._cv.notify_all()
 
     def _ext_error(self, h, path, body):
         if not self._check_id(h):
@@ -1204,9 +1365,12 @@ def _selftest():
     # 2. processes: the stub extension and a tiny runtime, freezing, shutdown
     stub = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stub_extension.py")
     fl = FakeLambda()
+    # (the APM server is unreachable: a short forwarder timeout keeps the
+    # stub's hold of each invocation well inside its 3 s deadline)
     fl.start_extension(stub, {"APM_EXT_TELEMETRY_PORT": str(_free()),
                               "ELASTIC_APM_DATA_RECEIVER_SERVER_PORT": str(_free()),
-                              "ELASTIC_APM_LAMBDA_APM_SERVER": "http://127.0.0.1:9"})
+                              "ELASTIC_APM_LAMBDA_APM_SERVER": "http://127.0.0.1:9",
+                              "ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "300ms"})
     fl.start_runtime([sys.executable, "-c", _RUNTIME])
     fl.wait_registered()
     fl.wait_subscribed()
@@ -1216,8 +1380,15 @@ def _selftest():
         fl.finish(inv)
         assert inv.status == ("error" if i else "success") and inv.response
         for p in (fl.ext_proc, fl.runtime_proc):
-            with open("/proc/%d/stat" % p.pid) as f:
-                assert f.read().rsplit(")", 1)[1].split()[0] == "T", "not frozen"
+            # SIGSTOP takes effect asynchronously: wait (bounded) for state T
+            end = time.monotonic() + 5
+            while True:
+                with open("/proc/%d/stat" % p.pid) as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                        break
+                assert time.monotonic() < end, "not frozen"
+                with fl._cv:
+                    fl._cv.wait(0.01)
     code, t_exit, killed = fl.shutdown()
     assert code == 0 and not killed and fl.runtime_proc.returncode == -signal.SIGTERM
     assert not fl.protocol_errors, fl.protocol_errors
@@ -1239,8 +1410,129 @@ def _selftest():
     except AssertionError as e:
         assert "exited" in str(e), e
     fl.close()
+
+    # 3. one-write answers, the deadline rule, late and held telemetry
+    _selftest_timing(req, lport, got)
     lsrv.shutdown()
     print("fake_lambda selftest ok")
+
+
+def _selftest_timing(req, lport, got):
+    fl = FakeLambda(telemetry="late")
+    assert fl.telemetry and fl.late_telemetry
+    st, r, _ = req(fl, "POST", "/2020-01-01/extension/register",
+                   b'{"events":["INVOKE","SHUTDOWN"]}', {"Lambda-Extension-Name": "x"})
+    hid = {"Lambda-Extension-Identifier": r.getheader("Lambda-Extension-Identifier")}
+    sub = {"schemaVersion": "2022-12-13", "types": ["platform", "function"],
+           "buffering": {"maxItems": 1000, "maxBytes": 262144, "timeoutMs": 25},
+           "destination": {"protocol": "HTTP", "URI": "http://sandbox.localdomain:%d" % lport}}
+    assert req(fl, "PUT", "/2022-07-01/telemetry", json.dumps(sub), hid)[0] == 200
+    del got[:]
+
+    # a response (head and body) arrives in the first segment read
+    s = socket.create_connection(("127.0.0.1", fl.port), timeout=5)
+    s.sendall(b"POST /2018-06-01/runtime/init/error HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Length: 2\r\n\r\n{}")
+    select.select([s], [], [], 5)
+    first = s.recv(65536)
+    s.close()
+    head, _, body = first.partition(b"\r\n\r\n")
+    clen = [int(ln.split(b":")[1]) for ln in head.split(b"\r\n")
+            if ln.lower().startswith(b"content-length:")]
+    assert clen and len(body) == clen[0] > 0, "answer split: first read %r" % first
+
+    # a telemetry POST (head and body) arrives in the first segment read
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    res = []
+    th = threading.Thread(target=lambda: res.append(
+        fl._post(ls.getsockname()[1], b'[{"x":1}]', "application/json", 5)), daemon=True)
+    th.start()
+    c, _ = ls.accept()
+    select.select([c], [], [], 5)
+    first = c.recv(65536)
+    assert first.endswith(b'\r\n\r\n[{"x":1}]') and b"Content-Length: 9" in first, first
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    th.join(5)
+    c.close()
+    ls.close()
+    assert res == [200], res
+
+    nexts = []
+
+    def next_async():
+        def run():
+            try:
+                nexts.append(json.loads(req(fl, "GET", "/2020-01-01/extension/event/next",
+                                            None, hid)[2]))
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
+        th = threading.Thread(target=run, daemon=True)
+        th.start()
+        return th
+
+    def types_after(t0):
+        return [rec["type"] for e in fl.telemetry_posts if e["t"] >= t0
+                for rec in e["records"]]
+
+    next_async()
+    fl.wait_parked(5)
+    inv1 = fl.invoke(timeout_ms=2000)
+    fl.wait_delivered(inv1, 5)
+    fl.wait_telemetry_idle(5)           # init records and platform.start of inv1
+    fl.log_line("late line\n")
+    fl.runtime_done(inv1)
+    fl.wait_telemetry_idle(5)           # returns: held records do not count
+    sent = [rec["type"] for b in got for rec in b]
+    assert sent[-1] == "platform.start" and "function" not in sent, sent
+    start1 = [rec for b in got for rec in b if rec["type"] == "platform.start"][0]
+    assert start1["time"] == iso_ms(inv1.deadline_ms - 2000), (start1, inv1.deadline_ms)
+    next_async()
+    fl.finish(inv1, freeze=False)       # in time: no protocol error
+    assert inv1.t_ext_next_after is not None and inv1.late_by is None
+    assert not fl.protocol_errors, fl.protocol_errors
+    inv2 = fl.invoke(timeout_ms=300)
+    fl.wait_delivered(inv2, 5)
+    fl.wait_for(lambda f: f.telemetry_posts and "platform.report" in
+                types_after(f.telemetry_posts[-1]["t"]), 5, "the late batch")
+    late = fl.telemetry_posts[-1]
+    assert inv2.t_handed is not None and late["t"] >= inv2.t_handed, \
+        "the late batch left before INVOKE 2 was written"
+    assert [r["type"] for r in late["records"]] == [
+        "function", "platform.runtimeDone", "platform.report", "platform.start"], late
+    assert late["records"][3]["record"]["requestId"] == inv2.request_id
+
+    # held: nothing leaves until released (late mode off for this)
+    fl.set_late_telemetry(False)
+    fl.hold_telemetry()
+    fl.log_line("held line\n")
+    fl.wait_telemetry_idle(5)
+    assert "held line\n" not in [r.get("record") for b in got for r in b]
+    fl.release_telemetry()
+    fl.wait_telemetry_idle(5)
+    assert "held line\n" in [r.get("record") for b in got for r in b]
+    fl.set_late_telemetry(True)
+
+    # the /next ending inv2 comes after its deadline: a protocol error
+    threading.Event().wait(max(0.0, fl.deadline_left(inv2)) + 0.02)  # a late extension
+    next_async()
+    fl.wait_for(lambda f: f.protocol_errors, 5, "the late /next to be flagged")
+    assert inv2.late_by is not None and "after its deadline" in fl.protocol_errors[0], \
+        fl.protocol_errors
+    # ...but not for an invocation the test times out (Lambda ends it)
+    inv3 = fl.invoke(timeout_ms=200)
+    fl.wait_delivered(inv3, 5)
+    threading.Event().wait(max(0.0, fl.deadline_left(inv3)) + 0.02)
+    next_async()
+    fl.wait_for(lambda f: len(f.protocol_errors) == 2, 5, "the second late /next")
+    try:
+        fl.timeout(inv3)
+    except AssertionError as e:         # no extension process to shut down here
+        assert "no extension started" in str(e), e
+    assert inv3.timed_out and len(fl.protocol_errors) == 1 and \
+        inv2.request_id in fl.protocol_errors[0], fl.protocol_errors
+    fl.close()
 
 
 def _free():
