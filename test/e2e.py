@@ -7,7 +7,8 @@ Every scenario gets its own FakeLambda (test/fake_lambda.py), FakeAPM
 (test/fake_apm.py) and free ports for ELASTIC_APM_DATA_RECEIVER_SERVER_PORT and
 APM_EXT_TELEMETRY_PORT. One line per scenario, `PASS name (1.2s)` or
 `FAIL name: reason` followed by the tail of the extension's log; the last line
-is exactly `N passed, N failed`; the exit code is 1 if any failed.
+is exactly `N passed, N failed` (`, N skipped` added when a scenario raised
+Skip: it cannot run here, e.g. without root); the exit code is 1 if any failed.
 
 Without the C binary, the harness itself can be checked against a Python
 imitation: python3 test/e2e.py --binary test/stub_extension.py
@@ -1014,6 +1015,12 @@ def receiver_loopback_only(t):
 
 # --------------------------------------------------------------- runner
 
+class Skip(Exception):
+    """Raised by a scenario that cannot run here (e.g. it needs root for a
+    mount namespace): reported as SKIP with the reason, counted as skipped,
+    never as passed."""
+
+
 def load_extra_modules():
     for path in sorted(glob.glob(os.path.join(HERE, "e2e_*.py"))):
         importlib.import_module(os.path.splitext(os.path.basename(path))[0])
@@ -1038,6 +1045,8 @@ def run_one(sc, binary, log_lines):
             assert not apm.errors, "APM server rejected payloads: %s" % "; ".join(
                 apm.errors[:5])
         return True, "PASS %s (%.1fs)" % (sc.name, time.monotonic() - t0)
+    except Skip as e:
+        return None, "SKIP %s: %s" % (sc.name, e)
     except Exception as e:
         if isinstance(e, AssertionError):
             reason = str(e) or "assertion failed"
@@ -1085,15 +1094,18 @@ def main(argv=None):
         print("FAIL setup: %s is not an executable (build it with make)" % binary)
         print("0 passed, %d failed" % len(chosen))
         return 1
-    passed = failed = 0
+    passed = failed = skipped = 0
     for sc in chosen:
         ok, line = run_one(sc, binary, args.log_lines)
         print(line, flush=True)
-        if ok:
+        if ok is None:
+            skipped += 1
+        elif ok:
             passed += 1
         else:
             failed += 1
-    print("%d passed, %d failed" % (passed, failed))
+    print("%d passed, %d failed%s" % (passed, failed,
+                                      ", %d skipped" % skipped if skipped else ""))
     return 1 if failed else 0
 
 
