@@ -106,6 +106,41 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 #define TELEMETRY_PORT_DEFAULT 8201
 #define REPORT_WAIT_MS 500      /* at SHUTDOWN, wait this long for the last report */
 
+/*
+ * The system calls of the event loop and its clocks, in one table: a test
+ * build replaces them to inject faults or to run the whole loop over
+ * in-memory sockets and a virtual clock (test/sim.c). Files read once at
+ * start (CA bundles), the log write and the resolver process use the
+ * system directly.
+ */
+static int
+sys_fionread(int fd, int *n)
+{
+	return ioctl(fd, FIONREAD, n);
+}
+
+static struct apm_io {
+	int (*socket)(int, int, int);
+	int (*connect)(int, const struct sockaddr *, socklen_t);
+	int (*bind)(int, const struct sockaddr *, socklen_t);
+	int (*listen)(int, int);
+	int (*accept4)(int, struct sockaddr *, socklen_t *, int);
+	int (*setsockopt)(int, int, int, const void *, socklen_t);
+	int (*getsockopt)(int, int, int, void *, socklen_t *);
+	int (*fionread)(int, int *);
+	ssize_t (*send)(int, const void *, size_t, int);
+	ssize_t (*recv)(int, void *, size_t, int);
+	ssize_t (*writev)(int, const struct iovec *, int);
+	ssize_t (*read)(int, void *, size_t);
+	int (*close)(int);
+	int (*poll)(struct pollfd *, nfds_t, int);
+	int (*clock_gettime)(clockid_t, struct timespec *);
+	void (*exit)(int);
+} io = {
+	socket, connect, bind, listen, accept4, setsockopt, getsockopt,
+	sys_fionread, send, recv, writev, read, close, poll, clock_gettime, exit,
+};
+
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
 #define LIT(s) (s), (sizeof(s) - 1)
@@ -202,7 +237,7 @@ static int64_t
 now_ms(void)
 {
 	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
+	io.clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
@@ -221,7 +256,7 @@ static int64_t
 epoch_us(void)
 {
 	struct timespec ts;
-	clock_gettime(CLOCK_REALTIME, &ts);
+	io.clock_gettime(CLOCK_REALTIME, &ts);
 	return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
@@ -2288,18 +2323,7 @@ queue_view(struct queue *q, int slot, uint64_t off)
 	return (struct apm_str){ q->mem + (size_t)b * BLOCK_SIZE + in, n };
 }
 
-/* == 11. Sockets and I/O table ==
- * Every socket call of the loop goes through io, so tests can fail the n-th
- * call or return short counts (SQLite's test_syscall.c).
- */
-
-struct apm_io {
-	ssize_t (*send)(int, const void *, size_t, int);
-	ssize_t (*recv)(int, void *, size_t, int);
-	int (*connect)(int, const struct sockaddr *, socklen_t);
-	int (*accept4)(int, struct sockaddr *, socklen_t *, int);
-};
-static struct apm_io io = { send, recv, connect, accept4 };
+/* == 11. Sockets == */
 
 /* Parse "host:port" with a numeric host into addr. 0 or -1. */
 static int
@@ -2483,15 +2507,15 @@ endpoint_ready(struct endpoint *ep, int64_t timeout_ms)
 static int
 sock_connect(const struct sockaddr_storage *ss, socklen_t len)
 {
-	int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	int fd = io.socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -1;
 	int one = 1;
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	io.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	if (io.connect(fd, (const struct sockaddr *)ss, len) < 0 &&
 	    errno != EINPROGRESS) {
 		int e = errno;
-		close(fd);
+		io.close(fd);
 		errno = e;
 		return -1;
 	}
@@ -2505,16 +2529,16 @@ sock_listen(int family, const char *addr, uint16_t port)
 	socklen_t len;
 	if (sock_addr_numeric(addr, port, &ss, &len) < 0)
 		return -1;
-	int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	int fd = io.socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -1;
 	int one = 1;
-	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	io.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
 	if (family == AF_INET6)
-		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
-	if (bind(fd, (struct sockaddr *)&ss, len) < 0 || listen(fd, 128) < 0) {
+		io.setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+	if (io.bind(fd, (struct sockaddr *)&ss, len) < 0 || io.listen(fd, 128) < 0) {
 		int e = errno;
-		close(fd);
+		io.close(fd);
 		errno = e;
 		return -1;
 	}
@@ -3367,7 +3391,7 @@ static void
 conn_close(struct conn *c)
 {
 	if (c->fd >= 0)
-		close(c->fd);
+		io.close(c->fd);
 	c->fd = -1;
 	c->deadline = 0;
 	buf_reset(c);
@@ -3848,7 +3872,7 @@ upstream_step(struct upstream *u, short revents)
 		socklen_t len = sizeof err;
 		if (!(revents & (POLLOUT | POLLERR | POLLHUP)))
 			return;
-		getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+		io.getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
 		if (err) {
 			char why[128];
 			snprintf(why, sizeof why, "connect: %s", strerror(err));
@@ -4672,7 +4696,7 @@ agent_accept(int lfd)
 			for (int k = 0; k < 8; k++) {
 				int pending = 0;
 				slot = agent_evictable();
-				if (slot < 0 || ioctl(g.agents[slot].c.fd, FIONREAD,
+				if (slot < 0 || io.fionread(g.agents[slot].c.fd,
 				    &pending) < 0 || pending == 0)
 					break;
 				agent_step(&g.agents[slot], POLLIN);
@@ -4681,7 +4705,7 @@ agent_accept(int lfd)
 			if (slot < 0)
 				slot = agent_slowest_body();
 			if (slot < 0) {
-				close(fd);
+				io.close(fd);
 				g.over_limit++;
 				continue;
 			}
@@ -4853,8 +4877,8 @@ lambda_call(const char *method, const char *path, const char *extra,
 {
 	struct conn *c = &g.lam.c;
 	if (c->fd < 0) {
-		c->fd = socket(g.lam.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (c->fd < 0 || connect(c->fd, (struct sockaddr *)&g.lam.addr,
+		c->fd = io.socket(g.lam.addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (c->fd < 0 || io.connect(c->fd, (struct sockaddr *)&g.lam.addr,
 		    g.lam.addrlen) < 0) {
 			conn_close(c);
 			return -1;
@@ -4865,13 +4889,13 @@ lambda_call(const char *method, const char *path, const char *extra,
 	int n = snprintf(req, sizeof req, "%s %s HTTP/1.1\r\nHost: %s\r\n%s"
 	    "Content-Length: %zu\r\n\r\n", method, path, g.lam.host, extra, blen);
 	struct iovec iov[2] = { { req, (size_t)n }, { (void *)body, blen } };
-	if (n >= (int)sizeof req || writev(c->fd, iov, 2) != (ssize_t)(n + (int)blen)) {
+	if (n >= (int)sizeof req || io.writev(c->fd, iov, 2) != (ssize_t)(n + (int)blen)) {
 		conn_close(c);
 		return -1;
 	}
 	c->rx_len = 0;
 	for (;;) {
-		ssize_t r = read(c->fd, c->rx + c->rx_len, c->rx_cap - c->rx_len);
+		ssize_t r = io.read(c->fd, c->rx + c->rx_len, c->rx_cap - c->rx_len);
 		if (r <= 0) {
 			conn_close(c);
 			return -1;
@@ -6124,7 +6148,7 @@ loop_lambda_tick(int64_t now)
 			    (unsigned long long)g.q.rejected);
 			for (int i = 0; i < NUM_ENDPOINTS; i++)
 				resolver_stop(loop_endpoint(i));
-			exit(0);
+			io.exit(0);
 		}
 		return report_wait ? MIN(g.exit_at, g.shutdown_at + REPORT_WAIT_MS) :
 		    g.exit_at;
@@ -6296,12 +6320,12 @@ loop_run(void)
 		}
 		if (g.progress != progress)
 			timeout = 0; /* a job ended in this pass: schedule again first */
-		int r = poll(pfd, (nfds_t)n, timeout);
+		int r = io.poll(pfd, (nfds_t)n, timeout);
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
 			log_error("poll: %s", strerror(errno));
-			exit(0);
+			io.exit(0);
 		}
 		for (int i = 0; i < n && r > 0; i++) {
 			short re = pfd[i].revents;
