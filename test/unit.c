@@ -2210,8 +2210,87 @@ test_queue(void)
 	CHECK_INT(queue_open(&g.q, "", "", 0), b);      /* full: b dropped */
 	CHECK_INT(g.q.dropped, 2);
 	CHECK_INT(g.q.used, 3);
+
+	/* Two complete payloads, neither being sent: the OLDER goes first. */
+	ctx("queue: of two droppable payloads, the oldest is dropped");
+	g.q.p[d].open = 0;                              /* d is older than b */
+	CHECK(g.q.p[d].seq < g.q.p[b].seq);
+	g.q.p[b].open = 0;
+	g.q.p[c].open = 1;
+	uint64_t d_seq = g.q.p[d].seq, b_seq = g.q.p[b].seq;
+	CHECK_INT(queue_make_room(&g.q), 0);
+	CHECK_INT(g.q.dropped, 3);
+	CHECK(!g.q.p[d].used || g.q.p[d].seq != d_seq); /* d dropped */
+	CHECK(g.q.p[b].used && g.q.p[b].seq == b_seq);  /* b kept */
 	g.failures = 0;
 	memset(&g.q, 0, sizeof g.q);
+}
+
+/* Small helpers the audit fixes rest on: escaping, ids, proxy targets,
+ * redaction, the configured timeout. */
+static void
+test_audit_helpers(void)
+{
+	ctx("json_trim_newlines: only real \\n / \\r escapes go");
+	static const struct { const char *in, *out; } trims[] = {
+		{ "hello\\n", "hello" },
+		{ "hello\\r\\n", "hello" },
+		{ "C:\\\\temp\\\\", "C:\\\\temp\\\\" },         /* C:\temp\ */
+		{ "C:\\\\temp\\\\n", "C:\\\\temp\\\\n" },       /* ends in \\ then n */
+		{ "C:\\\\temp\\\\\\n", "C:\\\\temp\\\\" },    /* \\ then \n escape */
+		{ "n", "n" }, { "\\n", "" }, { "", "" },
+	};
+	for (size_t i = 0; i < sizeof trims / sizeof *trims; i++) {
+		size_t n = json_trim_newlines(trims[i].in, strlen(trims[i].in));
+		CHECK_INT(n, strlen(trims[i].out));
+		CHECK(memcmp(trims[i].in, trims[i].out, n) == 0);
+	}
+
+	ctx("is_hex_id");
+	CHECK(is_hex_id("0123456789abcdef", 16));
+	CHECK(!is_hex_id("0123456789ABCDEF", 16));
+	CHECK(!is_hex_id("0123456789abcde", 16));
+	CHECK(!is_hex_id("0123456789abcdef0", 16));
+	CHECK(!is_hex_id("0123456789abcde\"", 16));
+
+	ctx("proxy_target_ok");
+	static const struct { const char *t; int ok; } targets[] = {
+		{ "/", 1 }, { "/config/v1/agents?service.name=x", 1 },
+		{ "/a/b.json", 1 }, { "/a/..b/c", 1 }, { "/a?x=/../..", 1 },
+		{ "", 0 }, { "*", 0 }, { "http://evil.example:1/x", 0 },
+		{ "//host/path", 0 }, { "/../../admin", 0 }, { "/a/./b", 0 },
+		{ "/a/..", 0 }, { "/a/%2e%2e/admin", 0 }, { "/a/%2E./admin", 0 },
+		{ "/a\\b", 0 }, { "evil.example:443", 0 },
+	};
+	for (size_t i = 0; i < sizeof targets / sizeof *targets; i++) {
+		struct apm_str t = { targets[i].t, strlen(targets[i].t) };
+		if (proxy_target_ok(t) != targets[i].ok)
+			check(0, __FILE__, __LINE__, "proxy_target_ok(\"%s\") != %d",
+			    targets[i].t, targets[i].ok);
+		else
+			check(1, __FILE__, __LINE__, "%s", "");
+	}
+
+	ctx("str_redact, str_has_ctl");
+	char text[] = "Authorization: ApiKey c2VjcmV0 and again c2VjcmV0.";
+	str_redact(text, "c2VjcmV0");
+	CHECK_STR(text, "Authorization: ApiKey ******** and again ********.");
+	str_redact(text, "abc");                        /* too short: untouched */
+	CHECK(strstr(text, "ApiKey") != NULL);
+	CHECK(str_has_ctl("tok\r\nX-Injected: 1"));
+	CHECK(str_has_ctl("tok\x7f"));
+	CHECK(!str_has_ctl("c2VjcmV0:a+b/c="));
+
+	ctx("tel_inv_timeout_ms: whole seconds");
+	struct inv_info inv = { .start_us = 1000000000000000LL };
+	static const struct { int64_t left, want; } tos[] = {
+		{ 3000, 3000 }, { 2959, 3000 }, { 2999, 3000 }, { 3004, 3000 },
+		{ 2692, 3000 }, { 900000, 900000 }, { 1, 1000 }, { 0, 1000 },
+	};
+	for (size_t i = 0; i < sizeof tos / sizeof *tos; i++) {
+		inv.deadline_epoch_ms = inv.start_us / 1000 + tos[i].left;
+		CHECK_INT(tel_inv_timeout_ms(&inv), tos[i].want);
+	}
 }
 
 /*
@@ -2307,6 +2386,7 @@ main(void)
 	test_tel_records();
 	test_time();
 	test_queue();
+	test_audit_helpers();
 	test_trust_anchors();
 
 	if (n_fail > MAX_PRINTED)
