@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 
-from e2e import (scenario, AgentStream, agent_send, agent_flush, agent_payload, first_delivery, tx_of,
+from e2e import (scenario, make_span, AgentStream, agent_send, agent_flush, agent_payload, first_delivery, tx_of,
                  ndjson, make_metadata, make_transaction)
 
 RECEIVER_TIMEOUT = 1.0
@@ -319,10 +319,28 @@ def attack_bad_chunks(port):
         ("chunk size overflow", head + first_chunk() + b"f" * 40 + b"\r\nhello\r\n", {400, 413}),
         ("chunk size line of 1000 bytes", head + first_chunk() + b"5;" + b"e" * 1000 +
          b"\r\nhello\r\n0\r\n\r\n", {400}),
+        ("bare CR in the chunk size line", head + first_chunk() + b"5\rhello\r\n0\r\n\r\n",
+         {400}),
     ]
     for what, data, want in cases:
         expect(raw_exchange(port, data, "invalid chunk framing: " + what), want,
                allow_silent_close=False)
+
+
+def attack_huge_chunked_body(port):
+    """A chunked, identity-encoded intake body of about 9 MiB with no
+    Content-Length: over the 8 MiB body limit, so 413 and a close once the
+    limit is passed; none of its events may reach the APM server."""
+    tx = make_transaction(name="poison")
+    POISON.append(tx)
+    line = ndjson([make_span(tx, pad=4000)])
+    piece = ndjson([make_metadata(), tx]) + line * ((1 << 20) // len(line))
+    data = intake_head(b"Transfer-Encoding: chunked\r\n")
+    for _ in range(9):
+        data += b"%x\r\n" % len(piece) + piece + b"\r\n"
+    data += b"0\r\n\r\n"
+    o = raw_exchange(port, data, "9 MiB chunked body, no Content-Length")
+    expect(o, {413}, allow_silent_close=False)
 
 
 def attack_huge_content_length(port):
@@ -558,6 +576,14 @@ def hostile_many_headers(t):
 def hostile_bad_chunks(t):
     """Invalid chunk framing: 400; the partial body never reaches the APM server."""
     _attack_scenario("hostile_bad_chunks", attack_bad_chunks, t)
+    check_no_poison(t)
+
+
+@scenario(env=HOSTILE_ENV)
+def hostile_huge_chunked_body(t):
+    """A 9 MiB chunked body without Content-Length: 413 and a close; none of its
+    events at the APM server (the chunked path of the body limit)."""
+    _attack_scenario("hostile_huge_chunked_body", attack_huge_chunked_body, t)
     check_no_poison(t)
 
 
