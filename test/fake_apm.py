@@ -10,12 +10,26 @@ Standalone: python3 test/fake_apm.py --port 8200 [--token T] [--api-key K]
             [--tls CERT KEY]   serves until killed, prints event lines to stdout.
 
 See the class docstring for modes and the recorded request format.
+
+Every intake line is checked, and a body with a bad line gets 400 (recorded in
+.errors):
+  - structurally, always (check_structure, plain Python): metadata first and only
+    first, one known kind per line, the required fields and their types, ids as
+    lowercase hex (trace ids 32, others 16), timestamps in microseconds;
+  - and against the APM intake v2 JSON schemas of elastic/apm-data (folder
+    docs/spec/v2 there), optional: the folder APM_INTAKE_SPEC_DIR names, or when it
+    is unset ../shared/apm-intake-spec/v2 next to the repository if that exists.
+CHECK_LEVEL says which ran ("schemas (<folder>) and structural" or "structural
+(<why>)"); the first FakeAPM of a process says it once on stderr.
+
+Answers go out like a Go server's: TCP_NODELAY, head and body in one write.
 """
 import argparse
 import gzip
 import http.server
 import json
 import os
+import re
 import select
 import socket
 import ssl
@@ -31,36 +45,427 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jsonschema_mini  # noqa: E402
 
 KINDS = ("metadata", "transaction", "span", "error", "metricset", "log")
-SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          os.pardir, "shared", "apm-intake-spec", "v2")
+SCHEMA_KINDS = ("metadata", "transaction", "span", "error", "metricset")  # log: no schema file
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the optional schemas are looked for when APM_INTAKE_SPEC_DIR is not set.
+DEFAULT_SPEC_DIR = os.path.normpath(os.path.join(REPO, os.pardir, "shared", "apm-intake-spec",
+                                                 "v2"))
 SERVER_INFO = {"build_date": "2024-01-01T00:00:00Z", "build_sha": "abc",
                "publish_ready": True, "version": "8.15.0"}
+
+
+def find_spec_dir(environ=None):
+    """(folder or None, CHECK_LEVEL text).
+
+    The APM intake v2 JSON schemas of elastic/apm-data (folder docs/spec/v2 there),
+    optional: named by APM_INTAKE_SPEC_DIR; when it is unset, DEFAULT_SPEC_DIR if that
+    exists. A folder that does not exist or lacks one of the five files counts as absent
+    (APM_INTAKE_SPEC_DIR="" too). Without schemas every line still gets the structural
+    check (check_structure)."""
+    environ = os.environ if environ is None else environ
+    d = environ.get("APM_INTAKE_SPEC_DIR")
+    if d is None:
+        if not os.path.isdir(DEFAULT_SPEC_DIR):
+            return None, "structural (no APM_INTAKE_SPEC_DIR)"
+        d, what = DEFAULT_SPEC_DIR, "%s, the default" % DEFAULT_SPEC_DIR
+    elif not d:
+        return None, "structural (APM_INTAKE_SPEC_DIR is empty)"
+    else:
+        what = "APM_INTAKE_SPEC_DIR=%s" % d
+    if not os.path.isdir(d):
+        return None, "structural (%s: no such folder)" % what
+    missing = [k + ".json" for k in SCHEMA_KINDS
+               if not os.path.isfile(os.path.join(d, k + ".json"))]
+    if missing:
+        return None, "structural (%s has no %s)" % (what, ", ".join(missing))
+    d = os.path.normpath(os.path.abspath(d))
+    return d, "schemas (%s) and structural" % d
+
+
+# Which checks every intake line gets in this process: "schemas (<folder>) and
+# structural" or "structural (<why there are no schemas>)". Said once on stderr when the
+# first FakeAPM is created.
+SPEC_DIR, CHECK_LEVEL = find_spec_dir()
 _schemas = None
 _schemas_lock = threading.Lock()
+_announced = False
 
 
 def load_schemas(schema_dir=None):
-    """{kind: schema} for the five kinds that have a schema file (cached)."""
+    """{kind: schema} for the five kinds that have a schema file, read from schema_dir or
+    SPEC_DIR (cached for SPEC_DIR); None when there are no schemas."""
     global _schemas
+    if schema_dir is not None:
+        return _read_schemas(schema_dir)
+    if SPEC_DIR is None:
+        return None
     with _schemas_lock:
         if _schemas is None:
-            d = os.path.normpath(schema_dir or os.environ.get("APM_INTAKE_SPEC_DIR") or SCHEMA_DIR)
-            out = {}
-            for kind in ("metadata", "transaction", "span", "error", "metricset"):
-                with open(os.path.join(d, kind + ".json"), encoding="utf-8") as f:
-                    out[kind] = json.load(f)
-            _schemas = out
+            _schemas = _read_schemas(SPEC_DIR)
         return _schemas
+
+
+def _read_schemas(d):
+    out = {}
+    for kind in SCHEMA_KINDS:
+        with open(os.path.join(d, kind + ".json"), encoding="utf-8") as f:
+            out[kind] = json.load(f)
+    return out
+
+
+def announce_check_level():
+    """One line on stderr, the first time in a process, saying which checks run."""
+    global _announced
+    if not _announced:
+        _announced = True
+        sys.stderr.write("fake_apm: intake lines checked: %s\n" % CHECK_LEVEL)
+
+
+# ---------------------------------------------------------------- structural check
+#
+# Written for this project, from what the intake v2 API requires and what apm-ext and
+# its tests send: the required fields of each kind with their types, ids as lowercase hex
+# (trace ids 32 characters, the others 16; error ids 16 or 32, agents use 32), timestamps
+# as integers in microseconds since the epoch between 2000 and 2100 (which catches
+# milliseconds, seconds and nanoseconds). Optional fields are checked when present and not
+# null; unknown fields are accepted, as APM Server does.
+
+TS_MIN_US = 946684800 * 1000000    # 2000-01-01T00:00:00Z
+TS_MAX_US = 4102444800 * 1000000   # 2100-01-01T00:00:00Z
+_HEX = re.compile(r"[0-9a-f]+\Z")
+_SERVICE_NAME = re.compile(r"[a-zA-Z0-9 _-]+\Z")
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)\Z")
+_MISSING = object()
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) or (
+        isinstance(v, float) and v.is_integer())
+
+
+def _type_of(v):
+    for t, ok in (("null", v is None), ("boolean", isinstance(v, bool)),
+                  ("integer", _is_int(v)), ("number", _is_num(v)),
+                  ("string", isinstance(v, str)), ("array", isinstance(v, list)),
+                  ("object", isinstance(v, dict))):
+        if ok:
+            return t
+    return type(v).__name__
+
+
+# Each checker is f(value) -> None (fine) or a problem; fields() builds object checkers
+# from {name: (required, checker)}; a required field may not be missing nor null.
+
+def _string(max_len=1024, min_len=0, pattern=None):
+    def f(v):
+        if not isinstance(v, str):
+            return "expected a string, got %s" % _type_of(v)
+        if len(v) < min_len:
+            return "empty string" if min_len == 1 else "shorter than %d" % min_len
+        if max_len and len(v) > max_len:
+            return "string longer than %d characters (%d)" % (max_len, len(v))
+        if pattern and not pattern.match(v):
+            return "%.80r does not match %s" % (v, pattern.pattern)
+        return None
+    return f
+
+
+def _hex_id(*lengths):
+    def f(v):
+        if not isinstance(v, str):
+            return "expected an id string, got %s" % _type_of(v)
+        if len(v) not in lengths or not _HEX.match(v):
+            return "%.80r is not %s lowercase hex characters" % (
+                v, " or ".join(str(n) for n in lengths))
+        return None
+    return f
+
+
+def _number(minimum=None):
+    def f(v):
+        if not _is_num(v):
+            return "expected a number, got %s" % _type_of(v)
+        if minimum is not None and v < minimum:
+            return "%r < %r" % (v, minimum)
+        return None
+    return f
+
+
+def _integer(minimum=None):
+    def f(v):
+        if not _is_int(v):
+            return "expected an integer, got %s %r" % (_type_of(v), v)
+        if minimum is not None and v < minimum:
+            return "%r < %r" % (v, minimum)
+        return None
+    return f
+
+
+def _boolean(v):
+    return None if isinstance(v, bool) else "expected a boolean, got %s" % _type_of(v)
+
+
+def _enum(*values):
+    def f(v):
+        return None if v in values and not isinstance(v, bool) else \
+            "%.80r is not one of %s" % (v, ", ".join(values))
+    return f
+
+
+def _timestamp_us(v):
+    if not _is_int(v):
+        return "timestamp must be an integer (microseconds since the epoch), got %s %r" % (
+            _type_of(v), v)
+    if not TS_MIN_US <= v < TS_MAX_US:
+        return "timestamp %r is not microseconds since the epoch between 2000 and 2100%s" % (
+            v, " (milliseconds?)" if TS_MIN_US // 1000 <= v < TS_MAX_US // 1000 else
+            " (nanoseconds?)" if TS_MIN_US * 1000 <= v < TS_MAX_US * 1000 else "")
+    return None
+
+
+def _log_timestamp(v):
+    """Log events: microseconds like the others, or an RFC 3339 date-time string."""
+    if isinstance(v, str):
+        return None if _RFC3339.match(v) else "timestamp %.80r is not RFC 3339" % v
+    return _timestamp_us(v)
+
+
+def _object(v):
+    return None if isinstance(v, dict) else "expected an object, got %s" % _type_of(v)
+
+
+def _array(item=None):
+    def f(v):
+        if not isinstance(v, list):
+            return "expected an array, got %s" % _type_of(v)
+        if item:
+            for i, x in enumerate(v):
+                e = item(x)
+                if e:
+                    return "[%d]: %s" % (i, e)
+        return None
+    return f
+
+
+def _scalar_map(v):
+    """labels / tags: a flat object of strings (1024 at most), numbers, booleans, nulls."""
+    if not isinstance(v, dict):
+        return "expected an object, got %s" % _type_of(v)
+    for k, x in v.items():
+        if not (x is None or isinstance(x, (bool, str)) or _is_num(x)):
+            return "%r: expected a string, number, boolean or null, got %s" % (k, _type_of(x))
+        if isinstance(x, str) and len(x) > 1024:
+            return "%r: string longer than 1024 characters (%d)" % (k, len(x))
+    return None
+
+
+def _path(path, name):
+    return "%s.%s" % (path, name) if name.replace("_", "").isalnum() else \
+        "%s[%r]" % (path, name)
+
+
+class _Fields:
+    """Object checker: {name: (required, checker)}; errors carry the JSON path."""
+
+    def __init__(self, spec, extra=None):
+        self.spec, self.extra = spec, extra
+
+    def check(self, v, path, errs):
+        if not isinstance(v, dict):
+            errs.append("%s: expected an object, got %s" % (path, _type_of(v)))
+            return
+        for name, (required, chk) in self.spec.items():
+            x = v.get(name, _MISSING)
+            p = _path(path, name)
+            if x is _MISSING or x is None:
+                if required:
+                    errs.append("%s: missing required property %r%s" % (
+                        path, name, "" if x is _MISSING else " (null)"))
+                continue
+            if isinstance(chk, _Fields):
+                chk.check(x, p, errs)
+            else:
+                e = chk(x)
+                if e:
+                    errs.append("%s: %s" % (p, e))
+        if self.extra:  # yields problems of the object, or (key, problem)
+            for e in self.extra(v):
+                if isinstance(e, tuple):
+                    errs.append("%s: %s" % (_path(path, e[0]), e[1]))
+                else:
+                    errs.append("%s: %s" % (path, e))
+
+
+def fields(spec, extra=None):
+    return _Fields(spec, extra)
+
+
+REQ, OPT = True, False
+_S = _string()
+_NAME_VERSION = fields({"name": (OPT, _S), "version": (OPT, _S)})
+_FAAS = fields({"coldstart": (OPT, _boolean), "execution": (OPT, _S), "id": (OPT, _S),
+                "name": (OPT, _S), "version": (OPT, _S),
+                "trigger": (OPT, fields({"type": (OPT, _S), "request_id": (OPT, _S)}))})
+
+
+def _one_of_present(*names):
+    def f(v):
+        if all(v.get(n) is None for n in names):
+            yield "needs one of %s" % ", ".join(repr(n) for n in names)
+    return f
+
+
+def _error_ids(v):
+    # an error in a trace says where: the same pairs APM Server requires
+    for a, needs in (("transaction_id", ("parent_id", "trace_id")), ("trace_id", ("parent_id",)),
+                     ("parent_id", ("trace_id",))):
+        if v.get(a) is not None:
+            for b in needs:
+                if v.get(b) is None:
+                    yield "%r given without %r" % (a, b)
+    if v.get("exception") is None and v.get("log") is None:
+        yield "needs 'exception' or 'log'"
+    exc = v.get("exception")
+    if isinstance(exc, dict) and exc.get("message") is None and exc.get("type") is None:
+        yield "exception needs 'message' or 'type'"
+
+
+def _samples(v):
+    if not isinstance(v, dict):
+        return "expected an object, got %s" % _type_of(v)
+    for key, s in v.items():
+        if "*" in key or '"' in key:
+            return "sample name %r contains * or \"" % key
+        if s is None:
+            continue
+        if not isinstance(s, dict):
+            return "%r: expected an object, got %s" % (key, _type_of(s))
+        val, vals, counts = s.get("value"), s.get("values"), s.get("counts")
+        if val is not None and not _is_num(val):
+            return "%r.value: expected a number, got %s" % (key, _type_of(val))
+        if vals is not None or counts is not None:
+            if not (isinstance(vals, list) and all(_is_num(x) for x in vals)):
+                return "%r.values: expected an array of numbers" % key
+            if not (isinstance(counts, list) and all(_is_int(x) and x >= 0 for x in counts)):
+                return "%r.counts: expected an array of integers >= 0" % key
+            if len(vals) != len(counts):
+                return "%r: %d values but %d counts" % (key, len(vals), len(counts))
+        elif val is None:
+            return "%r: needs 'value' or 'values' and 'counts'" % key
+        for k in ("type", "unit"):
+            if s.get(k) is not None and not isinstance(s[k], str):
+                return "%r.%s: expected a string, got %s" % (key, k, _type_of(s[k]))
+    return None
+
+
+def _log_ids(v):
+    # trace.id / transaction.id / span.id as dotted keys (what apm-ext writes) or nested
+    for name, n in (("trace", 32), ("transaction", 16), ("span", 16)):
+        x = v.get(name + ".id")
+        if x is None and isinstance(v.get(name), dict):
+            x = v[name].get("id")
+        elif v.get(name) is not None and not isinstance(v.get(name), dict):
+            yield name, "expected an object, got %s" % _type_of(v[name])
+        if x is not None:
+            e = _hex_id(n)(x)
+            if e:
+                yield name + ".id", e
+    ts = [k for k in ("@timestamp", "timestamp") if v.get(k) is not None]
+    if not ts:
+        yield "needs '@timestamp' or 'timestamp'"
+    for k in ts:
+        e = _log_timestamp(v[k])
+        if e:
+            yield k, e
+
+
+STRUCTURE = {
+    "metadata": fields({
+        "service": (REQ, fields({
+            "name": (REQ, _string(min_len=1, pattern=_SERVICE_NAME)),
+            "version": (OPT, _S), "environment": (OPT, _S), "id": (OPT, _S),
+            "agent": (REQ, fields({"name": (REQ, _string(min_len=1)), "version": (REQ, _S),
+                                   "ephemeral_id": (OPT, _S),
+                                   "activation_method": (OPT, _S)})),
+            "language": (OPT, fields({"name": (REQ, _S), "version": (OPT, _S)})),
+            "runtime": (OPT, fields({"name": (REQ, _S), "version": (REQ, _S)})),
+            "framework": (OPT, _NAME_VERSION),
+            "node": (OPT, fields({"configured_name": (OPT, _S)}))})),
+        "process": (OPT, fields({"pid": (REQ, _integer()), "ppid": (OPT, _integer()),
+                                 "title": (OPT, _S), "argv": (OPT, _array(_S))})),
+        "system": (OPT, _object), "user": (OPT, _object), "network": (OPT, _object),
+        "cloud": (OPT, fields({"provider": (REQ, _S), "region": (OPT, _S),
+                               "service": (OPT, fields({"name": (OPT, _S)})),
+                               "account": (OPT, _object)})),
+        "labels": (OPT, _scalar_map)}),
+    "transaction": fields({
+        "id": (REQ, _hex_id(16)), "trace_id": (REQ, _hex_id(32)),
+        "parent_id": (OPT, _hex_id(16)), "name": (OPT, _S), "type": (REQ, _S),
+        "duration": (REQ, _number(0)), "timestamp": (OPT, _timestamp_us),
+        "span_count": (REQ, fields({"started": (REQ, _integer(0)),
+                                    "dropped": (OPT, _integer(0))})),
+        "result": (OPT, _S), "outcome": (OPT, _enum("success", "failure", "unknown")),
+        "sampled": (OPT, _boolean), "sample_rate": (OPT, _number(0)),
+        "faas": (OPT, _FAAS), "context": (OPT, _object), "marks": (OPT, _object)}),
+    "span": fields({
+        "id": (REQ, _hex_id(16)), "trace_id": (REQ, _hex_id(32)),
+        "parent_id": (REQ, _hex_id(16)), "transaction_id": (OPT, _hex_id(16)),
+        "name": (REQ, _S), "type": (REQ, _S), "subtype": (OPT, _S), "action": (OPT, _S),
+        "duration": (REQ, _number(0)), "timestamp": (OPT, _timestamp_us),
+        "start": (OPT, _number()), "outcome": (OPT, _enum("success", "failure", "unknown")),
+        "sync": (OPT, _boolean), "sample_rate": (OPT, _number(0)), "context": (OPT, _object)},
+        _one_of_present("timestamp", "start")),
+    "error": fields({
+        "id": (REQ, _hex_id(16, 32)), "trace_id": (OPT, _hex_id(32)),
+        "parent_id": (OPT, _hex_id(16)), "transaction_id": (OPT, _hex_id(16)),
+        "timestamp": (OPT, _timestamp_us), "culprit": (OPT, _S),
+        "exception": (OPT, fields({"message": (OPT, _string(max_len=None)), "type": (OPT, _S),
+                                   "handled": (OPT, _boolean),
+                                   "stacktrace": (OPT, _array()), "cause": (OPT, _array())})),
+        "log": (OPT, fields({"message": (REQ, _string(max_len=None)), "level": (OPT, _S),
+                             "logger_name": (OPT, _S), "param_message": (OPT, _S)})),
+        "transaction": (OPT, fields({"name": (OPT, _S), "type": (OPT, _S),
+                                     "sampled": (OPT, _boolean)})),
+        "context": (OPT, _object)},
+        _error_ids),
+    "metricset": fields({
+        "samples": (REQ, _samples), "timestamp": (OPT, _timestamp_us),
+        "tags": (OPT, _scalar_map), "faas": (OPT, _FAAS),
+        "transaction": (OPT, fields({"name": (OPT, _S), "type": (OPT, _S)})),
+        "span": (OPT, fields({"type": (OPT, _S), "subtype": (OPT, _S)})),
+        "service": (OPT, _NAME_VERSION)}),
+    "log": fields({
+        "message": (REQ, _string(max_len=None)), "faas": (OPT, _FAAS),
+        "log.level": (OPT, _S), "log.logger": (OPT, _S)},
+        _log_ids),
+}
+
+
+def check_structure(kind, obj):
+    """Errors ('$.kind.path: problem') of one event of a known kind; [] = fine."""
+    errs = []
+    STRUCTURE[kind].check(obj, "$." + kind, errs)
+    return errs
 
 
 def _no_constants(name):
     raise ValueError("invalid JSON constant %s" % name)
 
 
-def parse_ndjson(data):
+_DEFAULT = object()
+
+
+def parse_ndjson(data, schemas=_DEFAULT):
     """Validate a decoded intake body. Returns (lines, errors);
-    lines = [(kind, obj)], errors = ['line N: ...']."""
-    schemas = load_schemas()
+    lines = [(kind, obj)], errors = ['line N: ...']. Every line gets check_structure,
+    and the schema check too when there are schemas (schemas=None: structural only;
+    default: load_schemas())."""
+    if schemas is _DEFAULT:
+        schemas = load_schemas()
     lines, errors = [], []
     raw_lines = [ln for ln in data.split(b"\n") if ln.strip()]
     if not raw_lines:
@@ -81,11 +486,9 @@ def parse_ndjson(data):
             errors.append("line 1: first line must be metadata, got %s" % kind)
         if n > 1 and kind == "metadata":
             errors.append("line %d: metadata only allowed on the first line" % n)
-        if kind == "log":
-            if not isinstance(obj, dict) or not ("message" in obj or "@timestamp" in obj):
-                errors.append("line %d: log event must be an object with message or @timestamp" % n)
-        else:
-            errors.extend("line %d (%s): %s" % (n, kind, e)
+        errors.extend("line %d (%s): %s" % (n, kind, e) for e in check_structure(kind, obj))
+        if schemas and kind in schemas:
+            errors.extend("line %d (%s, schema): %s" % (n, kind, e)
                           for e in jsonschema_mini.validate(obj, schemas[kind], "$." + kind))
     return lines, errors
 
@@ -332,16 +735,36 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = b"" if obj is None else json.dumps(obj).encode() + b"\n"
         req.status = status
         req.t_end = time.monotonic()
-        self.send_response(status)
+        self._send(status, body)
+
+    def _send(self, status, body, content_type="application/json"):
+        """The whole answer, head and body, in one sendall on the TCP_NODELAY socket (one
+        segment), as a Go server writes it: a client that waits for the body after the head
+        never meets a delayed ACK."""
+        reason = self.responses.get(status, ("",))[0]
+        head = ["HTTP/1.1 %d %s" % (status, reason),
+                "Server: " + self.version_string(),
+                "Date: " + self.date_time_string()]
         if body:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+            head.append("Content-Type: " + content_type)
+        head.append("Content-Length: %d" % len(body))
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
+            head.append("Connection: close")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         if self.command != "HEAD":
-            self.wfile.write(body)
-        self.wfile.flush()
+            data += body
+        self.connection.sendall(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's answer to a request it cannot parse, also in one write."""
+        self.close_connection = True
+        msg = message or self.responses.get(code, ("error",))[0]
+        body = b"" if code < 200 or code in (204, 304) else \
+            json.dumps({"error": "%d %s" % (code, msg)}).encode() + b"\n"
+        try:
+            self._send(code, body)
+        except OSError:
+            pass
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -387,6 +810,7 @@ class FakeAPM:
 
     def __init__(self, token=None, api_key=None, tls=None, host="127.0.0.1", port=0):
         load_schemas()
+        announce_check_level()
         self.token, self.api_key, self.host = token, api_key, host
         self.tls = tls
         self._ctx = None

@@ -1,20 +1,36 @@
 #!/usr/bin/env python3
-"""Self-test for test/fake_apm.py and test/jsonschema_mini.py (stdlib unittest)."""
+"""Self-test for test/fake_apm.py and test/jsonschema_mini.py (stdlib unittest).
+
+    python3 test/test_fake_apm.py [-k pattern]
+
+The tests that need the APM intake v2 JSON schemas of elastic/apm-data (folder
+docs/spec/v2 there), optional, are skipped when fake_apm found none (see
+fake_apm.CHECK_LEVEL; APM_INTAKE_SPEC_DIR=/nonexistent forces that); everything else,
+including the structural check, runs either way.
+"""
 import gzip
 import http.client
 import json
 import os
+import select
+import shutil
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import fake_apm  # noqa: E402
 import jsonschema_mini  # noqa: E402
-from fake_apm import FakeAPM, load_schemas, make_test_ca  # noqa: E402
+from fake_apm import FakeAPM, load_schemas, make_test_ca, parse_ndjson  # noqa: E402
+
+NO_SCHEMAS = "no intake schemas: " + fake_apm.CHECK_LEVEL
 
 META = {"service": {"name": "my-fn", "agent": {"name": "python", "version": "6.22.0"},
                     "runtime": {"name": "python", "version": "3.11"}},
@@ -40,6 +56,7 @@ GOOD = ndjson(("metadata", META), ("transaction", TX), ("span", SPAN), ("error",
               ("metricset", METRIC), ("log", LOG))
 
 
+@unittest.skipIf(fake_apm.SPEC_DIR is None, NO_SCHEMAS)
 class SchemaTest(unittest.TestCase):
     def setUp(self):
         self.s = load_schemas()
@@ -79,6 +96,8 @@ class SchemaTest(unittest.TestCase):
         self.check("metricset", {"samples": {"a*b": {"value": 1}}}, False)          # pattern key
         self.check("metricset", {"samples": {"c": {"value": "1"}}}, False)
 
+
+class JsonSchemaMiniTest(unittest.TestCase):
     def test_keywords(self):
         v = jsonschema_mini.validate
         self.assertEqual(v(3, {"type": "integer", "minimum": 1, "maximum": 3}), [])
@@ -87,6 +106,367 @@ class SchemaTest(unittest.TestCase):
         self.assertEqual(len(v("b", {"enum": ["a", None]})), 1)
         self.assertEqual(v(None, {"enum": ["a", None]}), [])
         self.assertIn("$[1]", v([1, "x"], {"items": {"type": "integer"}})[0])
+
+
+# ---------------------------------------------------------------- structural check
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+ARN = "arn:aws:lambda:us-east-1:123456789012:function:test-fn"
+# apm-ext's own events, byte for byte as apm-ext.c writes them (own_metadata, tel_report,
+# tel_function_log, tel_proxy_transaction)
+EXT_META = (b'{"metadata":{"service":{"name":"test-fn","version":"$LATEST","agent":{"name":'
+            b'"apm-ext","version":"0.1.0"},"framework":{"name":"AWS Lambda"}},"cloud":'
+            b'{"provider":"aws","region":"us-east-1","service":{"name":"lambda"}}}}\n')
+EXT_METRICSET = (b'{"metricset":{"timestamp":1700000000123000,"faas":{"coldstart":true,'
+                 b'"execution":"8476a536-e9f4-465a-9a6b-3d0b8d2e0c10","id":"' + ARN.encode() +
+                 b'","name":"test-fn","version":"$LATEST"},"samples":{"faas.duration":'
+                 b'{"value":12.34},"faas.billed_duration":{"value":13},'
+                 b'"faas.coldstart_duration":{"value":150.5},"faas.timeout":{"value":3000},'
+                 b'"system.memory.total":{"value":134217728},'
+                 b'"system.memory.actual.free":{"value":83886080}}}}\n')
+EXT_LOG = (b'{"log":{"@timestamp":1700000000123456,"message":"hello from the function",'
+           b'"faas":{"id":"' + ARN.encode() + b'","name":"test-fn","execution":"8476a536"},'
+           b'"trace.id":"' + TRACE.encode() + b'","transaction.id":"b7ad6b7169203331"}}\n')
+EXT_PROXY_TX = (b'{"transaction":{"id":"b7ad6b7169203331","trace_id":"' + TRACE.encode() +
+                b'","name":"test-fn","type":"request","timestamp":1700000000000000,'
+                b'"sampled":true,"faas":{"coldstart":false,"execution":"8476a536","id":"' +
+                ARN.encode() + b'","name":"test-fn","version":"$LATEST","trigger":'
+                b'{"type":"other"}},"result":"timeout","outcome":"failure","duration":3012,'
+                b'"span_count":{"started":0}}}\n')
+# what the real Node.js agent sends (shapes of elastic-apm-node 4.x)
+NODE_TX = {"id": "b7ad6b7169203331", "trace_id": TRACE, "parent_id": None, "name": "test-fn",
+           "type": "request", "subtype": None, "action": None, "duration": 1.785,
+           "timestamp": 1700000000000123, "result": "success", "sampled": True,
+           "context": {"user": {}, "tags": {}, "custom": {}}, "sample_rate": 1,
+           "span_count": {"started": 2}, "outcome": "success",
+           "faas": {"coldstart": True, "execution": "8476a536", "id": ARN,
+                    "name": "test-fn", "version": "$LATEST", "trigger": {"type": "other"}}}
+NODE_SPAN = {"id": "6d19b0bd3b6b8a1e", "transaction_id": NODE_TX["id"],
+             "parent_id": NODE_TX["id"], "trace_id": TRACE, "name": "handler work",
+             "type": "custom", "subtype": None, "action": None, "timestamp": 1700000000000456,
+             "duration": 0.25, "context": None, "outcome": "success", "sample_rate": 1}
+NODE_ERR = {"id": "3c1ad3d0b0e84d7aa31f0c4ba40f1a8e", "timestamp": 1700000000000789,
+            "parent_id": NODE_SPAN["id"], "trace_id": TRACE, "transaction_id": NODE_TX["id"],
+            "transaction": {"name": "test-fn", "type": "request", "sampled": True},
+            "exception": {"message": "boom", "type": "Error", "handled": True,
+                          "stacktrace": [{"filename": "handler.js", "lineno": 3}]},
+            "culprit": "handler (handler.js)"}
+NODE_METRICS = {"samples": {"span.self_time.count": {"value": 1},
+                            "span.self_time.sum.us": {"value": 123}},
+                "timestamp": 1700000000001000, "tags": {"env": "test", "n": 1, "ok": True},
+                "transaction": {"name": "test-fn", "type": "request"},
+                "span": {"type": "app", "subtype": None}}
+
+
+def errors_of(body):
+    """Structural check only (what runs without the schemas)."""
+    return parse_ndjson(body, schemas=None)[1]
+
+
+def with_(d, **kv):
+    """d with kv replaced (a value of DROP removes the key)."""
+    out = dict(d)
+    for k, v in kv.items():
+        if v is DROP:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+DROP = object()
+
+
+class StructureTest(unittest.TestCase):
+    """fake_apm.check_structure, the check that runs with or without the schemas."""
+
+    def assertRejected(self, body, *words):
+        errs = errors_of(body)
+        self.assertTrue(errs, "accepted: %r" % body[:300])
+        text = "\n".join(errs)
+        for w in words:
+            self.assertIn(w, text, "errors for %r do not name %r: %s" % (body[:200], w, errs))
+        return errs
+
+    def one(self, kind, obj, *words):
+        """A body of valid metadata plus this one event must be rejected, naming words."""
+        return self.assertRejected(ndjson(("metadata", META), (kind, obj)), *words)
+
+    def test_valid_payloads(self):
+        for what, body in (
+                ("the self-test's payload", GOOD),
+                ("apm-ext's own events", EXT_META + EXT_METRICSET + EXT_LOG + EXT_PROXY_TX),
+                ("apm-ext's proxy transaction behind agent metadata",
+                 ndjson(("metadata", META)) + EXT_PROXY_TX),
+                ("Node.js agent events", ndjson(
+                    ("metadata", META), ("transaction", NODE_TX), ("span", NODE_SPAN),
+                    ("error", NODE_ERR), ("metricset", NODE_METRICS))),
+                ("nulls for optional fields, ids of errors 16 or 32", ndjson(
+                    ("metadata", dict(META, labels={"a": None, "b": 1.5, "c": "x", "d": False},
+                                      process=None, cloud=None)),
+                    ("transaction", with_(TX, outcome=None, timestamp=None, name=None)),
+                    ("span", with_(SPAN, start=None, timestamp=1700000000000000)),
+                    ("error", {"id": "2222222222222222", "log": {"message": "m"}}),
+                    ("error", with_(NODE_ERR, exception={"type": "TypeError"})))),
+                ("histogram and sample without unit", ndjson(
+                    ("metadata", META),
+                    ("metricset", {"samples": {"h": {"values": [0.5, 1], "counts": [0, 3],
+                                                     "type": "histogram"},
+                                               "g": {"value": -1, "unit": "ms"}}}))),
+                ("log event shapes", ndjson(
+                    ("metadata", META), ("log", LOG),
+                    ("log", {"timestamp": 1700000000000000, "message": ""}),
+                    ("log", {"@timestamp": "2024-01-01T00:00:00.123+01:00", "message": "x",
+                             "trace": {"id": TRACE}, "span": {"id": "6d19b0bd3b6b8a1e"}}))),
+                ("CRLF, blank lines, no final newline",
+                 ndjson(("metadata", META)).replace(b"\n", b"\r\n") + b"\n\n" +
+                 json.dumps({"transaction": TX}).encode())):
+            with self.subTest(what):
+                lines, errs = parse_ndjson(body, schemas=None)
+                self.assertEqual(errs, [], what)
+                self.assertTrue(lines and lines[0][0] == "metadata")
+
+    def test_line_framing(self):
+        self.assertRejected(ndjson(("transaction", TX), ("metadata", META)),
+                            "line 1: first line must be metadata")
+        self.assertRejected(ndjson(("metadata", META), ("metadata", META)),
+                            "line 2: metadata only allowed on the first line")
+        self.assertRejected(ndjson(("metadata", META), ("trace", TX)),
+                            "line 2: not an object with exactly one key")
+        self.assertRejected(ndjson(("metadata", META)) + b'{"span": {}, "log": {}}\n',
+                            "line 2: not an object with exactly one key")
+        self.assertRejected(ndjson(("metadata", META)) + b'[{"span": {}}]\n', "line 2")
+        self.assertRejected(ndjson(("metadata", META)) + b'{"log": {"message": NaN}}\n',
+                            "line 2: invalid JSON")
+        self.assertRejected(b"\n  \n", "empty body")
+        self.assertRejected(ndjson(("metadata", META), ("span", "not an object")),
+                            "$.span: expected an object, got string")
+
+    def test_missing_required(self):
+        for kind, obj, field in (
+                ("transaction", TX, "id"), ("transaction", TX, "trace_id"),
+                ("transaction", TX, "type"), ("transaction", TX, "duration"),
+                ("transaction", TX, "span_count"),
+                ("span", SPAN, "id"), ("span", SPAN, "trace_id"), ("span", SPAN, "parent_id"),
+                ("span", SPAN, "name"), ("span", SPAN, "type"), ("span", SPAN, "duration"),
+                ("error", ERR, "id"), ("metricset", METRIC, "samples"),
+                ("log", LOG, "message")):
+            with self.subTest(kind=kind, field=field):
+                self.one(kind, with_(obj, **{field: DROP}),
+                         "$.%s: missing required property %r" % (kind, field))
+                self.one(kind, with_(obj, **{field: None}), "%r (null)" % field)
+        for svc, words in ((with_(META["service"], name=DROP), "'name'"),
+                           (with_(META["service"], agent=DROP), "'agent'"),
+                           (with_(META["service"], agent={"name": "python"}), "'version'"),
+                           (with_(META["service"], agent={"version": "1"}), "'name'")):
+            with self.subTest(service=svc):
+                self.assertRejected(ndjson(("metadata", with_(META, service=svc))),
+                                    "$.metadata.service", "missing required property", words)
+        self.assertRejected(ndjson(("metadata", {"process": {"pid": 1}})),
+                            "$.metadata: missing required property 'service'")
+        self.assertRejected(ndjson(("metadata", dict(META, cloud={"region": "x"}))),
+                            "$.metadata.cloud: missing required property 'provider'")
+        self.one("transaction", with_(TX, span_count={"dropped": 0}),
+                 "$.transaction.span_count: missing required property 'started'")
+        self.one("span", with_(SPAN, start=DROP), "needs one of 'timestamp', 'start'")
+        self.one("error", {"id": ERR["id"]}, "needs 'exception' or 'log'")
+        self.one("error", with_(ERR, exception={"handled": True}),
+                 "exception needs 'message' or 'type'")
+        self.one("error", with_(ERR, parent_id=DROP), "'transaction_id' given without 'parent_id'")
+        self.one("error", with_(ERR, trace_id=DROP, transaction_id=DROP),
+                 "'parent_id' given without 'trace_id'")
+        self.one("error", {"id": ERR["id"], "log": {"level": "x"}},
+                 "$.error.log: missing required property 'message'")
+        self.one("log", {"message": "no time"}, "needs '@timestamp' or 'timestamp'")
+        self.one("metricset", {"samples": {"a": {"unit": "ms"}}},
+                 "'a': needs 'value' or 'values' and 'counts'")
+
+    def test_wrong_types(self):
+        for kind, obj, field, value, words in (
+                ("transaction", TX, "duration", "12", "expected a number, got string"),
+                ("transaction", TX, "duration", -1, "-1 < 0"),
+                ("transaction", TX, "span_count", {"started": 1.5}, "expected an integer"),
+                ("transaction", TX, "span_count", {"started": -1}, "-1 < 0"),
+                ("transaction", TX, "outcome", "meh", "not one of success, failure, unknown"),
+                ("transaction", TX, "sampled", "yes", "expected a boolean"),
+                ("transaction", TX, "name", 5, "$.transaction.name: expected a string"),
+                ("transaction", TX, "type", "x" * 1025, "longer than 1024"),
+                ("transaction", TX, "faas", {"coldstart": "true"},
+                 "$.transaction.faas.coldstart: expected a boolean"),
+                ("span", SPAN, "start", "2", "$.span.start: expected a number"),
+                ("span", SPAN, "duration", True, "expected a number, got boolean"),
+                ("error", ERR, "exception", "boom", "$.error.exception: expected an object"),
+                ("metricset", METRIC, "samples", [], "expected an object, got array"),
+                ("metricset", METRIC, "samples", {"c": {"value": "1"}},
+                 "'c'.value: expected a number"),
+                ("metricset", METRIC, "samples", {"a*b": {"value": 1}}, "contains *"),
+                ("metricset", METRIC, "samples", {"h": {"values": [1]}}, "'h'.counts"),
+                ("metricset", METRIC, "samples", {"h": {"values": [1], "counts": [1, 2]}},
+                 "1 values but 2 counts"),
+                ("metricset", METRIC, "samples", {"h": {"values": [1], "counts": [-1]}},
+                 "integers >= 0"),
+                ("metricset", METRIC, "tags", {"a": {"b": 1}}, "'a': expected a string, number"),
+                ("log", LOG, "message", 5, "$.log.message: expected a string"),
+                ("log", LOG, "faas", "x", "$.log.faas: expected an object")):
+            with self.subTest(kind=kind, field=field, value=value):
+                self.one(kind, with_(obj, **{field: value}), *words.split("|"))
+        for meta, words in (
+                (dict(META, service=dict(META["service"], name="bad/name")), "does not match"),
+                (dict(META, service=dict(META["service"], name="")), "empty string"),
+                (dict(META, service=dict(META["service"], agent={"name": "", "version": "1"})),
+                 "$.metadata.service.agent.name: empty string"),
+                (dict(META, service=dict(META["service"], agent={"name": 1, "version": "1"})),
+                 "$.metadata.service.agent.name: expected a string, got integer"),
+                (dict(META, process={"pid": 1.5}), "$.metadata.process.pid: expected an integer"),
+                (dict(META, process={"pid": True}), "expected an integer, got boolean"),
+                (dict(META, labels={"a": {"nested": 1}}), "$.metadata.labels"),
+                (dict(META, labels={"a": "é" * 1025}), "longer than 1024"),
+                (dict(META, service="my-fn"), "$.metadata.service: expected an object")):
+            with self.subTest(meta=meta):
+                self.assertRejected(ndjson(("metadata", meta)), *words.split("|"))
+
+    def test_bad_ids(self):
+        upper, short, nonhex = TRACE.upper(), TRACE[:31], "g" * 32
+        for kind, obj, field, value, n in (
+                ("transaction", TX, "trace_id", upper, 32),
+                ("transaction", TX, "trace_id", short, 32),
+                ("transaction", TX, "trace_id", nonhex, 32),
+                ("transaction", TX, "trace_id", TX["id"], 32),
+                ("transaction", TX, "id", TRACE, 16),
+                ("transaction", TX, "id", "0123456789ABCDEF", 16),
+                ("transaction", TX, "id", 123, 16),
+                ("transaction", TX, "parent_id", "0123456789abcde", 16),
+                ("span", SPAN, "parent_id", "x" * 16, 16),
+                ("span", SPAN, "transaction_id", TRACE, 16),
+                ("error", ERR, "id", "2" * 24, "16 or 32"),
+                ("error", ERR, "id", "2" * 32 + " ", "16 or 32"),
+                ("error", ERR, "trace_id", TRACE[:16], 32)):
+            with self.subTest(kind=kind, field=field, value=value):
+                errs = self.one(kind, with_(obj, **{field: value}),
+                                "$.%s.%s" % (kind, field))
+                self.assertTrue(any(("%s lowercase hex" % n) in e or "id string" in e
+                                    for e in errs), errs)
+        for key, value in (("trace.id", upper), ("transaction.id", TRACE),
+                           ("span.id", "xyz")):
+            with self.subTest(log=key):
+                self.one("log", with_(LOG, **{key: value}), "$.log[%r]: " % key,
+                         "lowercase hex")
+        self.one("log", with_(LOG, trace={"id": short}), "$.log['trace.id']: ",
+                 "32 lowercase hex")
+        self.one("log", with_(LOG, trace="x"), "$.log.trace: expected an object")
+
+    def test_bad_timestamps(self):
+        now_ms, now_s = 1700000000000, 1700000000
+        for value, words in ((now_ms, "(milliseconds?)"), (now_ms * 10**6, "(nanoseconds?)"),
+                             (now_s, "between 2000 and 2100"), (-1, "between 2000 and 2100"),
+                             (4102444800 * 10**6, "between 2000 and 2100"),
+                             (1700000000000000.5, "must be an integer"),
+                             ("1700000000000000", "must be an integer"),
+                             (True, "must be an integer|got boolean")):
+            for kind, obj in (("transaction", TX), ("span", SPAN), ("error", ERR),
+                              ("metricset", METRIC)):
+                with self.subTest(kind=kind, value=value):
+                    self.one(kind, with_(obj, timestamp=value),
+                             "$.%s.timestamp: " % kind, *words.split("|"))
+            with self.subTest(kind="log", value=value):  # logs may also say RFC 3339
+                self.one("log", with_(LOG, **{"@timestamp": value}), "$.log['@timestamp']: ",
+                         *("is not RFC 3339" if isinstance(value, str) else words).split("|"))
+        for value in ("2024-01-01", "yesterday", "2024-01-01 00:00:00Z"):
+            with self.subTest(log=value):
+                self.one("log", with_(LOG, **{"@timestamp": value}), "is not RFC 3339")
+        # the limits themselves
+        self.assertEqual(errors_of(ndjson(("metadata", META), ("transaction", with_(
+            TX, timestamp=fake_apm.TS_MIN_US)))), [])
+        self.one("transaction", with_(TX, timestamp=fake_apm.TS_MIN_US - 1), "timestamp")
+
+    def test_every_error_is_reported(self):
+        """All problems of a body are listed, each with its line number."""
+        body = ndjson(("transaction", with_(TX, id="X")), ("metadata", META),
+                      ("span", with_(SPAN, duration=-2)), ("log", {}))
+        errs = errors_of(body)
+        self.assertTrue(any(e.startswith("line 1: first line") for e in errs), errs)
+        self.assertTrue(any(e.startswith("line 1 (transaction): $.transaction.id") for e in errs))
+        self.assertTrue(any(e.startswith("line 2: metadata only") for e in errs), errs)
+        self.assertTrue(any(e.startswith("line 3 (span): $.span.duration") for e in errs))
+        self.assertTrue(any(e.startswith("line 4 (log): ") and "message" in e for e in errs))
+
+    @unittest.skipIf(fake_apm.SPEC_DIR is None, NO_SCHEMAS)
+    def test_schemas_run_too(self):
+        """With the schemas, a line the structural check lets through but the schema does
+        not is rejected (and the other way round)."""
+        self.assertIsNotNone(load_schemas())
+        self.assertTrue(fake_apm.CHECK_LEVEL.startswith("schemas (%s)" % fake_apm.SPEC_DIR))
+        body = ndjson(("metadata", dict(META, system={"architecture": 5})))
+        self.assertEqual(errors_of(body), [])
+        errs = parse_ndjson(body)[1]
+        self.assertTrue(errs and all("(metadata, schema): $.metadata.system.architecture" in e
+                                     for e in errs), errs)
+        body = ndjson(("metadata", META), ("transaction", with_(TX, id=TX["id"].upper())))
+        s = load_schemas()
+        self.assertEqual(jsonschema_mini.validate(TX | {"id": TX["id"].upper()},
+                                                  s["transaction"]), [])
+        self.assertTrue(parse_ndjson(body)[1])
+        self.assertEqual(parse_ndjson(GOOD + EXT_METRICSET + EXT_LOG + EXT_PROXY_TX)[1], [])
+        self.assertEqual(parse_ndjson(EXT_META + EXT_METRICSET)[1], [])
+        self.assertEqual(parse_ndjson(ndjson(
+            ("metadata", META), ("transaction", NODE_TX), ("span", NODE_SPAN),
+            ("error", NODE_ERR), ("metricset", NODE_METRICS)))[1], [])
+
+
+class SpecDirTest(unittest.TestCase):
+    """Where the optional schemas come from, and what the fake says about it."""
+
+    def test_find_spec_dir(self):
+        find = fake_apm.find_spec_dir
+        default = fake_apm.DEFAULT_SPEC_DIR
+        d, level = find({})
+        if os.path.isdir(default):
+            self.assertEqual(d, default)
+            self.assertEqual(level, "schemas (%s) and structural" % default)
+        else:
+            self.assertEqual((d, level), (None, "structural (no APM_INTAKE_SPEC_DIR)"))
+        self.assertEqual(find({"APM_INTAKE_SPEC_DIR": "/nonexistent/x"}),
+                         (None, "structural (APM_INTAKE_SPEC_DIR=/nonexistent/x: "
+                                "no such folder)"))
+        self.assertEqual(find({"APM_INTAKE_SPEC_DIR": ""}),
+                         (None, "structural (APM_INTAKE_SPEC_DIR is empty)"))
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "metadata.json"), "w") as f:
+                f.write("{}")
+            d, level = find({"APM_INTAKE_SPEC_DIR": tmp})
+            self.assertIsNone(d)
+            self.assertIn("has no transaction.json, span.json", level)
+            if fake_apm.SPEC_DIR:  # a complete copy anywhere is taken
+                for k in fake_apm.SCHEMA_KINDS:
+                    shutil.copy(os.path.join(fake_apm.SPEC_DIR, k + ".json"), tmp)
+                d, level = find({"APM_INTAKE_SPEC_DIR": tmp + "/"})
+                self.assertEqual(d, os.path.normpath(tmp))
+                self.assertEqual(level, "schemas (%s) and structural" % d)
+                self.assertEqual(fake_apm.load_schemas(tmp), load_schemas())
+
+    def test_said_once(self):
+        """One stderr line per process, naming the level; the fake works without schemas."""
+        prog = ("import sys; sys.path.insert(0, %r)\n"
+                "import fake_apm, http.client\n"
+                "for _ in range(2):\n"
+                "    with fake_apm.FakeAPM() as a:\n"
+                "        c = http.client.HTTPConnection('127.0.0.1', a.port, timeout=5)\n"
+                "        c.request('POST', '/intake/v2/events', body=%r)\n"
+                "        print(c.getresponse().status, fake_apm.CHECK_LEVEL)\n" % (HERE, GOOD))
+        for spec in ("/nonexistent", None):
+            env = dict(os.environ)
+            env.pop("APM_INTAKE_SPEC_DIR", None)
+            if spec:
+                env["APM_INTAKE_SPEC_DIR"] = spec
+            r = subprocess.run([sys.executable, "-c", prog], env=env, capture_output=True,
+                               text=True, timeout=60)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            level = fake_apm.find_spec_dir(env)[1]
+            self.assertEqual(r.stdout, ("202 %s\n" % level) * 2)
+            self.assertEqual(r.stderr, "fake_apm: intake lines checked: %s\n" % level)
+            if spec:
+                self.assertEqual(level, "structural (APM_INTAKE_SPEC_DIR=/nonexistent: "
+                                        "no such folder)")
 
 
 def post(port, body, headers=None, path="/intake/v2/events", conn=None, timeout=5, tls_ctx=None):
@@ -282,6 +662,161 @@ class FakeAPMTest(unittest.TestCase):
         self.assertLess(time.monotonic() - t, 1)
 
 
+class WriteSpy:
+    """Records every write made on the fake's side of its plain TCP connections (sockets
+    whose local port is the fake's): (client port, TCP_NODELAY, bytes). Patches
+    socket.socket's send methods for the duration of a `with`."""
+
+    METHODS = ("send", "sendall", "sendmsg")
+
+    def __init__(self, port):
+        self.port, self.writes, self._lock = port, [], threading.Lock()
+
+    def __enter__(self):
+        self._saved = {m: getattr(socket.socket, m) for m in self.METHODS}
+        for m in self.METHODS:
+            setattr(socket.socket, m, self._wrap(self._saved[m]))
+        return self
+
+    def __exit__(self, *exc):
+        for m, f in self._saved.items():
+            setattr(socket.socket, m, f)
+
+    def _wrap(self, orig):
+        spy = self
+
+        def write(sock, data, *args):
+            try:
+                mine = sock.getsockname()[1] == spy.port
+                peer = sock.getpeername()[1] if mine else None
+                nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if mine \
+                    else None
+            except OSError:
+                mine = False
+            if mine:
+                raw = b"".join(bytes(x) for x in data) if orig.__name__ == "sendmsg" \
+                    else bytes(data)
+                with spy._lock:
+                    spy.writes.append((peer, nodelay, raw))
+            return orig(sock, data, *args)
+        return write
+
+    def of(self, client):
+        port = client.getsockname()[1]
+        with self._lock:
+            return [(nd, raw) for peer, nd, raw in self.writes if peer == port]
+
+
+def whole_response(data, head_only=False):
+    """(status, body) if data is exactly one complete HTTP response, else fail
+    (head_only: the answer to HEAD, whose Content-Length describes no body)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep, "no end of head in %r" % data[:300]
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hdr = dict((k.strip().lower(), v.strip()) for k, _, v in
+               (ln.partition(":") for ln in lines[1:]))
+    assert int(hdr["content-length"]) == len(body) or head_only and not body, \
+        "Content-Length %s but %d body bytes came with the head: %r" % (
+            hdr["content-length"], len(body), data[:300])
+    return status, body
+
+
+class OneWriteTest(unittest.TestCase):
+    """Every answer is one write (head and body together) on a TCP_NODELAY socket, so it
+    arrives in one segment: what the client gets in its first recv is the whole answer."""
+
+    def setUp(self):
+        self.apm = FakeAPM(token="t")
+        self.addCleanup(self.apm.close)
+        self.spy = WriteSpy(self.apm.port)
+        self.spy.__enter__()
+        self.addCleanup(self.spy.__exit__)
+
+    def exchange(self, request, before_answer=None):
+        """Send request on a new connection, wait (select) until the answer starts to
+        arrive, take one recv: it must be the whole answer, sent in one write."""
+        s = socket.create_connection(("127.0.0.1", self.apm.port), timeout=5)
+        try:
+            s.sendall(request)
+            if before_answer:
+                before_answer(s)
+            r, _, _ = select.select([s], [], [], 5)
+            self.assertTrue(r, "no answer within 5 s")
+            data = s.recv(1 << 16)
+            status, body = whole_response(data, request.startswith(b"HEAD "))
+            # the fake's side: exactly one write, with TCP_NODELAY, and it is what came
+            self.assertTrue(self.apm.wait_for(lambda a: self.spy.of(s), 2))
+            writes = self.spy.of(s)
+            self.assertEqual(len(writes), 1, "answer written in %d pieces: %r" % (
+                len(writes), [w[1][:80] for w in writes]))
+            self.assertTrue(writes[0][0], "TCP_NODELAY not set on the fake's socket")
+            self.assertEqual(writes[0][1], data)
+            return status, body
+        finally:
+            s.close()
+
+    @staticmethod
+    def post(body, auth="Bearer t", path="/intake/v2/events", extra=b""):
+        return (b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nContent-Length: %d\r\n"
+                b"%s\r\n" % (path.encode(), auth.encode(), len(body), extra)) + body
+
+    def test_every_mode(self):
+        a = self.apm
+        get = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n"
+        self.assertEqual(self.exchange(self.post(GOOD)), (202, b""))
+        st, body = self.exchange(self.post(ndjson(("transaction", TX))))
+        self.assertEqual(st, 400)
+        self.assertIn(b"first line must be metadata", body)
+        st, body = self.exchange(get)
+        self.assertEqual((st, json.loads(body)["version"]), (200, "8.15.0"))
+        self.assertEqual(self.exchange(self.post(b"{}", path="/config/v1/agents")),
+                         (200, b"{}\n"))
+        self.assertEqual(self.exchange(self.post(GOOD, auth="Bearer nope"))[0], 401)
+        self.assertEqual(self.exchange(get.replace(b"GET /", b"GET /nope"))[0], 404)
+        self.assertEqual(self.exchange(get.replace(b"GET", b"HEAD")), (200, b""))
+        self.assertEqual(self.exchange(self.post(GOOD, extra=b"Connection: close\r\n")),
+                         (202, b""))
+        a.set_mode("status", 503)
+        st, body = self.exchange(self.post(GOOD))
+        self.assertEqual(st, 503)
+        self.assertIn(b"forced status 503", body)
+        a.set_mode("ok")
+        a.fail_next(1, 429)
+        self.assertEqual(self.exchange(self.post(GOOD))[0], 429)
+        a.set_mode("slow", 0.05)
+        self.assertEqual(self.exchange(self.post(GOOD)), (202, b""))
+        a.set_mode("stall")
+        n = len(a.requests)
+
+        def unstall(sock):
+            self.assertTrue(a.wait_for(lambda s: len(s.requests) == n + 1, 2))
+            self.assertEqual(select.select([sock], [], [], 0)[0], [])  # not answered yet
+            a.set_mode("ok")
+        self.assertEqual(self.exchange(self.post(GOOD), before_answer=unstall), (202, b""))
+        # requests http.server itself refuses (send_error)
+        st, body = self.exchange(b"\x00\x01garbage\r\n\r\n")
+        self.assertEqual(st, 400)
+        self.assertIn(b"400", body)
+        self.assertEqual(self.exchange(b"GET / HTTP/2.0\r\n\r\n")[0], 505)
+        self.assertEqual(self.exchange(b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n")[0], 501)
+        st, _ = self.exchange(b"POST /intake/v2/events HTTP/1.1\r\nHost: x\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+        self.assertEqual(st, 400)
+
+    def test_keepalive_answers(self):
+        """On one kept-alive connection each answer is still one write."""
+        s = socket.create_connection(("127.0.0.1", self.apm.port), timeout=5)
+        self.addCleanup(s.close)
+        for i in range(3):
+            s.sendall(self.post(GOOD if i != 1 else b"x"))
+            self.assertTrue(select.select([s], [], [], 5)[0])
+            st, _ = whole_response(s.recv(1 << 16))
+            self.assertEqual(st, 400 if i == 1 else 202)
+        self.assertTrue(self.apm.wait_for(lambda a: len(self.spy.of(s)) == 3, 2))
+        self.assertEqual(len(self.spy.of(s)), 3)
+
+
 class TLSTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -308,6 +843,19 @@ class TLSTest(unittest.TestCase):
             a.set_mode("ok")
             st, _ = post(a.port, GOOD, {"Authorization": "Bearer t"}, tls_ctx=self.ctx(c["ca"]))
             self.assertEqual(st, 202)
+        with FakeAPM(tls=(c["cert"], c["key"])) as a:
+            # one write = one TLS record: the first read after select has the whole answer
+            raw = socket.create_connection(("127.0.0.1", a.port), timeout=5)
+            s = self.ctx(c["ca"]).wrap_socket(raw, server_hostname="localhost")
+            for req in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"POST /intake/v2/events HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 2\r\n\r\n{}"):
+                s.sendall(req)
+                self.assertTrue(select.select([s], [], [], 5)[0])
+                st, body = whole_response(s.recv(1 << 16))
+                self.assertTrue(body)
+                self.assertEqual(st, 200 if req.startswith(b"GET") else 400)
+            s.close()
         with FakeAPM(tls=(c["wronghost_cert"], c["wronghost_key"])) as a:
             with self.assertRaises(ssl.SSLCertVerificationError) as cm:
                 post(a.port, GOOD, tls_ctx=self.ctx(c["ca"]))
