@@ -739,6 +739,66 @@ def shutdown_delivery(t):
 
 
 @scenario()
+def sync_flush_ends_without_runtime_done(t):
+    """The agent's ?flushed=true alone ends the invocation: /next follows the
+    flush promptly while platform.runtimeDone comes late (it is sent only
+    once /next came, or after 2 s)."""
+    t.start()
+    for i in range(2):
+        inv = t.lam.invoke()                    # 3 s deadline
+        lines, tx = agent_payload(inv)
+        assert agent_send(t.port, lines) == 202
+        t_flush = time.monotonic()
+        assert agent_flush(t.port) == 202
+        try:
+            t_next = t.lam.wait_ext_next_after(inv, timeout=2.0)
+        except AssertionError:
+            t_next = None
+        t.lam.runtime_done(inv)
+        t.lam.finish(inv)
+        assert t_next is not None and t_next - t_flush < 0.5, \
+            "invocation %d: /next %s after the agent's flush, want it at once (the " \
+            "flush ends the invocation, runtimeDone came late)" % (
+                i + 1, "not within 2 s" if t_next is None else "%.3fs" % (t_next - t_flush))
+        req = first_delivery(t.apm, tx)
+        assert req is not None and req.t_end <= t_next, "not delivered before /next"
+
+
+@scenario(env={"ELASTIC_APM_SEND_STRATEGY": "background"})
+def shutdown_delivery_held_answers(t):
+    """The APM server holds every answer until SHUTDOWN came: what is
+    delivered is delivered during shutdown (an extension that exits at
+    SHUTDOWN without delivering fails here)."""
+    t.start()
+    t.apm.set_mode("stall")
+
+    def release():  # the moment the platform sent SHUTDOWN
+        t.lam.wait_for(lambda lam: lam.t_shutdown is not None, timeout=30,
+                       what="SHUTDOWN sent")
+        t.apm.set_mode("ok")
+    th = threading.Thread(target=release, daemon=True)
+    th.start()
+    inv = t.lam.invoke()
+    t.lam.wait_ext_next_after(inv, timeout=2)
+    txs = []
+    for enc in ("gzip", "identity"):
+        lines, tx = agent_payload(inv, spans=10)
+        assert agent_send(t.port, lines, enc) == 202
+        txs.append(tx)
+    assert agent_flush(t.port) == 202
+    t.lam.runtime_done(inv)
+    t.lam.finish(inv, freeze=False)
+    assert not any(first_delivery(t.apm, tx) for tx in txs), \
+        "answered before SHUTDOWN: the fake APM server did not hold"
+    t_exit = t.shutdown_ok()
+    th.join(5)
+    for i, tx in enumerate(txs):
+        req = first_delivery(t.apm, tx)
+        assert req is not None and t.lam.t_shutdown <= req.t_end <= t_exit, \
+            "payload %d not delivered during shutdown" % i
+
+
+@scenario()
 def shutdown_after_timeout(t):
     """Function timeout: runtimeDone(timeout), SHUTDOWN(timeout); data delivered, exit 0."""
     t.start()

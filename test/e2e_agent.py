@@ -14,6 +14,11 @@ the agent's metadata, every line valid against the intake schemas. The agent's
 own log (JSON lines on the runtime's stdout) must hold no warning or error
 about the APM server or the extension.
 
+The agent_node_timing_* scenarios at the end hold the agent to Lambda's
+real timing (default 3 s timeouts, a stalling APM server, telemetry one
+invocation late, a timeout mid-request); test/node/timing_handler.js prints
+the function log lines the late-telemetry one follows.
+
 NodeFunction below is the reusable piece (test/demo.py uses it too).
 """
 
@@ -23,9 +28,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 
 from e2e import scenario, HERE
+from fake_lambda import DEADLINE_MARGIN_MS
 
 NODE_DIR = os.path.join(HERE, "node")
 NODE_MODULES = os.path.join(NODE_DIR, "node_modules")
@@ -763,3 +770,336 @@ def agent_node_crash_no_telemetry(t, fn):
                      coldstart=True, by=t_exit, what="crashed invocation")
     check_nothing_else(seen, fn)
     check_agent_log(fn, 1, ended=0)
+
+
+# ------------------------------------------------------------------ timing
+#
+# Lambda's real timing conditions with the real agent (issue "Lambda's real
+# timing"; test/e2e_timing.py has the same conditions with a simulated
+# agent). Default timings unless a scenario says otherwise: a 3 s function
+# timeout, ELASTIC_APM_DATA_FORWARDER_TIMEOUT unset (3 s). FakeLambda flags
+# a /next after an invocation's deadline in every scenario; these check it
+# themselves as well, so that the failure names the invocation.
+
+TIMING_TIMEOUT_MS = 3000      # Lambda's default function timeout
+TIMING_WORK_MS = 800          # what the handler works before it returns
+TIMING_STALL_S = 10.0         # the stalling APM server answers after this
+TIMING_NOT_HELD_S = 0.5       # /next this soon after the end = not held
+TIMING_RECOVERY_S = 25.0      # the kept data must be out this soon after recovery
+
+
+def timing_deadline(inv, t_next, what, problems):
+    """The /next ending inv must come before its deadline (the fake's
+    clock and margin)."""
+    if t_next >= inv.t_deadline - DEADLINE_MARGIN_MS / 1000.0:
+        problems.append("%s: /next %.0f ms after the deadline (%.0f ms after INVOKE, "
+                        "function timeout %d ms)" % (
+                            what, (t_next - inv.t_deadline) * 1000,
+                            (t_next - inv.t_invoke) * 1000, inv.timeout_ms))
+
+
+def timing_report(problems):
+    assert not problems, "; ".join(problems)
+
+
+class _OnlyRequests:
+    """An APM server view for Seen that holds only the intake requests
+    keep(r) accepts."""
+
+    def __init__(self, apm, keep):
+        self.apm, self.keep = apm, keep
+
+    def intake_requests(self):
+        return [r for r in self.apm.intake_requests() if self.keep(r)]
+
+
+def server_info_answered(apm):
+    return [r for r in apm.requests if r.method == "GET" and r.path == "/"
+            and r.status is not None]
+
+
+@agent_scenario(env={"ELASTIC_APM_DATA_FORWARDER_TIMEOUT": None})
+def agent_node_timing_stalling_server(t, fn):
+    """APM server answering after 10 s: /next before the deadline, not held, all kept, once.
+
+    Default timings, a handler that works 0.8 s: every /next before the
+    deadline; after the first delivery timed out the invocations are not
+    held; once the server is back, later invocations deliver everything
+    kept, each id once."""
+    version = agent_version()
+    # the agent's GET / (server version, at init) answered before the stall
+    t.wait_apm(server_info_answered, "the agent's GET / at the APM server", timeout=5)
+    t_stall = time.monotonic()
+    t.apm.set_mode("slow", TIMING_STALL_S)
+    problems, invs = [], []
+    work = {"spans": 3, "errors": 1, "delay_ms": TIMING_WORK_MS}
+    for i in range(3):
+        inv = fn.invoke(work, timeout_ms=TIMING_TIMEOUT_MS, timeout=15)
+        invs.append(inv)
+        assert inv.status == "success", "invocation %d: %s %r" % (i + 1, inv.status,
+                                                                   inv.response)
+        timing_deadline(inv, inv.t_end, "invocation %d" % (i + 1), problems)
+        if i > 0:
+            # the end: the runtime's answer, which comes after the agent's
+            # ?flushed=true was answered
+            held = inv.t_end - inv.t_runtime_done
+            if held >= TIMING_NOT_HELD_S:
+                problems.append("invocation %d: /next held %.0f ms after the end of the "
+                                "invocation (the APM server did not answer the first "
+                                "delivery within the 3 s forwarder timeout: it is failing, "
+                                "/next must come at once and the data be kept)" % (
+                                    i + 1, held * 1000))
+    # The server is back; later invocations (thawed sandboxes) deliver what
+    # was kept, retried with backoff. Requests that went out during the
+    # stall are answered after 10 s, long after the extension gave up on
+    # them (3 s): left out of the count, their data must come again.
+    t_back = time.monotonic()
+    t.apm.set_mode("ok")
+
+    def answered_to_extension(r):
+        return not (t_stall <= r.t_start < t_back)
+
+    def kept_delivered():
+        seen = Seen(_OnlyRequests(t.apm, answered_to_extension))
+        return all(seen.by_id.get(("transaction", r["id"]))
+                   for r in fn.records() if r["kind"] == "transaction")
+    # Retries back off (min(n-1,6)^2 s): after the few failures of a 5 s
+    # stall the kept data goes out within some 10 s of invocations.
+    more = 0
+    while not kept_delivered() and time.monotonic() - t_back < TIMING_RECOVERY_S:
+        inv = fn.invoke({"spans": 2, "delay_ms": TIMING_WORK_MS},
+                        timeout_ms=TIMING_TIMEOUT_MS, timeout=15)
+        invs.append(inv)
+        more += 1
+        timing_deadline(inv, inv.t_end, "invocation %d (server back)" % len(invs), problems)
+    delivered_before_shutdown = kept_delivered()
+    t.shutdown_ok()
+    if not delivered_before_shutdown:
+        problems.append("%d invocations in the %.0f s after the APM server came back, and "
+                        "the transactions of the stalled invocations were still not "
+                        "delivered (the data must be kept and retried)" % (
+                            more, TIMING_RECOVERY_S))
+    timing_report(problems)
+    seen = Seen(_OnlyRequests(t.apm, answered_to_extension))
+    check_requests(seen, version)
+    for i, inv in enumerate(invs):
+        check_invocation(seen, fn, inv, coldstart=(i == 0), what="invocation %d" % (i + 1))
+    check_nothing_else(seen, fn)
+    check_agent_log(fn, len(invs))
+
+
+# Lambda's capture of the function's stdout, for the lines
+# test/node/timing_handler.js prints.
+TIMING_LINE = re.compile(r"agent-node-timing line (\d+) (first|last) of ([0-9a-f-]+)$")
+
+
+class FunctionLogCapture:
+    """Plays Lambda's capture of the function's output: tails the runtime's
+    log and hands every line timing_handler.js prints to FakeLambda as a
+    "function" telemetry record, then acknowledges it (the handler waits for
+    that, so that the line is in the stream before the runtime answers, as
+    with Lambda). .lines: one dict per line (text, n, which, rid, t, and
+    `invocations`: how many invocations the fake had started then)."""
+
+    def __init__(self, lam, ack_dir):
+        self.lam, self.ack_dir = lam, ack_dir
+        self.lines, self.error = [], None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="log-capture", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self):
+        pos, buf = 0, b""
+        try:
+            while not self._stop.is_set():
+                path = self.lam.runtime_log_path
+                if path and os.path.exists(path):
+                    with open(path, "rb") as f:
+                        f.seek(pos)
+                        data = f.read()
+                    pos += len(data)
+                    buf += data
+                    *whole, buf = buf.split(b"\n")
+                    for raw in whole:
+                        self._line(raw.decode("utf-8", "replace"))
+                self._stop.wait(0.003)   # polling a file: nothing to wait on
+        except Exception as e:  # reported by the scenario
+            self.error = "%s: %s" % (type(e).__name__, e)
+
+    def _line(self, text):
+        m = TIMING_LINE.search(text)
+        if not m:
+            return
+        with self.lam._cv:
+            n_inv = len(self.lam.invocations)
+        self.lam.log_line(text + "\n")
+        self.lines.append({"text": text, "n": int(m.group(1)), "which": m.group(2),
+                           "rid": m.group(3), "t": time.monotonic(), "invocations": n_inv})
+        open(os.path.join(self.ack_dir, "%s.%s" % (m.group(3), m.group(2))), "w").close()
+
+
+@agent_scenario(handler="timing_handler.logged", telemetry="late", start=False)
+def agent_node_timing_late_telemetry(t, fn):
+    """Late telemetry: each function log line carries the ids of the invocation that printed it.
+
+    Invocation N's log lines, runtimeDone and report arrive after INVOKE
+    N+1 and N+1's /register/transaction: each log event carries the
+    faas.execution, trace.id and transaction.id of the invocation whose
+    handler printed the line, as its agent delivered its transaction."""
+    version = agent_version()
+    ack_dir = os.path.join(fn.tmp, "log-ack")
+    os.mkdir(ack_dir)
+    fn.env["APM_TEST_LOG_ACK"] = ack_dir
+    capture = FunctionLogCapture(t.lam, ack_dir).start()
+    try:
+        fn.start()
+        t.lam.hold_telemetry()             # nothing before the agent registered
+        invs = []
+        for i in range(3):
+            inv = fn.invoke({"n": i + 1, "spans": 3, "delay_ms": 50}, finish=False)
+            invs.append(inv)
+            fn.poll(lambda: len(fn.agent_messages("lambdaRegisterTransaction success")) > i,
+                    5, "the agent to register invocation %d's transaction" % (i + 1))
+            # now invocation N-1's tail and N's platform.start, in stream order
+            t.lam.release_telemetry()
+            t.lam.wait_telemetry_idle()
+            # this invocation's lines, runtimeDone and report: after INVOKE
+            # N+1 and its registration
+            t.lam.hold_telemetry()
+            fn.finish(inv)
+            assert inv.status == "success", "invocation %d: %s %r" % (i + 1, inv.status,
+                                                                       inv.response)
+        t.shutdown_ok()                    # releases the last tail
+    finally:
+        capture.stop()
+    assert capture.error is None, "log capture failed: %s" % capture.error
+    # the test bed did what it says: both lines of each invocation went into
+    # the stream while it ran, before its runtimeDone
+    for n, inv in enumerate(invs, 1):
+        mine = [c for c in capture.lines if c["rid"] == inv.request_id]
+        assert sorted(c["which"] for c in mine) == ["first", "last"], \
+            "setup: invocation %d printed %r" % (n, [c["text"] for c in mine])
+        for c in mine:
+            assert c["n"] == n and c["invocations"] == n and c["t"] < inv.t_runtime_done, \
+                "setup: the %s line of invocation %d reached the fake out of order" % (
+                    c["which"], n)
+
+    seen = Seen(t.apm)
+    check_requests(seen, version)
+    txs = [check_invocation(seen, fn, inv, coldstart=(n == 0), by=inv.t_end,
+                            what="invocation %d" % (n + 1)) for n, inv in enumerate(invs)]
+    check_nothing_else(seen, fn)
+    check_agent_log(fn, len(invs))
+
+    def whose(value):
+        for k, (inv, tx) in enumerate(zip(invs, txs), 1):
+            if value in (inv.request_id, tx["id"], tx["trace_id"]):
+                return "invocation %d's" % k
+        return repr(value)
+    problems = []
+    logs = t.apm.events("log")
+    for n, (inv, tx) in enumerate(zip(invs, txs), 1):
+        for c in (c for c in capture.lines if c["rid"] == inv.request_id):
+            got = [o for o in logs if o.get("message") == c["text"]]
+            what = "invocation %d's %s line" % (n, c["which"])
+            if len(got) != 1:
+                problems.append("%s: %d log events, want 1" % (what, len(got)))
+                continue
+            o = got[0]
+            for key, have, want in (
+                    ("faas.execution", (o.get("faas") or {}).get("execution"),
+                     inv.request_id),
+                    ("trace.id", o.get("trace.id"), tx["trace_id"]),
+                    ("transaction.id", o.get("transaction.id"), tx["id"])):
+                if have != want:
+                    problems.append("%s: %s is %s, want invocation %d's" % (
+                        what, key, whose(have), n))
+    timing_report(problems)
+
+
+def partial_intake_requests(apm):
+    """Intake requests that reached the APM server without a whole, valid
+    body: the client went away mid-body (io_error), never answered, or what
+    arrived does not decode / validate."""
+    return [r for r in apm.intake_requests()
+            if r.io_error is not None or r.status is None or r.errors]
+
+
+def timing_timeout_mid_request(t, fn, spans, pad, streamed=False):
+    """Invocation 1 ends normally; invocation 2's handler makes `spans`
+    spans (`pad` bytes of label each), then sleeps past its 3 s timeout
+    with the agent's intake request open (no flush: the agent streams its
+    events into the request as they end). Returns the bytes of that body
+    the extension says it had when the agent went away (None if it does
+    not say). streamed: the body had passed one queue block (32 KiB), so its
+    upstream request had started: it is cut off (aborted, logged once at warn)
+    instead of never reaching the server."""
+    version = agent_version()
+    first = fn.invoke({"spans": 2})
+    inv = fn.invoke({"action": "sleep", "spans": spans, "pad": pad, "flush": False},
+                    timeout_ms=TIMING_TIMEOUT_MS, finish=False)
+    fn.wait_phase(inv, "sleeping")
+    fn.poll(lambda: len(fn.agent_messages("intake request start")) >= 2, 1.0,
+            "the agent to open its intake request for the timed-out invocation")
+    code, t_exit, killed = t.lam.timeout(inv)
+    t.shut_down = True
+    assert code == 0 and not killed, "extension exit %s, killed=%s after a timeout" % (
+        code, killed)
+    got = [int(m.group(1)) for m in re.finditer(r"agent request broke off after (\d+) bytes",
+                                                t.lam.ext_log_text())]
+    assert not got or max(got) > 0, "setup: the agent had sent no body bytes when the " \
+        "function timed out (the extension says %r): this tests nothing" % got
+    bad = partial_intake_requests(t.apm)
+    if streamed:
+        warns = [ln for ln in t.lam.ext_logs() if ln.get("level") == "warn" and
+                 "request to the APM server is cut off" in ln.get("msg", "")]
+        assert len(warns) == 1, "a streamed body cut by the timeout: want one warn line " \
+            "saying its upstream request is cut off, got %d" % len(warns)
+        assert len(bad) <= 1, "more than one cut request at the APM server: %r" % bad
+        bad = []
+    assert not bad, "%d cut or partial intake request(s) reached the APM server (the " \
+        "extension had %s bytes of the agent's open request): %s" % (
+            len(bad), max(got) if got else "?", "; ".join(
+                "%r (User-Agent %r) io_error=%r errors=%r body=%d bytes" % (
+                    r, r.headers.get("User-Agent"), r.io_error, r.errors[:2], len(r.body))
+                for r in bad[:3]))
+    seen = Seen(t.apm)
+    check_requests(seen, version, allow_aborted=streamed)
+    check_invocation(seen, fn, first, coldstart=True, by=first.t_end, what="first invocation")
+    check_invocation(seen, fn, inv, outcome="failure", result="timeout", tx_by="extension",
+                     by=t_exit, lost_ok=True, what="timed-out invocation")
+    check_nothing_else(seen, fn)
+    check_agent_log(fn, 2, ended=1)
+    return max(got) if got else None
+
+
+@agent_scenario(env={"ELASTIC_APM_DATA_FORWARDER_TIMEOUT": None})
+def agent_node_timing_timeout_mid_request(t, fn):
+    """Timeout with ~13 KB of an open agent request: no cut request upstream; proxy tx once.
+
+    The handler makes 120 spans, then exceeds its 3 s timeout while the
+    agent's intake request is open with part of its body sent (about 13 KB
+    of gzip): no cut or partial intake request reaches the APM server; the
+    registered transaction arrives once, outcome failure, result timeout."""
+    timing_timeout_mid_request(t, fn, spans=120, pad=200)
+
+
+@agent_scenario(env={"ELASTIC_APM_DATA_FORWARDER_TIMEOUT": None})
+def agent_node_timing_timeout_mid_request_large(t, fn):
+    """Timeout with ~75 KB of an open agent request: streamed, so cut off once, logged.
+
+    The same with 400 spans of 300 bytes each: the agent has sent about
+    75 KB of its open request (more than one 32 KiB queue block) when the
+    function times out. A body that big streams upstream as it arrives
+    (the upload overlaps the function's work), so the timeout cuts that one
+    request off: one warn line says so; the registered transaction still
+    arrives once."""
+    n = timing_timeout_mid_request(t, fn, spans=400, pad=300, streamed=True)
+    assert n is None or n > 32768, "setup: only %d bytes of the open request" % n
