@@ -2031,8 +2031,7 @@ struct endpoint {
 	pid_t resolver;         /* resolver process under way, 0 none */
 	int resolver_fd;        /* its answer pipe; -1 none */
 	int64_t resolver_deadline;
-	int64_t resolve_after;  /* no new resolver before (after a failure) */
-	unsigned resolve_failures;
+	int64_t resolve_after;  /* no new resolver before (its owner's backoff) */
 	int verify;             /* check its certificate */
 	const char *what;       /* for log lines */
 	/* TLS session to resume: this endpoint's own, never another's (a
@@ -6003,6 +6002,14 @@ tel_subscribe(void)
 
 /* == 18. Event loop == */
 
+/* The endpoints whose names may be resolved while the loop runs. */
+static struct endpoint *
+loop_endpoint(int i)
+{
+	return i == 0 ? &g.apm : i == 1 ? &aws.sm : &aws.acm;
+}
+#define NUM_ENDPOINTS 3
+
 static void
 invocation_end(const char *why)
 {
@@ -6060,6 +6067,10 @@ lambda_event(const struct apm_lambda_event *e, int ok)
 		g.agents[i].c.last_active = g.agents[i].window_start = now;
 		g.agents[i].window_total = g.agents[i].c.body.total;
 	}
+	for (int i = 0; i < NUM_ENDPOINTS; i++) /* it was frozen too */
+		if (loop_endpoint(i)->resolver)
+			loop_endpoint(i)->resolver_deadline = now +
+			    g.cfg.forwarder_timeout_ms;
 	tel_inv_track();
 	log_debug("invoke %s, %lld ms to deadline", ev.request_id, (long long)left);
 	if (g.end_pending) {
@@ -6076,14 +6087,6 @@ lambda_event(const struct apm_lambda_event *e, int ok)
 		g.phase = PH_INVOKE;
 	}
 }
-
-/* The endpoints whose names may be resolved while the loop runs. */
-static struct endpoint *
-loop_endpoint(int i)
-{
-	return i == 0 ? &g.apm : i == 1 ? &aws.sm : &aws.acm;
-}
-#define NUM_ENDPOINTS 3
 
 /* Nothing held: no payload queued or being received. */
 static int
@@ -6211,22 +6214,21 @@ loop_resolved(struct endpoint *ep, int r, const char *why)
 	g.progress++;
 	if (r > 0) {
 		log_debug("%s resolved", ep->url.host);
-		ep->resolve_failures = 0;
 		if (ep == &g.apm)
 			fwd_prewarm();
 		return;
 	}
-	ep->resolve_failures++;
-	g.rnd = g.rnd * 1103515245u + 12345u;
-	ep->resolve_after = now_ms() + apm_backoff_ms(ep->resolve_failures + 1,
-	    g.rnd >> 8);
+	/* A failed resolution is a failed delivery (or AWS call): the next one
+	 * follows the same backoff. */
 	char msg[300];
 	snprintf(msg, sizeof msg, "cannot resolve %.200s: %s", ep->url.host, why);
 	if (ep == &g.apm) {
 		fwd_backoff(msg);
+		ep->resolve_after = g.retry_at;
 		proxy_fail_waiting();
 	} else {
 		aws_failed(msg);
+		ep->resolve_after = aws.retry_at;
 	}
 }
 
@@ -6237,6 +6239,8 @@ loop_resolvers(struct pollfd *pfd, struct pollref *ref, int *n, int64_t now)
 	int64_t wake = 0;
 	for (int i = 0; i < NUM_ENDPOINTS; i++) {
 		struct endpoint *ep = loop_endpoint(i);
+		if (!ep->resolver && !ep->resolved && ep->resolve_after > now)
+			wake = earliest(wake, ep->resolve_after); /* try again then */
 		if (!ep->resolver)
 			continue;
 		if (now >= ep->resolver_deadline) {
