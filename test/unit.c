@@ -2226,6 +2226,47 @@ test_queue(void)
 	memset(&g.q, 0, sizeof g.q);
 }
 
+/* base64 against a plain encoder: random bytes of every length up to 300,
+ * line breaks every 64 or 76 digits (PEM, MIME) or none, padding or not. */
+static void
+test_base64_roundtrip(void)
+{
+	static const char dig[] =
+	    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	uint32_t r = 12345;
+	ctx("apm_base64_decode round trip");
+	for (size_t n = 0; n <= 300; n++) {
+		unsigned char raw[300], back[300];
+		char enc[600];
+		size_t e = 0, col = 0, wrap = n % 3 == 0 ? 64 : n % 3 == 1 ? 76 : 0;
+		for (size_t i = 0; i < n; i++) {
+			r = r * 1103515245u + 12345u;
+			raw[i] = (unsigned char)(r >> 16);
+		}
+		for (size_t i = 0; i < n; i += 3) {
+			uint32_t w = (uint32_t)raw[i] << 16 |
+			    (i + 1 < n ? (uint32_t)raw[i + 1] << 8 : 0) |
+			    (i + 2 < n ? raw[i + 2] : 0);
+			for (int k = 0; k < 4; k++) {
+				char c = (size_t)k <= n - i ? dig[(w >> (18 - 6 * k)) & 63] : '=';
+				if (c == '=' && n % 2)
+					break; /* unpadded, sometimes */
+				enc[e++] = c;
+				if (wrap && ++col == wrap) {
+					enc[e++] = '\n';
+					col = 0;
+				}
+			}
+		}
+		int got = apm_base64_decode(enc, e, back, sizeof back);
+		CHECK_INT(got, n);
+		if ((size_t)got == n)
+			CHECK(memcmp(raw, back, n) == 0);
+	}
+	CHECK_INT(apm_base64_decode("QUJD*", 5, (unsigned char[8]){ 0 }, 8), -1);
+	CHECK_INT(apm_base64_decode("QUJDREVG", 8, (unsigned char[4]){ 0 }, 4), -1);
+}
+
 /* Small helpers the audit fixes rest on: escaping, ids, proxy targets,
  * redaction, the configured timeout. */
 static void
@@ -2387,6 +2428,7 @@ main(void)
 	test_time();
 	test_queue();
 	test_audit_helpers();
+	test_base64_roundtrip();
 	test_trust_anchors();
 
 	if (n_fail > MAX_PRINTED)
