@@ -51,8 +51,29 @@ unit: build/unit
 e2e: apm-ext
 	python3 test/e2e.py --binary ./apm-ext
 
-test: apm-ext build/unit build/sigv4 build/apm-ext-asan
-	@sh test/run-all.sh
+# make test: the last line of its output is the totals ("N passed, N failed",
+# see test/run-all.sh), on failure too, and make then exits 2. GNU make prints
+# "make: *** [Makefile:NN: test] Error 1" when a recipe fails, whatever the
+# flags (-s too); so the totals line comes from a double-colon rule of its
+# own: a target's double-colon rules run one after the other, in the order
+# written, and with -k make goes on to the next one after a failure (-k only
+# when test is a goal). Without the tests having run (a build failed above)
+# the last rule says so: "0 passed, 1 failed". Rejected: killing make from the
+# recipe (no error line, but exit status 130/141/143, "Terminated"), $(error)
+# (its own "*** ...  Stop." line).
+ifneq ($(filter test,$(MAKECMDGOALS)),)
+MAKEFLAGS += -k
+endif
+TEST_TOTAL  = build/test-total
+
+test::
+	@rm -f $(TEST_TOTAL)
+test:: apm-ext build/unit build/sigv4 build/apm-ext-asan
+	@sh test/run-all.sh --total $(TEST_TOTAL)
+test::
+	@cat $(TEST_TOTAL) 2>/dev/null || \
+		{ echo "make test: the suites did not run (see the errors above)"; \
+		  echo "0 passed, 1 failed"; }
 
 bench: apm-ext
 	python3 test/bench.py --binary ./apm-ext

@@ -3,10 +3,14 @@
 
     python3 test/bench.py [--binary ./apm-ext] [--runs N] [--quick]
                           [--json FILE] [--only cold,size,latency,tls,secrets,throughput]
-                          [--cpu N] [--keep] [--tput-mb N]
+                          [--cpu N] [--keep] [--tput-mb N] [--wide FILE]
 
-Prints a table: figure | apm-ext | floor | target | status. The status column
-is information only: the bench never fails on a time or a size. It exits 1
+Prints a table: figure | apm-ext | floor | status, every line within 100
+columns (a long figure name goes on over more lines; a row's target, or what
+it is compared with, on the line below it), then notes. The same table with
+one line per figure (figure | apm-ext | floor | target | status) and the
+notes unwrapped go to build/bench.txt (--wide). The status column is
+information only: the bench never fails on a time or a size. It exits 1
 only when something broke (a binary crashed, never registered, answered
 with an error, lost data...), 2 on bad usage.
 
@@ -105,6 +109,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 
@@ -1926,15 +1931,60 @@ def fmt(v, kind):
     return "%.0f" % v
 
 
+WIDTH = 100     # the terminal output: every line within this many columns
+
+
+def row_cells(r):
+    """(figure (unit), apm-ext, floor, target, status) of a row, as text."""
+    unit = " (%s)" % r["unit"] if r["unit"] else ""
+    return (r["figure"] + unit, fmt(r["apm_ext"], r["kind"]), fmt(r["floor"], r["kind"]),
+            r["target"], "BROKEN" if r.get("broken") else
+            "" if r["ok"] is None else ("ok" if r["ok"] else "MISSED"))
+
+
+def print_narrow_table(rows, out=sys.stdout, width=WIDTH):
+    """The table within `width` columns: figure | apm-ext | floor | status. A
+    figure too long for its column goes on over more lines; the row's target
+    follows on a line of its own: "target: ..." when the status says whether it
+    was met, "-> ..." for a comparison or a verdict."""
+    cells = [row_cells(r) for r in rows]
+    wa = max([len("apm-ext")] + [len(c[1]) for c in cells])
+    wf = max([len("floor")] + [len(c[2]) for c in cells])
+    ws = max([len("status")] + [len(c[4]) for c in cells])
+    wfig = max(24, width - (wa + wf + ws + 9))
+
+    def line(fig, a="", f="", st=""):
+        print(("%s | %s | %s | %s" % (fig.ljust(wfig), a.rjust(wa), f.rjust(wf), st)).rstrip(),
+              file=out)
+
+    line("figure", "apm-ext", "floor", "status")
+    print("-" * (wfig + 1) + "+" + "-" * (wa + 2) + "+" + "-" * (wf + 2) + "+" + "-" * (ws + 1),
+          file=out)
+    for r, (fig, a, f, target, st) in zip(rows, cells):
+        ind = " " * (len(fig) - len(fig.lstrip()))
+        figs = textwrap.wrap(fig, wfig, subsequent_indent=ind + "    ",
+                             break_on_hyphens=False)
+        line(figs[0], a, f, st)
+        for x in figs[1:]:
+            line(x)
+        if target:
+            text = ("target: " if r["ok"] is not None else "-> ") + target
+            for x in textwrap.wrap(text, wfig, initial_indent=ind + "  ",
+                                   subsequent_indent=ind + "    ", break_on_hyphens=False):
+                line(x)
+
+
+def print_wrapped(text, prefix="", out=sys.stdout, width=WIDTH):
+    """text within `width` columns, the first line starting with prefix, the
+    others indented as far."""
+    print(textwrap.fill(text, width, initial_indent=prefix,
+                        subsequent_indent=" " * len(prefix), break_on_hyphens=False), file=out)
+
+
 def print_table(rows, out=sys.stdout):
+    """The table with one line per figure: figure | apm-ext | floor | target | status."""
     head = ("figure", "apm-ext", "floor", "target", "status")
-    cells = [head]
-    for r in rows:
-        unit = " (%s)" % r["unit"] if r["unit"] else ""
-        cells.append((r["figure"] + unit, fmt(r["apm_ext"], r["kind"]),
-                      fmt(r["floor"], r["kind"]), r["target"],
-                      "BROKEN" if r.get("broken") else
-                      "" if r["ok"] is None else ("ok" if r["ok"] else "MISSED")))
+    cells = [head] + [row_cells(r) for r in rows]
     w = [max(len(c[i]) for c in cells) for i in range(len(head))]
     line = "+".join("-" * (x + (1 if i in (0, len(w) - 1) else 2)) for i, x in enumerate(w))
     for n, c in enumerate(cells):
@@ -1954,6 +2004,9 @@ def main(argv=None):
     ap.add_argument("--only", metavar="NAMES",
                     help="comma-separated subset of: " + ",".join(n for n, _ in MEASUREMENTS))
     ap.add_argument("--keep", action="store_true", help="keep the extensions' logs")
+    ap.add_argument("--wide", metavar="FILE", default=os.path.join(BUILD, "bench.txt"),
+                    help="also write the table there with one line per figure, and the notes "
+                         "unwrapped (default build/bench.txt; '' for none)")
     ap.add_argument("--tput-mb", type=int, default=None, metavar="N",
                     help="1 MiB agent requests per throughput run (default 100; --quick: 32)")
     ap.add_argument("--cpu", type=int, default=None,
@@ -2005,21 +2058,39 @@ def main(argv=None):
     if STAMPS["poll"]:
         ctx.notes.append("%d of %d reads had no kernel timestamp: poll() return time used"
                          % (STAMPS["poll"], STAMPS["poll"] + STAMPS["kernel"]))
-    print("apm-ext bench: %s (%d bytes), %d runs, %s, %.1fs, Linux %s"
-          % (os.path.relpath(ctx.binary), os.path.getsize(ctx.binary), args.runs,
-             "all on CPU %d" % cpu if cpu >= 0 else "not pinned (%d CPUs)" % len(cpus),
-             time.monotonic() - t0, os.uname().release))
-    print()
-    print_table(rows)
+    title = ("apm-ext bench: %s (%d bytes), %d runs, %s, %.1fs, Linux %s"
+             % (os.path.relpath(ctx.binary), os.path.getsize(ctx.binary), args.runs,
+                "all on CPU %d" % cpu if cpu >= 0 else "not pinned (%d CPUs)" % len(cpus),
+                time.monotonic() - t0, os.uname().release))
     notes = ctx.notes + ctx.log_notes()
+    wide = args.wide
+    if wide:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(wide)), exist_ok=True)
+            with open(wide, "w") as f:
+                print(title + "\n", file=f)
+                print_table(rows, out=f)
+                if notes:
+                    print(file=f)
+                for n in notes:
+                    print("note: " + n, file=f)
+        except OSError as e:
+            print_wrapped("cannot write %s: %s" % (wide, e), "bench: ", out=sys.stderr)
+            wide = None
+    print_wrapped(title)
+    print()
+    print_narrow_table(rows)
     if notes:
         print()
         for n in notes:
-            print("note: " + n)
+            print_wrapped(n, "note: ")
     if ctx.args.keep:
-        print("logs kept in " + ctx.tmp)
+        print_wrapped(ctx.tmp, "logs kept in ")
+    if wide:
+        print()
+        print_wrapped(os.path.relpath(wide), "the table with one line per figure: ")
     for b in ctx.broken:
-        print("bench: BROKEN: %s" % b, file=sys.stderr)
+        print_wrapped(b, "bench: BROKEN: ", out=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"binary": ctx.binary, "size": os.path.getsize(ctx.binary),
