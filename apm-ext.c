@@ -701,10 +701,10 @@ apm_json_int(const char *js, const struct apm_json_tok *t, int64_t *out)
 	int neg = js[i] == '-';
 	i += (uint32_t)neg;
 	for (; i < t->end && js[i] >= '0' && js[i] <= '9'; i++) {
-		int d = js[i] - '0';
-		if (v > (INT64_MAX - d) / 10)
+		int digit = js[i] - '0';
+		if (v > (INT64_MAX - digit) / 10)
 			return -1;
-		v = v * 10 + d;
+		v = v * 10 + digit;
 	}
 	if (i < t->end && memchr(js + i, 'e', t->end - i) == NULL &&
 	    memchr(js + i, 'E', t->end - i) == NULL) {
@@ -4710,7 +4710,7 @@ agent_accept(int lfd)
 		if (slot < 0) {
 			/* A candidate whose request bytes are in the socket but not
 			 * read yet only looks idle: read it (it then is under way). */
-			for (int k = 0; k < 8; k++) {
+			for (int tries = 0; tries < 8; tries++) {
 				int pending = 0;
 				slot = agent_evictable();
 				if (slot < 0 || io.fionread(g.agents[slot].c.fd,

@@ -1115,7 +1115,9 @@ def size_by_origin():
 
 def m_size(ctx):
     a, f = os.path.getsize(ctx.binary), os.path.getsize(ctx.floor)
-    rows = [row("binary size", a / KiB, f / KiB, "< 200 KiB", a < 200 * KiB, "KiB")]
+    # 224 KiB: the bound the HTTPS work may grow to (it was 200 KiB until the
+    # resolver process, the audit fixes and the hardening flags took 8 KiB)
+    rows = [row("binary size", a / KiB, f / KiB, "<= 224 KiB", a <= 224 * KiB, "KiB")]
     sa, sf = elf_sections(ctx.binary), elf_sections(ctx.floor)
     if not sa or not sf:
         ctx.notes.append("no section sizes: `size` (binutils) failed")
