@@ -104,6 +104,7 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 #define SHUTDOWN_MARGIN_MS 150  /* exit this long before deadlineMs */
 #define DEADLINE_MARGIN_MS 100  /* an invocation ends this long before its deadline */
 #define TELEMETRY_PORT_DEFAULT 8201
+#define OTLP_PORT_DEFAULT 4318  /* OTLP/HTTP's own default port */
 #define REPORT_WAIT_MS 500      /* at SHUTDOWN, wait this long for the last report */
 
 /*
@@ -199,6 +200,14 @@ str_has_prefix(struct apm_str s, const char *lit)
 {
 	size_t n = strlen(lit);
 	return s.len >= n && memcmp(s.ptr, lit, n) == 0;
+}
+
+/* s begins with lit, in any case. */
+static int
+str_has_iprefix(struct apm_str s, const char *lit)
+{
+	size_t n = strlen(lit);
+	return s.len >= n && apm_str_ieq((struct apm_str){ s.ptr, n }, lit);
 }
 
 /* Copy a view into a fixed array, truncating; always NUL-terminated. */
@@ -2020,6 +2029,9 @@ struct conn {
 enum agent_state { AG_HEAD, AG_BODY, AG_PROXY_WAIT, AG_RESPOND };
 enum agent_route { RT_INTAKE, RT_REGISTER, RT_PROXY, RT_REJECT };
 
+/* What a queued payload is, and so where it goes upstream. */
+enum payload_kind { PL_INTAKE, PL_OTLP_TRACES, PL_OTLP_METRICS, PL_OTLP_LOGS };
+
 struct agent {
 	struct conn c;
 	int state;              /* enum agent_state */
@@ -2035,6 +2047,9 @@ struct agent {
 	unsigned requests;      /* requests answered on this connection */
 	uint64_t accepted;      /* accept order, to break idleness ties */
 	int64_t accepted_at;    /* monotonic ms */
+	int otlp;               /* accepted on the OTLP/HTTP port */
+	int kind;               /* enum payload_kind of the request's body */
+	char ctype[64];         /* its Content-Type (OTLP: passed on) */
 	int64_t body_start;     /* AG_BODY: when its head was read */
 	int64_t window_start;   /* AG_BODY: the current progress window */
 	uint64_t window_total;  /* body.total when that window began */
@@ -2075,6 +2090,7 @@ struct upstream {
 	int status;             /* response status */
 	int resp_close;         /* Connection: close in the response */
 	int head_req;           /* JOB_PROXY: a HEAD request, its answer has no body */
+	int64_t retry_after_ms; /* the answer's Retry-After, 0 none */
 	int64_t resp_length;    /* the answer's Content-Length, -1 none */
 	char ctype_buf[128];
 	char cenc_buf[64];
@@ -2091,6 +2107,8 @@ struct payload {
 	int inflight;           /* an upstream connection is sending it */
 	int own;                /* events we made: plain ndjson */
 	int stale_retries;      /* resent after a dead kept-alive connection */
+	int kind;               /* enum payload_kind */
+	char ctype[64];         /* OTLP: the exporter's Content-Type */
 	char encoding[32];
 	char user_agent[128];
 };
@@ -2111,7 +2129,7 @@ struct config {
 	int has_server;
 	char auth[2048];        /* Authorization value; never logged */
 	const char *runtime_api;
-	uint16_t receiver_port, telemetry_port;
+	uint16_t receiver_port, telemetry_port, otlp_port; /* otlp 0: off */
 	int64_t receiver_timeout_ms, forwarder_timeout_ms;
 	int background;
 	unsigned buffer_requests;
@@ -2154,6 +2172,10 @@ static struct apm_json_tok tel_toks[TEL_TOKENS];
 /* What each pollfd slot of a loop pass belongs to. */
 enum { PK_LISTEN, PK_LAMBDA, PK_AGENT, PK_UP, PK_TEL, PK_RESOLVER };
 
+/* The listening sockets: agents' intake, telemetry, OTLP/HTTP. */
+enum listener { LS_INTAKE4, LS_INTAKE6, LS_TELEMETRY, LS_OTLP4, LS_OTLP6,
+	NUM_LISTENERS };
+
 struct pollref {
 	int kind;
 	int idx;
@@ -2173,12 +2195,13 @@ static struct {
 	int end_pending;        /* the end of the invocation came before INVOKE */
 	char done_pending[128]; /* runtimeDone seen before its INVOKE: request id */
 	char done_pending_status[32];
-	int listen_fd[3];       /* 127.0.0.1, ::1, telemetry */
+	int listen_fd[NUM_LISTENERS]; /* enum listener */
 	unsigned failures;      /* consecutive delivery failures */
 	int64_t retry_at;       /* no delivery starts before this */
 	uint32_t rnd;
 	volatile sig_atomic_t got_term;
 	int warned_no_server;
+	unsigned warned_grpc;   /* HTTP/2 on the OTLP port, said once */
 	char *reg;              /* last /register/transaction body */
 	size_t reg_len;
 	char reg_request_id[128];
@@ -3630,13 +3653,18 @@ upstream_begin_payload(struct upstream *u, int s)
 	u->sent_last = 0;
 	u->resp_started = 0;
 	p->inflight = 1;
+	static const char *const paths[] = { "/intake/v2/events", "/v1/traces",
+		"/v1/metrics", "/v1/logs" };
 	struct conn *c = &u->c;
 	c->tx_len = c->tx_off = 0;
-	tx_printf(c, "POST %s/intake/v2/events HTTP/1.1\r\nHost: %s\r\n"
-	    "Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n"
+	u->retry_after_ms = 0;
+	tx_printf(c, "POST %s%s HTTP/1.1\r\nHost: %s\r\n"
+	    "Content-Type: %s\r\nTransfer-Encoding: chunked\r\n"
 	    "User-Agent: " APM_EXT_NAME "/" APM_EXT_VERSION "%s%s%s\r\n",
-	    g.cfg.server.prefix, host, p->user_agent[0] ? " (" : "",
-	    p->user_agent, p->user_agent[0] ? ")" : "");
+	    g.cfg.server.prefix, paths[p->kind], host,
+	    p->kind == PL_INTAKE ? "application/x-ndjson" : p->ctype,
+	    p->user_agent[0] ? " (" : "", p->user_agent,
+	    p->user_agent[0] ? ")" : "");
 	if (p->encoding[0] && strcmp(p->encoding, "identity") != 0)
 		tx_printf(c, "Content-Encoding: %s\r\n", p->encoding);
 	if (g.cfg.auth[0])
@@ -3758,6 +3786,8 @@ fwd_done(struct upstream *u, int ok, int retryable, const char *why)
 	}
 	p->stale_retries = 0;
 	fwd_backoff(why);
+	if (u->retry_after_ms > 0) /* the server said when: not before */
+		g.retry_at = MAX(g.retry_at, now_ms() + u->retry_after_ms);
 }
 
 /* One more consecutive failure: no delivery starts before the backoff. */
@@ -3795,8 +3825,15 @@ upstream_response_done(struct upstream *u)
 			str_redact(text, strchr(g.cfg.auth, ' ') + 1);
 		snprintf(why, sizeof why, "HTTP %d %s", u->status, text);
 		int ok = u->status >= 200 && u->status < 300;
-		int retryable = u->status == 429 || u->status == 408 ||
-		    u->status >= 500;
+		int otlp = g.q.p[u->payload].kind != PL_INTAKE;
+		/* OTLP/HTTP: only 429, 502, 503 and 504 are worth a retry */
+		int retryable = u->status == 429 || (otlp ? u->status == 502 ||
+		    u->status == 503 || u->status == 504 :
+		    u->status == 408 || u->status >= 500);
+		if (ok && otlp && c->body.have > 0)
+			log_debug("OTLP export accepted with a partial success "
+			    "answer (%zu bytes): some items may have been rejected",
+			    c->body.have);
 		fwd_done(u, ok, retryable, why);
 	} else if (u->job == JOB_PROXY && u->agent >= 0) {
 		agent_proxy_answer(u->agent, u, NULL);
@@ -3840,6 +3877,11 @@ upstream_read(struct upstream *u)
 		}
 		u->status = m.status;
 		u->resp_close = m.close;
+		/* Retry-After in seconds (the HTTP-date form is not honoured) */
+		struct apm_str ra = apm_http_header_get(&m, "retry-after");
+		uint64_t secs;
+		u->retry_after_ms = ra.ptr && apm_uint_parse(ra.ptr, ra.len, 3600,
+		    &secs) == 0 ? (int64_t)secs * 1000 : 0;
 		struct apm_str ct = apm_http_header_get(&m, "content-type");
 		struct apm_str ce = apm_http_header_get(&m, "content-encoding");
 		str_copy(u->ctype_buf, sizeof u->ctype_buf, ct);
@@ -4136,6 +4178,8 @@ status_text(int status)
 	case 200: return "OK";
 	case 202: return "Accepted";
 	case 400: return "Bad Request";
+	case 404: return "Not Found";
+	case 405: return "Method Not Allowed";
 	case 408: return "Request Timeout";
 	case 413: return "Payload Too Large";
 	case 415: return "Unsupported Media Type";
@@ -4164,6 +4208,25 @@ agent_respond(struct agent *a, int status, const char *msg, int close_after)
 	tx_printf(c, "HTTP/1.1 %d %s\r\nContent-Length: %d\r\n%s%s\r\n%s", status,
 	    status_text(status), n, n ? "Content-Type: application/json\r\n" : "",
 	    c->close_after ? "Connection: close\r\n" : "", n ? body : "");
+	a->state = AG_RESPOND;
+}
+
+/* An OTLP export is in: 200 with an empty export response in the
+ * exporter's encoding (no bytes for protobuf, {} for JSON). */
+static void
+agent_respond_otlp(struct agent *a)
+{
+	struct conn *c = &a->c;
+	int json = str_has_iprefix((struct apm_str){ a->ctype, strlen(a->ctype) },
+	    "application/json");
+	a->requests++;
+	c->tx_len = c->tx_off = 0;
+	if (!a->keep_alive)
+		c->close_after = 1;
+	tx_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: "
+	    "%d\r\n%s\r\n%s", json ? "application/json" : "application/x-protobuf",
+	    json ? 2 : 0, c->close_after ? "Connection: close\r\n" : "",
+	    json ? "{}" : "");
 	a->state = AG_RESPOND;
 }
 
@@ -4300,6 +4363,38 @@ agent_proxy_head(struct agent *a, const struct apm_http_msg *m)
 	return bad;
 }
 
+/*
+ * A request on the OTLP/HTTP port: POST /v1/traces, /v1/metrics or /v1/logs
+ * with a protobuf or JSON body is queued like an intake body; anything else
+ * is refused (404, 405, 415) once its body is read. Returns the body limit.
+ */
+static uint64_t
+agent_route_otlp(struct agent *a, const struct apm_http_msg *m)
+{
+	static const char *const paths[] = { "/v1/traces", "/v1/metrics",
+		"/v1/logs" };
+	struct apm_str q;
+	a->route = RT_REJECT;
+	a->status = 404;
+	for (int i = 0; i < 3; i++) {
+		if (!path_is(m->target, paths[i], &q))
+			continue;
+		struct apm_str ct = apm_http_header_get(m, "content-type");
+		if (!apm_str_ieq(m->method, "POST")) {
+			a->status = 405;
+		} else if (!ct.ptr || (!str_has_iprefix(ct, "application/x-protobuf") &&
+		    !str_has_iprefix(ct, "application/json"))) {
+			a->status = 415;
+		} else {
+			a->route = RT_INTAKE;
+			a->kind = PL_OTLP_TRACES + i;
+			str_copy(a->ctype, sizeof a->ctype, ct);
+		}
+		break;
+	}
+	return g.cfg.max_body;
+}
+
 static void
 agent_head(struct agent *a)
 {
@@ -4315,6 +4410,17 @@ agent_head(struct agent *a)
 		int st = m.error == APM_E_HEAD_TOO_LARGE ||
 		    m.error == APM_E_TOO_MANY_HEADERS ? 431 :
 		    m.error == APM_E_BAD_TRANSFER_ENCODING ? 501 : 400;
+		if (a->otlp && str_has_prefix((struct apm_str){ c->rx, c->rx_len },
+		    "PRI * HTTP/2")) {
+			if (!g.warned_grpc++)
+				log_warn("an OTLP exporter spoke HTTP/2 (gRPC) to port %u: "
+				    "only OTLP/HTTP is supported (set "
+				    "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)",
+				    g.cfg.otlp_port);
+			agent_reject(a, 400, "OTLP over gRPC (HTTP/2) is not supported: "
+			    "use OTLP/HTTP");
+			return;
+		}
 		agent_reject(a, st, apm_err_str(m.error));
 		return;
 	}
@@ -4331,8 +4437,12 @@ agent_head(struct agent *a)
 	    apm_http_header_get(&m, "x-elastic-aws-request-id"));
 	body_init(&c->body, &m, 0);
 	uint64_t limit;
+	a->kind = PL_INTAKE;
+	a->ctype[0] = 0;
 	/* A body other than intake's is kept whole in rx, after the head. */
-	if (apm_str_ieq(m.method, "POST") &&
+	if (a->otlp) {
+		limit = agent_route_otlp(a, &m);
+	} else if (apm_str_ieq(m.method, "POST") &&
 	    path_is(m.target, "/intake/v2/events", &q)) {
 		a->route = RT_INTAKE;
 		a->flushed = query_has(q, "flushed=true");
@@ -4400,6 +4510,10 @@ agent_request_done(struct agent *a)
 			if (p->len == 0)
 				queue_free(&g.q, a->payload);
 			a->payload = -1;
+		}
+		if (a->otlp) {
+			agent_respond_otlp(a);
+			break;
 		}
 		agent_respond(a, 202, NULL, 0);
 		if (a->flushed) {
@@ -4471,7 +4585,11 @@ agent_push(struct agent *a)
 		a->payload = queue_open(&g.q, a->encoding, a->user_agent, 0);
 		if (a->payload < 0)
 			return -1;
-		if (!a->encoding[0] || strcmp(a->encoding, "identity") == 0)
+		struct payload *p = &g.q.p[a->payload];
+		p->kind = a->kind;
+		snprintf(p->ctype, sizeof p->ctype, "%s", a->ctype);
+		if (a->kind == PL_INTAKE &&
+		    (!a->encoding[0] || strcmp(a->encoding, "identity") == 0))
 			tel_agent_metadata(c->rx, c->body.have);
 	}
 	size_t n = queue_append(&g.q, a->payload, c->rx, c->body.have);
@@ -4697,7 +4815,7 @@ agent_slowest_body(void)
 }
 
 static void
-agent_accept(int lfd)
+agent_accept(int lfd, int otlp)
 {
 	for (int k = 0; k < 16; k++) {
 		int fd = io.accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -4742,6 +4860,7 @@ agent_accept(int lfd)
 		a->keep_alive = 1;
 		a->requests = 0;
 		a->accepted = ++g.accepts;
+		a->otlp = otlp;
 	}
 }
 
@@ -6276,7 +6395,7 @@ loop_resolvers(struct pollfd *pfd, struct pollref *ref, int *n, int64_t now)
 static void
 loop_run(void)
 {
-	struct pollfd pfd[3 + 1 + MAX_AGENT_CONNS + NUM_UPSTREAM + 4 +
+	struct pollfd pfd[NUM_LISTENERS + 1 + MAX_AGENT_CONNS + NUM_UPSTREAM + 4 +
 	    NUM_ENDPOINTS];
 	struct pollref ref[sizeof pfd / sizeof *pfd];
 	for (;;) {
@@ -6307,7 +6426,7 @@ loop_run(void)
 		if (aws_pending() && aws.current < 0 && aws.retry_at > now)
 			wake = earliest(wake, aws.retry_at);
 		int n = 0;
-		for (int i = 0; i < 3; i++)
+		for (int i = 0; i < NUM_LISTENERS; i++)
 			if (g.listen_fd[i] >= 0) {
 				pfd[n] = (struct pollfd){ g.listen_fd[i], POLLIN, 0 };
 				ref[n++] = (struct pollref){ PK_LISTEN, i };
@@ -6355,10 +6474,10 @@ loop_run(void)
 				continue;
 			switch (ref[i].kind) {
 			case PK_LISTEN:
-				if (ref[i].idx == 2)
+				if (ref[i].idx == LS_TELEMETRY)
 					tel_accept(pfd[i].fd);
 				else
-					agent_accept(pfd[i].fd);
+					agent_accept(pfd[i].fd, ref[i].idx >= LS_OTLP4);
 				break;
 			case PK_LAMBDA:
 				lambda_step(re);
@@ -6489,6 +6608,8 @@ cfg_load(struct config *c)
 	    8200, 1, 65535);
 	c->telemetry_port = (uint16_t)cfg_uint("APM_EXT_TELEMETRY_PORT",
 	    TELEMETRY_PORT_DEFAULT, 1, 65535);
+	c->otlp_port = (uint16_t)cfg_uint("APM_EXT_OTLP_PORT", OTLP_PORT_DEFAULT,
+	    0, 65535);
 	c->receiver_timeout_ms = cfg_duration("ELASTIC_APM_DATA_RECEIVER_TIMEOUT",
 	    "ELASTIC_APM_DATA_RECEIVER_TIMEOUT_SECONDS", 15000);
 	c->forwarder_timeout_ms = cfg_duration("ELASTIC_APM_DATA_FORWARDER_TIMEOUT",
@@ -6597,26 +6718,38 @@ on_term(int sig)
 static void
 listener_telemetry(void)
 {
-	g.listen_fd[2] = -1;
+	g.listen_fd[LS_TELEMETRY] = -1;
 	if (!g.cfg.disable_telemetry) {
-		g.listen_fd[2] = sock_listen(AF_INET, "0.0.0.0", g.cfg.telemetry_port);
-		if (g.listen_fd[2] < 0)
+		g.listen_fd[LS_TELEMETRY] = sock_listen(AF_INET, "0.0.0.0",
+		    g.cfg.telemetry_port);
+		if (g.listen_fd[LS_TELEMETRY] < 0)
 			log_warn("cannot listen for telemetry on port %u: %s",
 			    g.cfg.telemetry_port, strerror(errno));
 	}
 }
 
+/* A loopback listener pair (127.0.0.1 and ::1) on port, for what. */
+static void
+listeners_loopback(int v4, int v6, uint16_t port, const char *what)
+{
+	g.listen_fd[v4] = sock_listen(AF_INET, "127.0.0.1", port);
+	if (g.listen_fd[v4] < 0)
+		log_error("cannot listen on 127.0.0.1:%u: %s; %s cannot send data",
+		    port, strerror(errno), what);
+	g.listen_fd[v6] = sock_listen(AF_INET6, "::1", port);
+	if (g.listen_fd[v6] < 0)
+		log_debug("no listener on [::1]:%u: %s", port, strerror(errno));
+}
+
+/* The agents' intake port and, unless turned off, OTLP/HTTP's. */
 static void
 listeners_open(void)
 {
-	uint16_t port = g.cfg.receiver_port;
-	g.listen_fd[0] = sock_listen(AF_INET, "127.0.0.1", port);
-	if (g.listen_fd[0] < 0)
-		log_error("cannot listen on 127.0.0.1:%u: %s; agents cannot send "
-		    "data", port, strerror(errno));
-	g.listen_fd[1] = sock_listen(AF_INET6, "::1", port);
-	if (g.listen_fd[1] < 0)
-		log_debug("no listener on [::1]:%u: %s", port, strerror(errno));
+	listeners_loopback(LS_INTAKE4, LS_INTAKE6, g.cfg.receiver_port, "agents");
+	g.listen_fd[LS_OTLP4] = g.listen_fd[LS_OTLP6] = -1;
+	if (g.cfg.otlp_port)
+		listeners_loopback(LS_OTLP4, LS_OTLP6, g.cfg.otlp_port,
+		    "OpenTelemetry exporters");
 }
 
 /* The Extensions API address from AWS_LAMBDA_RUNTIME_API ("host:port"). */

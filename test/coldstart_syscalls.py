@@ -56,6 +56,9 @@ REGISTER_MAX = 6
 #   read                                 register's answer (identifier)
 #   socket, setsockopt, bind, listen     agent receiver on 127.0.0.1
 #   socket, setsockopt x2, bind, listen  agent receiver on [::1] (V6ONLY)
+#   socket, setsockopt, bind, listen     OTLP/HTTP receiver on 127.0.0.1
+#   socket, setsockopt x2, bind, listen  OTLP/HTTP receiver on [::1]
+#                                        (APM_EXT_OTLP_PORT, 4318; 0: off)
 #   socket, setsockopt, bind, listen     telemetry listener on 0.0.0.0
 #   writev, read                         PUT /2022-07-01/telemetry and answer
 #   sendto                               GET /2020-01-01/extension/event/next
@@ -64,7 +67,7 @@ REGISTER_MAX = 6
 #   after the first /next, while it waits.
 # The bound leaves room for a response read in two pieces; a new kind of
 # work before /next should be a conscious change here.
-NEXT_MAX = 24
+NEXT_MAX = 33
 
 # System calls that take a path name (a file, a directory, a program).
 PATH_SYSCALLS = {
