@@ -3056,70 +3056,90 @@ tls_anchor_push(const unsigned char *dn, size_t dnlen, int ca,
  * state machine that spends ~1,400 instructions a byte (87 ms for the
  * Debian bundle); this one decodes the same bundle in well under 1 ms.
  */
+/*
+ * Add the certificates of the whole PEM blocks in pem[0..len) as trust
+ * anchors (counted in *added and *bad). Returns how many bytes were used
+ * up: up to the end of the last whole block, or, when a block has begun
+ * and not ended, up to its start.
+ */
 static size_t
-tls_load_pem(const char *pem, size_t len, const char *what)
+tls_pem_blocks(const char *pem, size_t len, size_t *added, size_t *bad)
 {
 	static const char begin[] = "-----BEGIN CERTIFICATE-----";
 	static const char end[] = "-----END CERTIFICATE-----";
 	static unsigned char der[16384];
-	size_t added = 0, bad = 0, pos = 0;
+	size_t pos = 0;
 	while (pos < len) {
 		const char *b = memmem(pem + pos, len - pos, begin, sizeof begin - 1);
-		if (!b)
-			break;
+		if (!b) /* keep what could be the start of a BEGIN line */
+			return len > sizeof begin ? MAX(pos, len - sizeof begin) : pos;
 		size_t body = (size_t)(b - pem) + sizeof begin - 1;
 		const char *e = memmem(pem + body, len - body, end, sizeof end - 1);
-		if (!e) {
-			bad++;
-			break;
-		}
+		if (!e)
+			return (size_t)(b - pem);
 		int n = apm_base64_decode(pem + body, (size_t)(e - pem) - body, der,
 		    sizeof der);
 		if (n > 0 && tls_add_anchor(der, (size_t)n) == 0)
-			added++;
+			(*added)++;
 		else
-			bad++;
+			(*bad)++;
 		pos = (size_t)(e - pem) + sizeof end - 1;
 	}
+	return pos;
+}
+
+/* Trust anchors from PEM text; returns how many were added. */
+static size_t
+tls_load_pem(const char *pem, size_t len, const char *what)
+{
+	size_t added = 0, bad = 0;
+	if (tls_pem_blocks(pem, len, &added, &bad) < len &&
+	    memmem(pem, len, "-----BEGIN CERTIFICATE-----", 27))
+		bad++; /* a block that never ends */
 	if (bad)
 		log_warn("%s: %zu certificates could not be decoded", what, bad);
 	return added;
 }
 
-static char *
-read_file(const char *path, size_t *len)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return NULL;
-	struct bytes b = { 0 };
-	char chunk[16384];
-	ssize_t n;
-	while ((n = read(fd, chunk, sizeof chunk)) > 0)
-		bytes_append(&b, chunk, (size_t)n);
-	close(fd);
-	if (n < 0 || b.oom) {
-		free(b.p);
-		return NULL;
-	}
-	*len = b.len;
-	return (char *)b.p;
-}
-
+/*
+ * Trust anchors from a PEM file, read in pieces: a CA bundle (some 200 KB)
+ * is never held whole, so it adds little to the peak RSS.
+ */
 static void
 tls_load_file(const char *path, const char *what)
 {
-	size_t len;
-	char *pem = read_file(path, &len);
-	if (!pem) {
+	enum { CAP = 32768 }; /* more than any one certificate's PEM */
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	char *buf = fd >= 0 ? malloc(CAP) : NULL;
+	if (!buf) {
 		log_error("%s %s cannot be read: %s", what, path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
 		return;
 	}
-	size_t n = tls_load_pem(pem, len, path);
-	log_debug("%zu trust anchors from %s", n, path);
-	if (n == 0)
+	size_t have = 0, added = 0, bad = 0;
+	ssize_t n;
+	while ((n = read(fd, buf + have, CAP - have)) > 0) {
+		have += (size_t)n;
+		size_t used = tls_pem_blocks(buf, have, &added, &bad);
+		if (used == 0 && have == CAP) { /* one block over CAP: skip it */
+			bad++;
+			used = have;
+		}
+		memmove(buf, buf + used, have - used);
+		have -= used;
+	}
+	if (n < 0)
+		log_error("%s %s cannot be read: %s", what, path, strerror(errno));
+	if (memmem(buf, have, "-----BEGIN CERTIFICATE-----", 27))
+		bad++; /* cut short */
+	close(fd);
+	free(buf);
+	if (bad)
+		log_warn("%s: %zu certificates could not be decoded", path, bad);
+	log_debug("%zu trust anchors from %s", added, path);
+	if (added == 0 && n >= 0)
 		log_error("%s %s holds no usable certificate", what, path);
-	free(pem);
 }
 
 /* PEM text from the environment: a literal backslash-n stands for a newline. */

@@ -2356,6 +2356,68 @@ anchor_same(const br_x509_trust_anchor *a, const br_x509_trust_anchor *b)
 	    !memcmp(a->pkey.key.ec.q, b->pkey.key.ec.q, a->pkey.key.ec.qlen);
 }
 
+/* A whole file in memory (NULL on failure); the product reads in pieces. */
+static char *
+read_file(const char *path, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	char *p = NULL;
+	size_t cap = 0;
+	*len = 0;
+	if (!f)
+		return NULL;
+	for (;;) {
+		if (*len + 65536 > cap) {
+			char *q = realloc(p, cap = cap * 2 + 65536);
+			if (!q)
+				break;
+			p = q;
+		}
+		size_t n = fread(p + *len, 1, cap - *len - 1, f);
+		*len += n;
+		if (n == 0)
+			break;
+	}
+	fclose(f);
+	if (p)
+		p[*len] = 0;
+	return p;
+}
+
+/* The bundle read in 32 KiB pieces gives the same anchors as read whole;
+ * so does a file whose blocks straddle every piece boundary. */
+static void
+test_pem_streaming(const char *path, const char *pem, size_t len)
+{
+	ctx("tls_load_file (pieces) == tls_load_pem (whole)");
+	size_t before = tls.nta;
+	size_t whole = tls_load_pem(pem, len, "whole");
+	size_t mid = tls.nta;
+	tls_load_file(path, "pieces");
+	CHECK_INT(tls.nta - mid, whole);
+	CHECK_INT(mid - before, whole);
+	for (size_t i = 0; i < whole && mid + i < tls.nta; i++)
+		CHECK(anchor_same(&tls.ta[before + i], &tls.ta[mid + i]));
+	/* every block shifted across the piece boundaries: pad the front */
+	for (size_t pad = 1; pad < 40000; pad += 9973) {
+		char tmp[] = "/tmp/apm-ext-unit-pem-XXXXXX";
+		int fd = mkstemp(tmp);
+		CHECK(fd >= 0);
+		if (fd < 0)
+			return;
+		char *junk = malloc(pad);
+		memset(junk, 'x', pad);
+		CHECK(write(fd, junk, pad) == (ssize_t)pad);
+		CHECK(write(fd, pem, len) == (ssize_t)len);
+		close(fd);
+		free(junk);
+		size_t at = tls.nta;
+		tls_load_file(tmp, "padded");
+		CHECK_INT(tls.nta - at, whole);
+		unlink(tmp);
+	}
+}
+
 static void
 test_trust_anchors(void)
 {
@@ -2397,6 +2459,11 @@ test_trust_anchors(void)
 		}
 	}
 	CHECK(compared > 50);
+	for (size_t i = 0; i < 2; i++)
+		if (access(bundles[i], R_OK) == 0) {
+			test_pem_streaming(bundles[i], pem, len);
+			break;
+		}
 	free(pem);
 	/* the IP SAN reader on a hand-made certificate skeleton is covered by
 	 * e2e (tls_ip_address_url, tls_refused_wrong_ip); here: no crash on
