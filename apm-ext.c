@@ -2,14 +2,18 @@
  * apm-ext - an AWS Lambda extension for Elastic APM.
  *
  * Inside a Lambda sandbox, Elastic's APM agents send their data to a local
- * HTTP server on port 8200 that this daemon runs. It queues each agent
- * request as received (same bytes, same Content-Encoding) and streams it to
- * the real APM server over kept-alive HTTP/1.1, retrying with backoff what
- * fails. It speaks the Lambda Extensions API (register, then a long-polling
- * /event/next) and the Telemetry API, and holds each invocation (in the
- * default syncflush strategy) only until its data is delivered, so nothing
- * waits in a frozen sandbox. One process, one thread, one poll() loop over
- * non-blocking sockets; memory is reserved at start-up and never grown.
+ * HTTP server on port 8200 that this daemon runs (and OpenTelemetry SDKs
+ * theirs, OTLP/HTTP, on port 4318). It queues each request body as received
+ * (same bytes, same Content-Encoding) and sends it to the real APM server
+ * over kept-alive HTTP/1.1, retrying with backoff what fails. It speaks the
+ * Lambda Extensions API (register, then a long-polling /event/next) and the
+ * Telemetry API, and holds each invocation (in the default syncflush
+ * strategy) only until its data is delivered, and never past its deadline,
+ * so nothing waits in a frozen sandbox. One process, one thread, one poll()
+ * loop over non-blocking sockets (a short-lived child process resolves host
+ * names). Buffers are reserved at start-up in one mapping and never grown;
+ * only the trust anchors (once, after the first /next) and a few start-up
+ * reads use malloc.
  *
  * CONTENTS (keep this order; new code goes in its section)
  *   1. Includes, shims and internal limits
@@ -22,7 +26,7 @@
  *   8. Lambda events and telemetry records
  *   9. State: connections, queue, invocation, config
  *  10. Payload queue
- *  11. Sockets and I/O table
+ *  11. Sockets
  *  12. TLS glue
  *  13. Upstream connections: forwarder and proxy
  *  14. Local receiver: agent connections
@@ -1461,6 +1465,8 @@ sigv4_uri(struct sbuf *b, const char *path)
 		}
 		if (n < 64)
 			seg[n++] = v;
+		else
+			b->over = 1; /* more segments than we sign: fail, never guess */
 	}
 	int trailing = len > 0 && (path[len - 1] == '/' ||
 	    (len >= 2 && memcmp(path + len - 2, "/.", 2) == 0) ||
@@ -1481,15 +1487,19 @@ sigv4_query(struct sbuf *b, const char *q)
 	char raw[512];
 	int n = 0;
 	size_t len = strlen(q);
-	for (size_t i = 0; i < len && n < 32; i++) {
+	for (size_t i = 0; i < len; i++) {
 		size_t s = i;
 		while (i < len && q[i] != '&')
 			i++;
 		const char *eq = memchr(q + s, '=', i - s);
 		size_t kl = eq ? (size_t)(eq - q - s) : i - s;
 		size_t vl = eq ? i - s - kl - 1 : 0;
-		if (kl == 0 || kl >= sizeof raw || vl >= sizeof raw)
+		if (kl == 0)
 			continue;
+		if (n == 32 || kl >= sizeof raw || vl >= sizeof raw) {
+			b->over = 1; /* beyond what we sign: fail, never guess */
+			return;
+		}
 		struct sbuf kb = { prm[n].k, 0, sizeof prm[n].k, 0 };
 		struct sbuf vb = { prm[n].v, 0, sizeof prm[n].v, 0 };
 		prm[n].k[0] = prm[n].v[0] = 0;
@@ -1666,9 +1676,7 @@ apm_sigv4_canonical(const struct apm_sigv4 *s, char *out, size_t cap)
 		sb_puts(&b, "\n");
 	}
 	sb_puts(&b, "\n");
-	size_t mark = b.len;
 	sigv4_signed_headers(&b, s, &h);
-	(void)mark;
 	sb_puts(&b, "\n");
 	sha256_hex(s->payload ? s->payload : "", s->payload_len, hash);
 	sb_puts(&b, hash);
@@ -3484,7 +3492,7 @@ tx_put(struct conn *c, const void *p, size_t n)
 
 /*
  * Send what tx holds. Returns 0 (all sent, or would block), -1 on error.
- * Plain sockets here; TLS connections go through tls_flush.
+ * Plain sockets here; TLS connections move their bytes in tls_step.
  */
 static int
 conn_flush(struct conn *c)
@@ -3616,7 +3624,8 @@ upstream_host_header(const struct endpoint *ep, char *out, size_t cap)
 }
 
 
-/* Open a connection to the APM server for slot u. 0 or -1. */
+/* Open a connection for slot u to its endpoint (the APM server or an AWS
+ * service), whose address is known. 0 or -1. */
 static int
 upstream_connect(struct upstream *u)
 {
@@ -6186,27 +6195,26 @@ invocation_end(const char *why)
 static void
 lambda_event(const struct apm_lambda_event *e, int ok)
 {
-	const struct apm_lambda_event ev = *e;
 	if (!ok) {
 		log_error("malformed event from /event/next; asking again");
 		lambda_send_next();
 		return;
 	}
 	int64_t now = now_ms();
-	int64_t left = ev.deadline_ms - epoch_us() / 1000;
-	if (ev.type == APM_EV_SHUTDOWN) {
+	int64_t left = e->deadline_ms - epoch_us() / 1000;
+	if (e->type == APM_EV_SHUTDOWN) {
 		g.phase = PH_SHUTDOWN;
 		g.exit_at = now + left - SHUTDOWN_MARGIN_MS;
 		g.retry_at = 0; /* last chance: try at once */
-		log_info("shutdown (%s), %lld ms left", ev.shutdown_reason,
+		log_info("shutdown (%s), %lld ms left", e->shutdown_reason,
 		    (long long)left);
-		if (strcmp(ev.shutdown_reason, "timeout") == 0 ||
-		    strcmp(ev.shutdown_reason, "failure") == 0)
-			tel_proxy_transaction(ev.shutdown_reason);
+		if (strcmp(e->shutdown_reason, "timeout") == 0 ||
+		    strcmp(e->shutdown_reason, "failure") == 0)
+			tel_proxy_transaction(e->shutdown_reason);
 		g.shutdown_at = now;
 		return;
 	}
-	if (ev.type != APM_EV_INVOKE) {
+	if (e->type != APM_EV_INVOKE) {
 		log_warn("unknown event type; ignored");
 		lambda_send_next();
 		return;
@@ -6214,9 +6222,9 @@ lambda_event(const struct apm_lambda_event *e, int ok)
 	memset(&g.inv, 0, sizeof g.inv);
 	g.inv.active = 1;
 	g.inv.number++;
-	snprintf(g.inv.request_id, sizeof g.inv.request_id, "%s", ev.request_id);
-	snprintf(g.inv.arn, sizeof g.inv.arn, "%s", ev.function_arn);
-	snprintf(g.inv.trace, sizeof g.inv.trace, "%s", ev.trace);
+	snprintf(g.inv.request_id, sizeof g.inv.request_id, "%s", e->request_id);
+	snprintf(g.inv.arn, sizeof g.inv.arn, "%s", e->function_arn);
+	snprintf(g.inv.trace, sizeof g.inv.trace, "%s", e->trace);
 	g.inv.t_invoke = now;
 	g.inv.deadline = now + left;
 	/* Thawed: timers that ran on through the freeze start again. */
@@ -6229,7 +6237,7 @@ lambda_event(const struct apm_lambda_event *e, int ok)
 			loop_endpoint(i)->resolver_deadline = now +
 			    g.cfg.forwarder_timeout_ms;
 	tel_inv_track();
-	log_debug("invoke %s, %lld ms to deadline", ev.request_id, (long long)left);
+	log_debug("invoke %s, %lld ms to deadline", e->request_id, (long long)left);
 	if (g.end_pending) {
 		g.inv.agent_flushed = 1;
 		invocation_end("agent flushed before INVOKE was read");

@@ -18,7 +18,7 @@
 #define APM_EXT_NAME "apm-ext"
 #define APM_EXT_VERSION "0.1.0"
 
-/* == Limits (every bound is named here; hitting one is counted and logged) == */
+/* == Limits (of the parsers; hitting one is an error the caller sees) == */
 #define APM_HTTP_MAX_HEAD 8192        /* request/status line + headers, bytes */
 #define APM_HTTP_MAX_HEADERS 64       /* header lines per message */
 #define APM_CHUNK_MAX_LINE 256        /* chunk-size line incl. extensions */
