@@ -890,7 +890,8 @@ class Ctx:
              "ELASTIC_APM_LAMBDA_APM_SERVER": "http://127.0.0.1:%d" % self.sink_port,
              "ELASTIC_APM_LOG_LEVEL": "error",
              "ELASTIC_APM_DATA_RECEIVER_SERVER_PORT": str(free_port()),
-             "APM_EXT_TELEMETRY_PORT": str(free_port("0.0.0.0"))}
+             "APM_EXT_TELEMETRY_PORT": str(free_port("0.0.0.0")),
+             "APM_EXT_OTLP_PORT": str(free_port())}
         e.update(extra)
         return e
 

@@ -150,7 +150,8 @@ def traced_run(binary, env_extra, tmp, tag, apm):
     try:
         env = {"ELASTIC_APM_LAMBDA_APM_SERVER": apm.url,
                "ELASTIC_APM_DATA_RECEIVER_SERVER_PORT": str(free_port()),
-               "APM_EXT_TELEMETRY_PORT": str(free_port("0.0.0.0"))}
+               "APM_EXT_TELEMETRY_PORT": str(free_port("0.0.0.0")),
+               "APM_EXT_OTLP_PORT": str(free_port())}
         env.update(env_extra)
         lam.start_extension(launcher, env)
         lam.wait_init_done(20)

@@ -40,7 +40,7 @@ extension's environment by t.start() (a value of None removes a variable).
 
 What the context offers:
   t.lam, t.apm          the fakes (see their docstrings for the full API)
-  t.port, t.tport       the agent receiver port and the telemetry port
+  t.port, t.tport, t.oport  the agent receiver, telemetry and OTLP/HTTP ports
   t.start(env=None)     start the extension; waits for register and init end
                         (env: defaults, then --env, then the scenario's, then env)
   t.env                 the environment t.start() used
@@ -426,6 +426,9 @@ class Context:
         self.tport = free_port("0.0.0.0")
         while self.tport == self.port:
             self.tport = free_port("0.0.0.0")
+        self.oport = free_port("127.0.0.1")   # OTLP/HTTP (APM_EXT_OTLP_PORT)
+        while self.oport in (self.port, self.tport):
+            self.oport = free_port("127.0.0.1")
         self.env = None
         self.shut_down = False
 
@@ -435,6 +438,7 @@ class Context:
         e = {"ELASTIC_APM_LAMBDA_APM_SERVER": self.apm.url,
              "ELASTIC_APM_DATA_RECEIVER_SERVER_PORT": str(self.port),
              "APM_EXT_TELEMETRY_PORT": str(self.tport),
+             "APM_EXT_OTLP_PORT": str(self.oport),
              "ELASTIC_APM_LOG_LEVEL": "debug"}
         if self.apm.token:
             e["ELASTIC_APM_SECRET_TOKEN"] = self.apm.token

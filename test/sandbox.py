@@ -177,6 +177,7 @@ class Run:
         e = {"ELASTIC_APM_LAMBDA_APM_SERVER": apm.url,
              "ELASTIC_APM_DATA_RECEIVER_SERVER_PORT": str(self.port),
              "APM_EXT_TELEMETRY_PORT": str(self.tport),
+             "APM_EXT_OTLP_PORT": str(free_port("127.0.0.1")),
              "ELASTIC_APM_LOG_LEVEL": "debug"}
         e.update(env or {})
         try:
