@@ -2116,6 +2116,7 @@ struct payload {
 	int own;                /* events we made: plain ndjson */
 	int stale_retries;      /* resent after a dead kept-alive connection */
 	int kind;               /* enum payload_kind */
+	int64_t not_before;     /* the server's Retry-After for it: monotonic ms */
 	char ctype[64];         /* OTLP: the exporter's Content-Type */
 	char encoding[32];
 	char user_agent[128];
@@ -3816,7 +3817,18 @@ fwd_done(struct upstream *u, int ok, int retryable, const char *why)
 	p->stale_retries = 0;
 	fwd_backoff(why);
 	if (u->retry_after_ms > 0) /* the server said when: not before */
-		g.retry_at = MAX(g.retry_at, now_ms() + u->retry_after_ms);
+		p->not_before = now_ms() + u->retry_after_ms;
+}
+
+/* The earliest Retry-After of a queued payload still ahead, 0 none. */
+static int64_t
+fwd_not_before(int64_t now)
+{
+	int64_t t = 0;
+	for (unsigned i = 0; i < g.q.npayloads; i++)
+		if (g.q.p[i].used && g.q.p[i].not_before > now)
+			t = earliest(t, g.q.p[i].not_before);
+	return t;
 }
 
 /* One more consecutive failure: no delivery starts before the backoff. */
@@ -3859,10 +3871,14 @@ upstream_response_done(struct upstream *u)
 		int retryable = u->status == 429 || (otlp ? u->status == 502 ||
 		    u->status == 503 || u->status == 504 :
 		    u->status == 408 || u->status >= 500);
-		if (ok && otlp && c->body.have > 0)
+		/* an export response with content is a partial_success (protobuf:
+		 * any field; JSON: more than "{}") */
+		if (ok && otlp && c->body.have > 0 &&
+		    (!strstr(g.q.p[u->payload].ctype, "json") ||
+		    memmem(c->rx, c->body.have, "rejected", 8)))
 			log_debug("OTLP export accepted with a partial success "
-			    "answer (%zu bytes): some items may have been rejected",
-			    c->body.have);
+			    "answer: some items were rejected (%.*s)",
+			    (int)MIN(c->body.have, 200), text);
 		fwd_done(u, ok, retryable, why);
 	} else if (u->job == JOB_PROXY && u->agent >= 0) {
 		agent_proxy_answer(u->agent, u, NULL);
@@ -4080,7 +4096,8 @@ fwd_schedule(void)
 			/* A body still arriving goes out once it fills a block: a
 			 * small one is sent whole, so a function that dies
 			 * mid-request leaves no cut request at the server. */
-			if (!p->used || p->inflight || (p->open && p->len < BLOCK_SIZE))
+			if (!p->used || p->inflight || (p->open && p->len < BLOCK_SIZE) ||
+			    p->not_before > now)
 				continue;
 			if (best < 0 || p->seq < g.q.p[best].seq)
 				best = (int)i;
@@ -4446,8 +4463,10 @@ agent_head(struct agent *a)
 				    "only OTLP/HTTP is supported (set "
 				    "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)",
 				    g.cfg.otlp_port);
-			agent_reject(a, 400, "OTLP over gRPC (HTTP/2) is not supported: "
-			    "use OTLP/HTTP");
+			g.over_limit++; /* said once above: no line per attempt */
+			agent_respond(a, 400, "OTLP over gRPC (HTTP/2) is not supported: "
+			    "use OTLP/HTTP", 1);
+			c->rx_len = 0;
 			return;
 		}
 		agent_reject(a, st, apm_err_str(m.error));
@@ -6451,6 +6470,7 @@ loop_run(void)
 		wake = earliest(wake, tel_timeouts(now));
 		if (g.retry_at > now && !loop_idle())
 			wake = earliest(wake, g.retry_at);
+		wake = earliest(wake, fwd_not_before(now));
 		if (aws_pending() && aws.current < 0 && aws.retry_at > now)
 			wake = earliest(wake, aws.retry_at);
 		int n = 0;
