@@ -22,9 +22,16 @@ Every intake line is checked, and a body with a bad line gets 400 (recorded in
 CHECK_LEVEL says which ran ("schemas (<folder>) and structural" or "structural
 (<why>)"); the first FakeAPM of a process says it once on stderr.
 
+OTLP/HTTP too: POST <prefix>/v1/traces|metrics|logs in protobuf or JSON, gzip or
+identity, decoded with a protobuf reader of its own (see the OTLP section): each span,
+metric and log record is recorded (FakeAPM.otlp_spans() ...); a body that does not
+decode, or holds invalid ids, gets 400 and is recorded in .errors.
+
 Answers go out like a Go server's: TCP_NODELAY, head and body in one write.
 """
 import argparse
+import base64
+import binascii
 import gzip
 import http.server
 import json
@@ -33,6 +40,7 @@ import re
 import select
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -507,6 +515,501 @@ def decode_body(body, encoding):
     raise ValueError("unsupported Content-Encoding %r" % encoding)
 
 
+# ---------------------------------------------------------------- OTLP/HTTP
+#
+# POST <prefix>/v1/traces, /v1/metrics, /v1/logs as an OpenTelemetry collector (or
+# APM Server's OTLP intake) takes them: Content-Type application/x-protobuf or
+# application/json, Content-Encoding gzip (or identity, deflate). The bodies are
+# ExportTraceServiceRequest, ExportMetricsServiceRequest, ExportLogsServiceRequest
+# (opentelemetry-proto: collector/<signal>/v1/<signal>_service.proto, whose messages
+# are those of trace/v1/trace.proto, metrics/v1/metrics.proto, logs/v1/logs.proto,
+# resource/v1/resource.proto, common/v1/common.proto). The reader below is written for
+# this project from the protobuf wire format: a message is a sequence of (key, value),
+# key = varint (field number << 3 | wire type); wire type 0 varint, 1 fixed 8 bytes,
+# 2 varint length + bytes, 5 fixed 4 bytes (3 and 4, groups, are not used by OTLP and
+# are refused). Unknown fields are skipped, as any protobuf reader does; a known field
+# with the wrong wire type, a truncated value, bad UTF-8 or ids of the wrong length are
+# errors. OTLP/JSON is the same messages in proto3's JSON mapping with OTLP's rules:
+# lowerCamelCase keys, trace and span ids as hex (not base64), enums as integers,
+# 64-bit integers as strings or numbers; unknown keys are ignored.
+
+OTLP_SIGNALS = ("traces", "metrics", "logs")
+OTLP_TYPES = {"application/x-protobuf": "protobuf", "application/json": "json"}
+
+
+class OtlpError(ValueError):
+    """A malformed OTLP body."""
+
+
+# Field kinds: a scalar kind name, or a message schema {field number: (name, kind[, REP])}.
+# wire type of each scalar kind (messages, strings and bytes: 2)
+_WIRE = {"string": 2, "bytes": 2, "id": 2, "uint": 0, "int64": 0, "enum": 0, "bool": 0,
+         "fixed64": 1, "sfixed64": 1, "double": 1, "fixed32": 5}
+REP = True
+
+ANY_VALUE = {}
+KEY_VALUE = {1: ("key", "string"), 2: ("value", ANY_VALUE)}
+ANY_VALUE.update({
+    1: ("string_value", "string"), 2: ("bool_value", "bool"), 3: ("int_value", "int64"),
+    4: ("double_value", "double"),
+    5: ("array_value", {1: ("values", ANY_VALUE, REP)}),
+    6: ("kvlist_value", {1: ("values", KEY_VALUE, REP)}),
+    7: ("bytes_value", "bytes")})
+RESOURCE = {1: ("attributes", KEY_VALUE, REP), 2: ("dropped_attributes_count", "uint")}
+SCOPE = {1: ("name", "string"), 2: ("version", "string"), 3: ("attributes", KEY_VALUE, REP),
+         4: ("dropped_attributes_count", "uint")}
+SPAN = {1: ("trace_id", "id"), 2: ("span_id", "id"), 3: ("trace_state", "string"),
+        4: ("parent_span_id", "id"), 5: ("name", "string"), 6: ("kind", "enum"),
+        7: ("start_time_unix_nano", "fixed64"), 8: ("end_time_unix_nano", "fixed64"),
+        9: ("attributes", KEY_VALUE, REP), 10: ("dropped_attributes_count", "uint"),
+        11: ("events", {1: ("time_unix_nano", "fixed64"), 2: ("name", "string"),
+                        3: ("attributes", KEY_VALUE, REP)}, REP),
+        12: ("dropped_events_count", "uint"),
+        13: ("links", {1: ("trace_id", "id"), 2: ("span_id", "id"),
+                       3: ("trace_state", "string"), 4: ("attributes", KEY_VALUE, REP),
+                       6: ("flags", "fixed32")}, REP),
+        14: ("dropped_links_count", "uint"),
+        15: ("status", {2: ("message", "string"), 3: ("code", "enum")}),
+        16: ("flags", "fixed32")}
+TRACES_REQUEST = {1: ("resource_spans", {
+    1: ("resource", RESOURCE),
+    2: ("scope_spans", {1: ("scope", SCOPE), 2: ("spans", SPAN, REP),
+                        3: ("schema_url", "string")}, REP),
+    3: ("schema_url", "string")}, REP)}
+_NUMBER_POINT = {7: ("attributes", KEY_VALUE, REP), 2: ("start_time_unix_nano", "fixed64"),
+                 3: ("time_unix_nano", "fixed64"), 4: ("as_double", "double"),
+                 6: ("as_int", "sfixed64"), 8: ("flags", "uint")}
+_HIST_POINT = {9: ("attributes", KEY_VALUE, REP), 2: ("start_time_unix_nano", "fixed64"),
+               3: ("time_unix_nano", "fixed64"), 4: ("count", "fixed64"),
+               5: ("sum", "double"), 11: ("min", "double"), 12: ("max", "double")}
+_EXP_POINT = {1: ("attributes", KEY_VALUE, REP), 3: ("time_unix_nano", "fixed64"),
+              4: ("count", "fixed64"), 5: ("sum", "double")}
+_SUMMARY_POINT = {7: ("attributes", KEY_VALUE, REP), 3: ("time_unix_nano", "fixed64"),
+                  4: ("count", "fixed64"), 5: ("sum", "double")}
+METRIC = {1: ("name", "string"), 2: ("description", "string"), 3: ("unit", "string"),
+          5: ("gauge", {1: ("data_points", _NUMBER_POINT, REP)}),
+          7: ("sum", {1: ("data_points", _NUMBER_POINT, REP),
+                      2: ("aggregation_temporality", "enum"), 3: ("is_monotonic", "bool")}),
+          9: ("histogram", {1: ("data_points", _HIST_POINT, REP),
+                            2: ("aggregation_temporality", "enum")}),
+          10: ("exponential_histogram", {1: ("data_points", _EXP_POINT, REP),
+                                         2: ("aggregation_temporality", "enum")}),
+          11: ("summary", {1: ("data_points", _SUMMARY_POINT, REP)}),
+          12: ("metadata", KEY_VALUE, REP)}
+METRIC_TYPES = ("gauge", "sum", "histogram", "exponential_histogram", "summary")
+METRICS_REQUEST = {1: ("resource_metrics", {
+    1: ("resource", RESOURCE),
+    2: ("scope_metrics", {1: ("scope", SCOPE), 2: ("metrics", METRIC, REP),
+                          3: ("schema_url", "string")}, REP),
+    3: ("schema_url", "string")}, REP)}
+LOG_RECORD = {1: ("time_unix_nano", "fixed64"), 11: ("observed_time_unix_nano", "fixed64"),
+              2: ("severity_number", "enum"), 3: ("severity_text", "string"),
+              5: ("body", ANY_VALUE), 6: ("attributes", KEY_VALUE, REP),
+              7: ("dropped_attributes_count", "uint"), 8: ("flags", "fixed32"),
+              9: ("trace_id", "id"), 10: ("span_id", "id"), 12: ("event_name", "string")}
+LOGS_REQUEST = {1: ("resource_logs", {
+    1: ("resource", RESOURCE),
+    2: ("scope_logs", {1: ("scope", SCOPE), 2: ("log_records", LOG_RECORD, REP),
+                       3: ("schema_url", "string")}, REP),
+    3: ("schema_url", "string")}, REP)}
+OTLP_REQUESTS = {"traces": TRACES_REQUEST, "metrics": METRICS_REQUEST, "logs": LOGS_REQUEST}
+# ExportXServiceResponse.partial_success (field 1): {rejected_<items> (1, int64),
+# error_message (2, string)}
+OTLP_REJECTED = {"traces": "rejected_spans", "metrics": "rejected_data_points",
+                 "logs": "rejected_log_records"}
+_MAX_DEPTH = 32
+
+
+def pb_varint(buf, pos):
+    """(value, next position) of the varint at buf[pos] (bytes or memoryview); 64-bit
+    wrap-around like protobuf; non-minimal encodings are accepted, as by any reader."""
+    value = shift = 0
+    n = len(buf)
+    while True:
+        if pos >= n:
+            raise OtlpError("truncated varint at byte %d" % pos)
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value & 0xFFFFFFFFFFFFFFFF, pos
+        shift += 7
+        if shift >= 70:
+            raise OtlpError("varint longer than 10 bytes at byte %d" % (pos - 10))
+
+
+def pb_fields(buf):
+    """[(field number, wire type, value)] of one message, in order: varints as int,
+    wire types 1 and 5 as 8 / 4 bytes, length-delimited values as memoryview."""
+    buf = memoryview(buf)
+    out, pos, n = [], 0, len(buf)
+    while pos < n:
+        start = pos
+        key, pos = pb_varint(buf, pos)
+        field, wt = key >> 3, key & 7
+        if field == 0 or field > 0x1FFFFFFF:
+            raise OtlpError("field number %d at byte %d" % (field, start))
+        if wt == 0:
+            value, pos = pb_varint(buf, pos)
+        elif wt in (1, 5):
+            size = 8 if wt == 1 else 4
+            if pos + size > n:
+                raise OtlpError("field %d: truncated fixed%d at byte %d" % (
+                    field, size * 8, pos))
+            value, pos = bytes(buf[pos:pos + size]), pos + size
+        elif wt == 2:
+            size, pos = pb_varint(buf, pos)
+            if size > n - pos:
+                raise OtlpError("field %d: length %d at byte %d runs past the end (%d "
+                                "bytes left)" % (field, size, start, n - pos))
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            raise OtlpError("field %d: wire type %d at byte %d (groups are not OTLP)" % (
+                field, wt, start))
+        out.append((field, wt, value))
+    return out
+
+
+def _pb_scalar(kind, value, where):
+    if kind in ("string",):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise OtlpError("%s: invalid UTF-8 (%s)" % (where, e))
+    if kind in ("bytes", "id"):
+        return bytes(value)
+    if kind in ("uint", "enum"):
+        return value
+    if kind == "int64":
+        return value - (1 << 64) if value >= 1 << 63 else value
+    if kind == "bool":
+        return value != 0
+    if kind == "fixed64":
+        return int.from_bytes(value, "little")
+    if kind == "sfixed64":
+        return int.from_bytes(value, "little", signed=True)
+    if kind == "fixed32":
+        return int.from_bytes(value, "little")
+    if kind == "double":
+        return struct.unpack("<d", value)[0]
+    raise AssertionError(kind)
+
+
+def pb_decode(buf, schema, where="", depth=0):
+    """One message as a dict {field name: value} by schema; repeated fields as lists."""
+    if depth > _MAX_DEPTH:
+        raise OtlpError("%s: nested more than %d deep" % (where or "message", _MAX_DEPTH))
+    out = {}
+    for field, wt, value in pb_fields(buf):
+        spec = schema.get(field)
+        if spec is None:
+            continue  # unknown field: skipped
+        name, kind = spec[0], spec[1]
+        rep = len(spec) > 2 and spec[2]
+        path = "%s.%s" % (where, name) if where else name
+        want = 2 if isinstance(kind, dict) else _WIRE[kind]
+        if wt != want:
+            raise OtlpError("%s (field %d): wire type %d, want %d" % (path, field, wt, want))
+        if isinstance(kind, dict):
+            v = pb_decode(value, kind, path, depth + 1)
+        else:
+            v = _pb_scalar(kind, value, path)
+        if rep:
+            out.setdefault(name, []).append(v)
+        else:
+            out[name] = v   # last one wins, as in protobuf
+    return out
+
+
+def _camel(name):
+    head, *rest = name.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+_HEXCHARS = re.compile(r"[0-9a-fA-F]*\Z")
+
+
+def _json_int(v, path, lo, hi):
+    if isinstance(v, str) and re.match(r"-?\d+\Z", v):
+        v = int(v)
+    elif isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise OtlpError("%s: expected an integer (number or decimal string), got %r" % (
+            path, v))
+    if not lo <= v <= hi:
+        raise OtlpError("%s: %d out of range" % (path, v))
+    return v
+
+
+def _json_scalar(kind, v, path):
+    if kind == "string":
+        if not isinstance(v, str):
+            raise OtlpError("%s: expected a string, got %s" % (path, _type_of(v)))
+        return v
+    if kind == "id":
+        if not isinstance(v, str) or not _HEXCHARS.match(v) or len(v) % 2:
+            raise OtlpError("%s: expected a hex id, got %.80r" % (path, v))
+        return bytes.fromhex(v)
+    if kind == "bytes":
+        if not isinstance(v, str):
+            raise OtlpError("%s: expected base64 text, got %s" % (path, _type_of(v)))
+        try:
+            return base64.b64decode(v + "=" * (-len(v) % 4), validate=True)
+        except (ValueError, binascii.Error) as e:
+            raise OtlpError("%s: bad base64 (%s)" % (path, e))
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise OtlpError("%s: expected true or false, got %r" % (path, v))
+        return v
+    if kind == "enum":
+        if isinstance(v, str):
+            raise OtlpError("%s: enum given as %r; OTLP/JSON enums are integers" % (path, v))
+        return _json_int(v, path, -(1 << 31), (1 << 31) - 1)
+    if kind in ("uint", "fixed32"):
+        return _json_int(v, path, 0, (1 << 32) - 1)
+    if kind == "fixed64":
+        return _json_int(v, path, 0, (1 << 64) - 1)
+    if kind in ("int64", "sfixed64"):
+        return _json_int(v, path, -(1 << 63), (1 << 63) - 1)
+    if kind == "double":
+        if isinstance(v, str) and v in ("NaN", "Infinity", "-Infinity"):
+            return float(v)
+        if not _is_num(v):
+            raise OtlpError("%s: expected a number, got %r" % (path, v))
+        return float(v)
+    raise AssertionError(kind)
+
+
+def json_decode(obj, schema, where="", depth=0):
+    """The same dict as pb_decode from OTLP/JSON (lowerCamelCase keys)."""
+    if depth > _MAX_DEPTH:
+        raise OtlpError("%s: nested more than %d deep" % (where or "message", _MAX_DEPTH))
+    if not isinstance(obj, dict):
+        raise OtlpError("%s: expected an object, got %s" % (where or "body", _type_of(obj)))
+    by_key = {_camel(spec[0]): spec for spec in schema.values()}
+    out = {}
+    for key, v in obj.items():
+        spec = by_key.get(key)
+        if spec is None or v is None:
+            continue  # unknown key (or null: the default value)
+        name, kind = spec[0], spec[1]
+        rep = len(spec) > 2 and spec[2]
+        path = "%s.%s" % (where, key) if where else key
+        items = v if rep else [v]
+        if rep and not isinstance(v, list):
+            raise OtlpError("%s: expected an array, got %s" % (path, _type_of(v)))
+        got = []
+        for i, x in enumerate(items):
+            p = "%s[%d]" % (path, i) if rep else path
+            got.append(json_decode(x, kind, p, depth + 1) if isinstance(kind, dict)
+                       else _json_scalar(kind, x, p))
+        out[name] = got if rep else got[0]
+    return out
+
+
+def any_value(v):
+    """An AnyValue dict as a Python value (None when unset)."""
+    if not v:
+        return None
+    for k in ("string_value", "bool_value", "int_value", "double_value", "bytes_value"):
+        if k in v:
+            return v[k]
+    if "array_value" in v:
+        return [any_value(x) for x in v["array_value"].get("values", [])]
+    if "kvlist_value" in v:
+        return kv_dict(v["kvlist_value"].get("values", []))
+    return None
+
+
+def kv_dict(kvs):
+    return {kv.get("key", ""): any_value(kv.get("value")) for kv in kvs or []}
+
+
+def _hex_or_none(b):
+    return b.hex() if b else None
+
+
+def _check_id(b, size, what, required, errors):
+    if not b:
+        if required:
+            errors.append("%s: missing" % what)
+        return
+    if len(b) != size:
+        errors.append("%s: %d bytes, want %d" % (what, len(b), size))
+    elif not any(b):
+        errors.append("%s: all zeroes (invalid)" % what)
+
+
+def otlp_items(signal, doc):
+    """(items, errors) of a decoded export request.
+
+    traces: spans {trace_id, span_id, parent_id (hex or None), name, kind, service,
+            scope, attributes, resource, status, start_ns, end_ns}
+    metrics: metrics {name, type, unit, service, scope, resource, points: [{value or
+            count/sum, attributes}]}
+    logs: log records {body, severity_text, severity_number, trace_id, span_id (hex or
+            None), event_name, attributes, service, scope, resource, time_ns}"""
+    items, errors = [], []
+    top, mid, leaf = {"traces": ("resource_spans", "scope_spans", "spans"),
+                      "metrics": ("resource_metrics", "scope_metrics", "metrics"),
+                      "logs": ("resource_logs", "scope_logs", "log_records")}[signal]
+    for ri, rx in enumerate(doc.get(top, [])):
+        resource = kv_dict(rx.get("resource", {}).get("attributes"))
+        service = resource.get("service.name")
+        for si, sx in enumerate(rx.get(mid, [])):
+            scope = sx.get("scope", {}).get("name", "")
+            for li, x in enumerate(sx.get(leaf, [])):
+                where = "%s[%d].%s[%d].%s[%d]" % (top, ri, mid, si, leaf, li)
+                common = {"service": service, "scope": scope, "resource": resource,
+                          "attributes": kv_dict(x.get("attributes"))}
+                if signal == "traces":
+                    _check_id(x.get("trace_id"), 16, where + ".trace_id", True, errors)
+                    _check_id(x.get("span_id"), 8, where + ".span_id", True, errors)
+                    _check_id(x.get("parent_span_id"), 8, where + ".parent_span_id", False,
+                              errors)
+                    item = {"trace_id": _hex_or_none(x.get("trace_id")),
+                            "span_id": _hex_or_none(x.get("span_id")),
+                            "parent_id": _hex_or_none(x.get("parent_span_id")),
+                            "name": x.get("name", ""), "kind": x.get("kind", 0),
+                            "status": x.get("status", {}).get("code", 0),
+                            "start_ns": x.get("start_time_unix_nano", 0),
+                            "end_ns": x.get("end_time_unix_nano", 0)}
+                    if not item["name"]:
+                        errors.append("%s.name: empty" % where)
+                elif signal == "metrics":
+                    kinds = [k for k in METRIC_TYPES if k in x]
+                    points = []
+                    for k in kinds:
+                        for p in x[k].get("data_points", []):
+                            pt = {"attributes": kv_dict(p.get("attributes"))}
+                            for f in ("as_int", "as_double"):
+                                if f in p:
+                                    pt["value"] = p[f]
+                            for f in ("count", "sum", "min", "max"):
+                                if f in p:
+                                    pt[f] = p[f]
+                            points.append(pt)
+                    item = {"name": x.get("name", ""), "unit": x.get("unit", ""),
+                            "type": kinds[0] if kinds else None, "points": points}
+                    if not item["name"]:
+                        errors.append("%s.name: empty" % where)
+                    if len(kinds) > 1:
+                        errors.append("%s: more than one data type: %s" % (where, kinds))
+                else:
+                    _check_id(x.get("trace_id"), 16, where + ".trace_id", False, errors)
+                    _check_id(x.get("span_id"), 8, where + ".span_id", False, errors)
+                    item = {"body": any_value(x.get("body")),
+                            "severity_text": x.get("severity_text", ""),
+                            "severity_number": x.get("severity_number", 0),
+                            "trace_id": _hex_or_none(x.get("trace_id")),
+                            "span_id": _hex_or_none(x.get("span_id")),
+                            "event_name": x.get("event_name", ""),
+                            "time_ns": x.get("time_unix_nano", 0)}
+                item.update(common)
+                items.append(item)
+    return items, errors
+
+
+def parse_otlp(signal, fmt, data):
+    """Decode an OTLP export request body (after Content-Encoding).
+    signal: traces|metrics|logs; fmt: protobuf|json. Returns (items, errors): see
+    otlp_items; a body that cannot be decoded gives ([], [its error])."""
+    schema = OTLP_REQUESTS[signal]
+    try:
+        if fmt == "protobuf":
+            doc = pb_decode(data, schema)
+        elif fmt == "json":
+            try:
+                obj = json.loads(data, parse_constant=_no_constants)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise OtlpError("invalid JSON: %s" % e)
+            doc = json_decode(obj, schema)
+        else:
+            raise OtlpError("unknown format %r" % fmt)
+    except OtlpError as e:
+        return [], ["%s %s: %s" % (fmt, signal, e)]
+    items, errors = otlp_items(signal, doc)
+    return items, ["%s %s: %s" % (fmt, signal, e) for e in errors]
+
+
+# A tiny protobuf writer, for the fake's answers (partial success, google.rpc.Status)
+# and for tests that build request bodies.
+
+def pb_key(field, wt):
+    return pb_uvarint(field << 3 | wt)
+
+
+def pb_uvarint(v):
+    v &= 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def pb_len(field, payload):
+    """A length-delimited field (string, bytes or message)."""
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    return pb_key(field, 2) + pb_uvarint(len(payload)) + bytes(payload)
+
+
+def pb_int(field, v):
+    """A varint field (int32/int64/uint/enum/bool); negatives as 64-bit two's complement."""
+    return pb_key(field, 0) + pb_uvarint(int(v))
+
+
+def pb_fixed64(field, v):
+    return pb_key(field, 1) + struct.pack("<Q", v)
+
+
+def pb_double(field, v):
+    return pb_key(field, 1) + struct.pack("<d", v)
+
+
+def pb_fixed32(field, v):
+    return pb_key(field, 5) + struct.pack("<I", v)
+
+
+# HTTP status -> google.rpc.Code, for the Status message of an error answer
+_GRPC_CODE = {400: 3, 401: 16, 403: 7, 404: 12, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8,
+              500: 13, 502: 14, 503: 14, 504: 14}
+
+
+def otlp_status_body(fmt, status, message):
+    """(body, content type) of an OTLP error answer: a google.rpc.Status {code (1),
+    message (2)} in the request's format (JSON when the format is unknown)."""
+    code = _GRPC_CODE.get(status, 2)
+    if fmt == "protobuf":
+        return pb_int(1, code) + pb_len(2, message), "application/x-protobuf"
+    return (json.dumps({"code": code, "message": message}).encode() + b"\n",
+            "application/json")
+
+
+def otlp_success_body(signal, fmt, partial=None):
+    """(body, content type) of a 200 answer: empty (protobuf) or {} (JSON), or an
+    ExportXServiceResponse whose partial_success says partial=(rejected, message)."""
+    if fmt == "protobuf":
+        if not partial:
+            return b"", "application/x-protobuf"
+        rejected, msg = partial
+        return pb_len(1, pb_int(1, rejected) + (pb_len(2, msg) if msg else b"")), \
+            "application/x-protobuf"
+    if not partial:
+        return b"{}", "application/json"
+    rejected, msg = partial
+    ps = {_camel(OTLP_REJECTED[signal]): str(rejected)}
+    if msg:
+        ps["errorMessage"] = msg
+    return json.dumps({"partialSuccess": ps}).encode(), "application/json"
+
+
 class Headers(dict):
     """dict of header name -> value with case-insensitive lookup (keys stored lower-case;
     repeated headers joined with ', ')."""
@@ -543,12 +1046,52 @@ class Request:
         self.chunked = False
         self.t_start = time.monotonic()
         self.t_end = None
+        # OTLP (is_otlp): signal traces|metrics|logs, otlp_format protobuf|json (None:
+        # another Content-Type), otlp_items: the decoded spans / metrics / log records
+        # (see otlp_items()); errors as for intake
+        self.signal = None
+        for sig in OTLP_SIGNALS:
+            if self.path.endswith("/v1/" + sig):
+                self.signal = sig
+        self.otlp_format = None
+        self.otlp_items = []
 
     @property
     def is_intake(self):
         return self.path.endswith("/intake/v2/events")
 
+    @property
+    def is_otlp(self):
+        return self.signal is not None
+
+    @property
+    def content_type(self):
+        """The media type, lower case, without parameters ('' when absent)."""
+        return (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+
+    @property
+    def encoding(self):
+        return self.headers.get("Content-Encoding")
+
+    @property
+    def auth(self):
+        return self.headers.get("Authorization")
+
+    @property
+    def user_agent(self):
+        return self.headers.get("User-Agent")
+
+    @property
+    def delivered(self):
+        """Answered with success (202 intake, 200 OTLP) and written to the socket."""
+        return self.io_error is None and not self.errors and (
+            self.status == 202 if self.is_intake else self.status == 200)
+
     def __repr__(self):
+        if self.is_otlp:
+            return "<Request %s %s conn=%d status=%s %s %s %d errors=%d>" % (
+                self.method, self.path, self.conn_id, self.status, self.otlp_format,
+                self.signal, len(self.otlp_items), len(self.errors))
         return "<Request %s %s%s conn=%d status=%s lines=%d errors=%d>" % (
             self.method, self.path, "?" + self.query if self.query else "", self.conn_id,
             self.status, len(self.lines), len(self.errors))
@@ -692,8 +1235,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._reply(req, 400, {"accepted": 0, "errors": [{"message": str(e)}]})
             return
 
-        known = (req.is_intake or req.path.endswith("/config/v1/agents")
+        known = (req.is_intake or req.is_otlp or req.path.endswith("/config/v1/agents")
                  or req.path.endswith("/") or req.path == "")  # "<prefix>/" = server info
+        if req.is_otlp and req.method == "POST":
+            req.otlp_format = OTLP_TYPES.get(req.content_type)
+            if req.otlp_format is None:
+                errs = ["Content-Type %r is not OTLP/HTTP (application/x-protobuf or "
+                        "application/json)" % self.headers.get("Content-Type")]
+            else:
+                try:
+                    req.decoded = decode_body(req.body, self.headers.get("Content-Encoding"))
+                    req.otlp_items, errs = parse_otlp(req.signal, req.otlp_format, req.decoded)
+                except (ValueError, OSError, EOFError, zlib.error) as e:
+                    errs = ["decode: %s" % e]
+            req.errors.extend(errs)
+            for e in errs[:20]:
+                sys.stderr.write("fake_apm: OTLP %s: %s\n" % (req.path, e))
         if req.is_intake and req.method == "POST":
             try:
                 req.decoded = decode_body(req.body, self.headers.get("Content-Encoding"))
@@ -709,19 +1266,37 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if mode == "down" or fake._closed:
             self.close_connection = True
             return  # connection is being dropped; never answer
-        status = fake._take_fail_next() if req.is_intake else None
+        status = fake._take_fail_next(req) if req.is_intake or req.is_otlp else None
         if status is None and mode == "status" and known:
             status = arg
         if status is not None:
+            if req.is_otlp:
+                return self._otlp_error(req, status, "fake_apm: forced status %d" % status)
             return self._reply(req, status, {"accepted": 0, "errors": [
                 {"message": "fake_apm: forced status %d" % status}]})
         if mode == "slow":
             fake._sleep(arg)
+        delay = fake.delay_for(req) if fake.delay_for else None
+        if delay:
+            fake._sleep(delay)
+        if req.is_otlp and req.method != "POST":
+            return self._otlp_error(req, 405, "method %s not allowed" % req.method)
         if not known or (req.is_intake and req.method != "POST"):
             return self._reply(req, 404, {"error": "404 page not found"})
         if not fake._auth_ok(req.headers.get("Authorization")):
+            if req.is_otlp:
+                return self._otlp_error(req, 401, "authentication failed: missing or "
+                                        "invalid Authorization header")
             return self._reply(req, 401, {"accepted": 0, "errors": [
                 {"message": "authentication failed: missing or invalid Authorization header"}]})
+        if req.is_otlp:
+            if req.otlp_format is None:
+                return self._otlp_error(req, 415, req.errors[0])
+            if req.errors:
+                return self._otlp_error(req, 400, "; ".join(req.errors[:5]))
+            body, ctype = otlp_success_body(req.signal, req.otlp_format, fake.otlp_partial)
+            req.status, req.t_end = 200, time.monotonic()
+            return self._send(200, body, ctype, always_type=True)
         if req.is_intake:
             if req.errors:
                 return self._reply(req, 400, {"accepted": 0, "errors": [
@@ -737,16 +1312,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req.t_end = time.monotonic()
         self._send(status, body)
 
-    def _send(self, status, body, content_type="application/json"):
+    def _otlp_error(self, req, status, message):
+        """An OTLP error answer: a google.rpc.Status in the request's format."""
+        body, ctype = otlp_status_body(req.otlp_format, status, message)
+        req.status = status
+        req.t_end = time.monotonic()
+        self._send(status, body, ctype)
+
+    def _send(self, status, body, content_type="application/json", always_type=False):
         """The whole answer, head and body, in one sendall on the TCP_NODELAY socket (one
         segment), as a Go server writes it: a client that waits for the body after the head
-        never meets a delayed ACK."""
+        never meets a delayed ACK. always_type: Content-Type even with an empty body (an
+        OTLP protobuf success). Retry-After (FakeAPM.retry_after) on 429 and 503."""
         reason = self.responses.get(status, ("",))[0]
         head = ["HTTP/1.1 %d %s" % (status, reason),
                 "Server: " + self.version_string(),
                 "Date: " + self.date_time_string()]
-        if body:
+        if body or always_type:
             head.append("Content-Type: " + content_type)
+        retry_after = self.server.fake.retry_after
+        if retry_after is not None and status in (429, 503):
+            head.append("Retry-After: %s" % retry_after)
         head.append("Content-Length: %d" % len(body))
         if self.close_connection:
             head.append("Connection: close")
@@ -796,15 +1382,32 @@ class FakeAPM:
                          any other mode re-listens on the same port
       'close_idle', s=0  close a keep-alive connection once idle for s seconds
                          (without announcing it)
-    fail_next(n, status): the next n intake requests get `status`, then normal again.
+    fail_next(n, status, which="any"): the next n intake or OTLP requests (which:
+    "intake", "otlp" or an OTLP signal for those only) get `status`, then normal again.
+    delay_for: None, or f(request) -> seconds to wait before answering it (after the
+    body is in; 0 or None: at once), e.g. to hold one signal's answers.
     drop_connections(): close every open client connection now.
+    retry_after: None, or the Retry-After value sent with every 429 and 503 answer.
+    otlp_partial: None, or (rejected, message): OTLP 200 answers then carry a
+    partial_success saying that many items were rejected.
+
+    OTLP/HTTP: POST <prefix>/v1/traces|metrics|logs, Content-Type application/x-protobuf
+    or application/json, any Content-Encoding of decode_body; 200 with an empty body
+    (Content-Type application/x-protobuf) or {} (application/json); 415 for another
+    Content-Type, 400 for a body that does not decode or parse, 405 for another method,
+    401 for bad auth, each with a google.rpc.Status in the request's format; the modes
+    apply as to intake. otlp_requests(), otlp_spans(), otlp_span_counts(),
+    otlp_metrics(), otlp_logs() read what was delivered (see parse_otlp/otlp_items for
+    the items' fields).
 
     Recorded: .requests -> [Request] with method, path, query, params, headers
     (case-insensitive dict), body (raw bytes, still encoded), decoded, lines [(kind, obj)],
     errors (decoding/validation), status (None = never answered), io_error (socket-level
     failure, e.g. client went away; such requests do not count in events()), chunked,
-    t_start, t_end (time.monotonic()), conn_id, is_intake. A request is recorded as soon
-    as its headers are in (status None until answered).
+    t_start, t_end (time.monotonic()), conn_id, is_intake; for OTLP is_otlp, signal,
+    otlp_format, otlp_items; content_type, encoding, auth, user_agent; delivered (the
+    success answer was written). A request is recorded as soon as its headers are in
+    (status None until answered).
     Auth (token/api_key) is enforced on intake, config and GET <prefix>/ alike (401).
     """
 
@@ -820,13 +1423,16 @@ class FakeAPM:
         self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._cond = threading.Condition()
         self._mode = ("ok", None)
-        self._fail = [0, None]
+        self._fail = [0, None, "any"]
         self._closed = False
         self._requests = []
         self._conns = {}           # conn_id -> [sockets]
         self._next_conn = 0
         self.tls_errors = []       # TLS handshake failures seen (strings)
         self.on_request = None     # optional callback(Request) after each answered request
+        self.retry_after = None    # Retry-After value on 429 / 503 answers
+        self.otlp_partial = None   # (rejected, message): partial_success in OTLP 200s
+        self.delay_for = None      # f(request) -> seconds before answering it
         self._server, self._servers = None, []
         self._life = threading.Lock()  # serialises start/stop
         self.port = port
@@ -898,9 +1504,13 @@ class FakeAPM:
     def mode(self):
         return self._mode
 
-    def fail_next(self, n, status=503):
+    def fail_next(self, n, status=503, which="any"):
+        """The next n requests of `which` kind ("any": intake or OTLP; "intake";
+        "otlp"; or one OTLP signal: "traces", "metrics", "logs") get `status`."""
+        if which not in ("any", "intake", "otlp") + OTLP_SIGNALS:
+            raise ValueError("which must be any, intake, otlp or a signal, not %r" % (which,))
         with self._cond:
-            self._fail = [n, status]
+            self._fail = [n, status, which]
 
     def drop_connections(self):
         with self._cond:
@@ -944,6 +1554,35 @@ class FakeAPM:
 
     def metadata(self):
         return self.events("metadata")
+
+    # ---- OTLP
+    def otlp_requests(self, signal=None):
+        """Every request to <prefix>/v1/traces|metrics|logs (or that signal)."""
+        return [r for r in self.requests if r.is_otlp and (signal is None or r.signal == signal)]
+
+    def otlp_delivered(self, signal=None):
+        """OTLP requests answered 200 (written to the socket), in arrival order."""
+        return [r for r in self.otlp_requests(signal) if r.method == "POST" and r.delivered]
+
+    def otlp_items(self, signal):
+        return [x for r in self.otlp_delivered(signal) for x in r.otlp_items]
+
+    def otlp_spans(self):
+        """Every span delivered (answered 200), once per delivery."""
+        return self.otlp_items("traces")
+
+    def otlp_span_counts(self):
+        """{span id: times delivered}."""
+        counts = {}
+        for s in self.otlp_spans():
+            counts[s["span_id"]] = counts.get(s["span_id"], 0) + 1
+        return counts
+
+    def otlp_metrics(self):
+        return self.otlp_items("metrics")
+
+    def otlp_logs(self):
+        return self.otlp_items("logs")
 
     def count(self, kind=None):
         return len(self.events(kind))
@@ -1015,11 +1654,13 @@ class FakeAPM:
                 self._cond.wait(0.25)
             return self._mode
 
-    def _take_fail_next(self):
+    def _take_fail_next(self, req):
         with self._cond:
-            if self._fail[0] > 0:
+            n, status, which = self._fail
+            if n > 0 and (which == "any" or which == req.signal or
+                          (which in ("intake", "otlp") and (which == "otlp") == req.is_otlp)):
                 self._fail[0] -= 1
-                return self._fail[1]
+                return status
             return None
 
     def _sleep(self, seconds):
@@ -1088,7 +1729,12 @@ def main():
     def show(req):
         for kind, obj in req.lines:
             print(json.dumps({kind: obj}, separators=(",", ":")), flush=True)
-        if req.errors or not req.is_intake:
+        if req.is_otlp:
+            for item in req.otlp_items:
+                item = {k: v for k, v in item.items() if k != "resource"}
+                print(json.dumps({"otlp_" + req.signal: item}, separators=(",", ":"),
+                                 default=repr), flush=True)
+        if req.errors or not (req.is_intake or req.is_otlp):
             sys.stderr.write("fake_apm: %r %s\n" % (req, req.errors[:5]))
 
     apm = FakeAPM(token=a.token, api_key=a.api_key, tls=a.tls, host=a.host, port=a.port)

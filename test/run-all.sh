@@ -104,6 +104,14 @@ if [ ! -f test/node/node_modules/elastic-apm-node/package.json ]; then
 			"(Debian: apt-get install nodejs npm)"
 	fi
 fi
+# -- the OpenTelemetry JS SDK (pinned by test/otel/package-lock.json)
+if [ ! -f test/otel/node_modules/@opentelemetry/exporter-trace-otlp-proto/package.json ] &&
+	command -v npm >/dev/null 2>&1; then
+	echo "installing the OpenTelemetry SDK: npm ci --prefix test/otel"
+	npm ci --prefix test/otel --no-audit --no-fund --prefer-offline \
+		>build/npm-otel.log 2>&1 ||
+		echo "warning: npm ci --prefix test/otel failed (see build/npm-otel.log)"
+fi
 
 suite() { # name, command...
 	name=$1

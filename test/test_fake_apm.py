@@ -3,11 +3,16 @@
 
     python3 test/test_fake_apm.py [-k pattern]
 
+OTLP: the fake's protobuf and JSON readers on bodies built here (a tiny encoder of the
+test's own), on bodies from the pinned OpenTelemetry JS SDK when test/otel/node_modules
+is installed (skipped otherwise), and its answers over HTTP.
+
 The tests that need the APM intake v2 JSON schemas of elastic/apm-data (folder
 docs/spec/v2 there), optional, are skipped when fake_apm found none (see
 fake_apm.CHECK_LEVEL; APM_INTAKE_SPEC_DIR=/nonexistent forces that); everything else,
 including the structural check, runs either way.
 """
+import base64
 import gzip
 import http.client
 import json
@@ -16,6 +21,7 @@ import select
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -860,6 +866,546 @@ class TLSTest(unittest.TestCase):
             with self.assertRaises(ssl.SSLCertVerificationError) as cm:
                 post(a.port, GOOD, tls_ctx=self.ctx(c["ca"]))
             self.assertIn("Hostname mismatch", str(cm.exception))
+
+
+# ---------------------------------------------------------------- OTLP
+#
+# Bodies built with a tiny protobuf encoder of the test's own (not the fake's writer),
+# one known-answer body written out byte by byte, and, when test/otel/node_modules is
+# there, bodies from the OpenTelemetry JS SDK's own serializers (test/otel/sdk-bodies.js).
+
+def e_varint(n):
+    n &= (1 << 64) - 1
+    out = b""
+    while n >= 0x80:
+        out += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def e_key(field, wt):
+    return e_varint(field << 3 | wt)
+
+
+def e_ld(field, *parts):
+    """Length-delimited: a message made of parts, or one str/bytes value."""
+    data = b"".join(p.encode() if isinstance(p, str) else p for p in parts)
+    return e_key(field, 2) + e_varint(len(data)) + data
+
+
+def e_vi(field, n):
+    return e_key(field, 0) + e_varint(n)
+
+
+def e_f64(field, n):
+    return e_key(field, 1) + n.to_bytes(8, "little")
+
+
+def e_dbl(field, x):
+    return e_key(field, 1) + struct.pack("<d", x)
+
+
+def e_f32(field, n):
+    return e_key(field, 5) + n.to_bytes(4, "little")
+
+
+def e_kv(key, value):
+    """KeyValue with an AnyValue from a Python value."""
+    return e_ld(1, key) + e_ld(2, e_any(value))
+
+
+def e_any(v):
+    if isinstance(v, bool):
+        return e_vi(2, int(v))
+    if isinstance(v, int):
+        return e_vi(3, v)
+    if isinstance(v, float):
+        return e_dbl(4, v)
+    if isinstance(v, bytes):
+        return e_ld(7, v)
+    if isinstance(v, list):
+        return e_ld(5, *[e_ld(1, e_any(x)) for x in v])
+    if isinstance(v, dict):
+        return e_ld(6, *[e_ld(1, e_kv(k, x)) for k, x in v.items()])
+    return e_ld(1, v)
+
+
+def e_resource(service, **attrs):
+    """A Resource message (its attributes, field 1)."""
+    return b"".join(e_ld(1, e_kv(k, v)) for k, v in
+                    dict({"service.name": service}, **attrs).items())
+
+
+TID = "0af7651916cd43dd8448eb211c80319c"
+SID = "b7ad6b7169203331"
+PID = "00f067aa0ba902b7"
+
+
+def e_span(trace_id, span_id, name, parent=None, attrs=None, kind=1, status=None):
+    parts = [e_ld(1, bytes.fromhex(trace_id)), e_ld(2, bytes.fromhex(span_id))]
+    if parent:
+        parts.append(e_ld(4, bytes.fromhex(parent)))
+    parts += [e_ld(5, name), e_vi(6, kind), e_f64(7, 1700000000000000000),
+              e_f64(8, 1700000000002000000)]
+    parts += [e_ld(9, e_kv(k, v)) for k, v in (attrs or {}).items()]
+    if status is not None:
+        parts.append(e_ld(15, e_ld(2, "why"), e_vi(3, status)))
+    return e_ld(2, *parts)
+
+
+def e_traces(*resources):
+    """resources: (service, scope name, [encoded spans])."""
+    return b"".join(e_ld(1, e_ld(1, e_resource(svc)), e_ld(2, e_ld(1, e_ld(1, scope)), *spans))
+                    for svc, scope, spans in resources)
+
+
+class OtlpProtobufTest(unittest.TestCase):
+    def test_known_answer(self):
+        # ExportTraceServiceRequest{resource_spans{scope_spans{spans{trace_id=01*16,
+        # span_id=02*8, name="a"}}}}, written out by hand
+        body = bytes.fromhex("0a23" "1221" "121f" "0a10" + "01" * 16 + "1208" + "02" * 8 +
+                             "2a0161")
+        items, errs = fake_apm.parse_otlp("traces", "protobuf", body)
+        self.assertEqual(errs, [])
+        self.assertEqual(len(items), 1)
+        s = items[0]
+        self.assertEqual((s["trace_id"], s["span_id"], s["parent_id"], s["name"], s["service"]),
+                         ("01" * 16, "02" * 8, None, "a", None))
+
+    def test_varints(self):
+        for n in (0, 1, 127, 128, 300, 2 ** 32, 2 ** 63, 2 ** 64 - 1):
+            self.assertEqual(fake_apm.pb_varint(e_varint(n), 0), (n, len(e_varint(n))))
+            self.assertEqual(fake_apm.pb_uvarint(n), e_varint(n))
+        self.assertEqual(fake_apm.pb_varint(b"\x81\x80\x80\x00", 0), (1, 4))  # non-minimal
+        for bad in (b"\x80", b"\xff" * 11, b""):
+            with self.assertRaises(fake_apm.OtlpError):
+                fake_apm.pb_varint(bad, 0)
+
+    def test_traces(self):
+        attrs = {"s": "text", "i": -7, "big": 2 ** 62, "d": 2.5, "b": True, "raw": b"\x00\xff",
+                 "arr": ["x", 1, False], "map": {"k": "v", "n": {"deep": 1}}}
+        body = e_traces(
+            ("svc-a", "scope-1", [e_span(TID, SID, "root", attrs=attrs, kind=2),
+                                  e_span(TID, PID, "child ✓", parent=SID, status=2)]),
+            ("svc-b", "scope-2", [e_span("11" * 16, "22" * 8, "other")]))
+        items, errs = fake_apm.parse_otlp("traces", "protobuf", body)
+        self.assertEqual(errs, [])
+        self.assertEqual([(s["service"], s["scope"], s["name"], s["span_id"], s["parent_id"])
+                          for s in items],
+                         [("svc-a", "scope-1", "root", SID, None),
+                          ("svc-a", "scope-1", "child ✓", PID, SID),
+                          ("svc-b", "scope-2", "other", "22" * 8, None)])
+        self.assertEqual(items[0]["attributes"], attrs)
+        self.assertEqual((items[0]["kind"], items[1]["status"], items[0]["trace_id"]),
+                         (2, 2, TID))
+        self.assertEqual((items[0]["start_ns"], items[0]["end_ns"]),
+                         (1700000000000000000, 1700000000002000000))
+
+    def test_unknown_fields_skipped(self):
+        extra = e_vi(99, 5) + e_f32(98, 1) + e_f64(97, 2) + e_ld(96, "future")
+        span = e_ld(2, e_ld(1, bytes.fromhex(TID)), extra, e_ld(2, bytes.fromhex(SID)),
+                    e_ld(5, "n"), e_f32(16, 0x101))
+        body = e_ld(1, extra, e_ld(2, extra, span), e_ld(3, "https://schema"))
+        items, errs = fake_apm.parse_otlp("traces", "protobuf", body + extra)
+        self.assertEqual(errs, [])
+        self.assertEqual([s["span_id"] for s in items], [SID])
+
+    def test_empty_request(self):
+        self.assertEqual(fake_apm.parse_otlp("traces", "protobuf", b""), ([], []))
+        self.assertEqual(fake_apm.parse_otlp("logs", "json", b"{}"), ([], []))
+
+    def test_metrics(self):
+        sum_ = e_ld(7, e_ld(1, e_ld(7, e_kv("route", "/a")), e_f64(3, 1), e_key(6, 1) +
+                                (-3).to_bytes(8, "little", signed=True)),
+                    e_ld(1, e_dbl(4, 2.5)), e_vi(2, 2), e_vi(3, 1))
+        gauge = e_ld(5, e_ld(1, e_dbl(4, 0.25)))
+        hist = e_ld(9, e_ld(1, e_f64(4, 3), e_dbl(5, 7.5), e_dbl(11, 1.0), e_dbl(12, 4.0),
+                            e_ld(6, e_f64(1, 1))), e_vi(2, 1))
+        metrics = [e_ld(2, e_ld(1, "m.sum"), e_ld(3, "ms"), sum_),
+                   e_ld(2, e_ld(1, "m.gauge"), gauge), e_ld(2, e_ld(1, "m.hist"), hist),
+                   e_ld(2, e_ld(1, "m.none"))]
+        body = e_ld(1, e_ld(1, e_resource("svc")), e_ld(2, e_ld(1, e_ld(1, "meter")), *metrics))
+        items, errs = fake_apm.parse_otlp("metrics", "protobuf", body)
+        self.assertEqual(errs, [])
+        self.assertEqual([(m["name"], m["type"]) for m in items],
+                         [("m.sum", "sum"), ("m.gauge", "gauge"), ("m.hist", "histogram"),
+                          ("m.none", None)])
+        self.assertEqual(items[0]["points"], [{"attributes": {"route": "/a"}, "value": -3},
+                                              {"attributes": {}, "value": 2.5}])
+        self.assertEqual(items[0]["unit"], "ms")
+        self.assertEqual(items[2]["points"], [{"attributes": {}, "count": 3, "sum": 7.5,
+                                               "min": 1.0, "max": 4.0}])
+        self.assertEqual(items[0]["service"], "svc")
+
+    def test_logs(self):
+        rec1 = e_ld(2, e_f64(1, 1700000000000000000), e_vi(2, 9), e_ld(3, "INFO"),
+                    e_ld(5, e_any("hello")), e_ld(6, e_kv("k", 1)),
+                    e_ld(9, bytes.fromhex(TID)), e_ld(10, bytes.fromhex(SID)))
+        rec2 = e_ld(2, e_ld(5, e_any({"structured": ["a", 2]})), e_ld(12, "my.event"))
+        body = e_ld(1, e_ld(1, e_resource("svc")), e_ld(2, e_ld(1, e_ld(1, "lg")), rec1, rec2))
+        items, errs = fake_apm.parse_otlp("logs", "protobuf", body)
+        self.assertEqual(errs, [])
+        self.assertEqual([(x["body"], x["trace_id"], x["span_id"], x["severity_text"],
+                           x["severity_number"]) for x in items],
+                         [("hello", TID, SID, "INFO", 9),
+                          ({"structured": ["a", 2]}, None, None, "", 0)])
+        self.assertEqual((items[0]["attributes"], items[1]["event_name"], items[0]["scope"]),
+                         ({"k": 1}, "my.event", "lg"))
+
+    def test_bad_bodies(self):
+        good_span = e_span(TID, SID, "n")
+        cases = {
+            "truncated length": e_traces(("s", "c", [good_span]))[:-3],
+            "length past the end": b"\x0a\x05\x12\x01",
+            "truncated varint": e_ld(1, e_ld(2, e_ld(2, e_key(6, 0) + b"\x80"))),
+            "truncated fixed64": e_ld(1, e_ld(2, e_ld(2, e_key(7, 1) + b"\x00" * 5))),
+            "group wire type": b"\x0b\x0c",
+            "field number 0": b"\x02\x00",
+            "name as a varint": e_ld(1, e_ld(2, e_ld(2, e_vi(5, 3)))),
+            "resource_spans as a varint": e_vi(1, 1),
+            "bad UTF-8 name": e_traces(("s", "c", [e_ld(2, e_ld(1, bytes.fromhex(TID)),
+                                                        e_ld(2, bytes.fromhex(SID)),
+                                                        e_ld(5, b"\xff\xfe"))])),
+            "trace id of 15 bytes": e_traces(("s", "c", [e_span(TID[:30], SID, "n")])),
+            "span id of zeroes": e_traces(("s", "c", [e_span(TID, "00" * 8, "n")])),
+            "no span id": e_traces(("s", "c", [e_ld(2, e_ld(1, bytes.fromhex(TID)),
+                                                    e_ld(5, "n"))])),
+            "parent of 4 bytes": e_traces(("s", "c", [e_span(TID, SID, "n", parent="01020304")])),
+            "empty name": e_traces(("s", "c", [e_span(TID, SID, "")])),
+        }
+        for what, body in cases.items():
+            items, errs = fake_apm.parse_otlp("traces", "protobuf", body)
+            self.assertTrue(errs, "%s: accepted (%r)" % (what, items))
+        logs = [e_ld(1, e_ld(2, e_ld(2, e_ld(9, b"\x01" * 8)))),           # 8-byte trace id
+                e_ld(1, e_ld(2, e_ld(2, e_ld(10, b"\x01" * 16))))]         # 16-byte span id
+        for body in logs:
+            self.assertTrue(fake_apm.parse_otlp("logs", "protobuf", body)[1])
+        metrics = [e_ld(1, e_ld(2, e_ld(2, e_ld(3, "unit only")))),        # no name
+                   e_ld(1, e_ld(2, e_ld(2, e_ld(1, "two"), e_ld(5, b""), e_ld(7, b""))))]
+        for body in metrics:
+            self.assertTrue(fake_apm.parse_otlp("metrics", "protobuf", body)[1])
+        # very deep nesting is refused, not a RecursionError
+        deep = e_any("x")
+        for _ in range(100):
+            deep = e_ld(5, e_ld(1, deep))
+        body = e_traces(("s", "c", [e_span(TID, SID, "n")[:0] + e_ld(2, e_ld(
+            1, bytes.fromhex(TID)), e_ld(2, bytes.fromhex(SID)), e_ld(5, "n"),
+            e_ld(9, e_ld(1, "k"), e_ld(2, deep)))]))
+        self.assertTrue(fake_apm.parse_otlp("traces", "protobuf", body)[1])
+
+
+def j_traces(spans, service="svc"):
+    return json.dumps({"resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+        "scopeSpans": [{"scope": {"name": "sc"}, "spans": spans}]}]}).encode()
+
+
+class OtlpJsonTest(unittest.TestCase):
+    def test_same_as_protobuf(self):
+        attrs = {"s": "t", "i": 5, "d": 0.5, "b": False, "arr": ["a"], "map": {"k": 2},
+                 "raw": b"\x01\x02"}
+        pb = e_traces(("svc", "sc", [e_span(TID, SID, "root", attrs=attrs, kind=2),
+                                     e_span(TID, PID, "child", parent=SID, status=1)]))
+
+        def j_any(v):
+            if isinstance(v, bool):
+                return {"boolValue": v}
+            if isinstance(v, int):
+                return {"intValue": str(v)}
+            if isinstance(v, float):
+                return {"doubleValue": v}
+            if isinstance(v, bytes):
+                return {"bytesValue": base64.b64encode(v).decode()}
+            if isinstance(v, list):
+                return {"arrayValue": {"values": [j_any(x) for x in v]}}
+            if isinstance(v, dict):
+                return {"kvlistValue": {"values": [{"key": k, "value": j_any(x)}
+                                                   for k, x in v.items()]}}
+            return {"stringValue": v}
+        js = j_traces([
+            {"traceId": TID.upper(), "spanId": SID, "name": "root", "kind": 2,
+             "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": 1700000000002000000,
+             "attributes": [{"key": k, "value": j_any(v)} for k, v in attrs.items()],
+             "unknownKey": {"ignored": True}},
+            {"traceId": TID, "spanId": PID, "parentSpanId": SID, "name": "child", "kind": 1,
+             "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000000002000000",
+             "status": {"code": 1, "message": "why"}}])
+        a, ea = fake_apm.parse_otlp("traces", "protobuf", pb)
+        b, eb = fake_apm.parse_otlp("traces", "json", js)
+        self.assertEqual((ea, eb), ([], []))
+        self.assertEqual(a, b)
+
+    def test_metrics_and_logs(self):
+        m = json.dumps({"resourceMetrics": [{"scopeMetrics": [{"metrics": [
+            {"name": "c", "sum": {"dataPoints": [{"asInt": "-4"}, {"asDouble": 1.5}],
+                                  "aggregationTemporality": 2, "isMonotonic": True}},
+            {"name": "h", "histogram": {"dataPoints": [{"count": "2", "sum": 3.0}]}}]}]}]})
+        items, errs = fake_apm.parse_otlp("metrics", "json", m.encode())
+        self.assertEqual(errs, [])
+        self.assertEqual([(x["name"], x["points"]) for x in items],
+                         [("c", [{"attributes": {}, "value": -4}, {"attributes": {},
+                                                                   "value": 1.5}]),
+                          ("h", [{"attributes": {}, "count": 2, "sum": 3.0}])])
+        lg = json.dumps({"resourceLogs": [{"scopeLogs": [{"logRecords": [
+            {"body": {"stringValue": "hi"}, "traceId": TID, "spanId": SID,
+             "severityText": "WARN", "severityNumber": 13},
+            {"body": {"kvlistValue": {"values": [{"key": "a", "value": {"intValue": 1}}]}},
+             "traceId": "", "spanId": ""}]}]}]})
+        items, errs = fake_apm.parse_otlp("logs", "json", lg.encode())
+        self.assertEqual(errs, [])
+        self.assertEqual([(x["body"], x["trace_id"], x["span_id"]) for x in items],
+                         [("hi", TID, SID), ({"a": 1}, None, None)])
+
+    def test_bad_bodies(self):
+        span = {"traceId": TID, "spanId": SID, "name": "n"}
+        cases = {
+            "not JSON": b"{nope",
+            "NaN constant": b'{"resourceSpans": NaN}',
+            "not an object": b"[]",
+            "resourceSpans not an array": b'{"resourceSpans": {}}',
+            "span not an object": j_traces(["x"]),
+            "base64 trace id": j_traces([dict(span, traceId=base64.b64encode(
+                bytes.fromhex(TID)).decode())]),
+            "odd hex": j_traces([dict(span, spanId=SID[:-1])]),
+            "trace id of 8 bytes": j_traces([dict(span, traceId=SID)]),
+            "enum as a name": j_traces([dict(span, kind="SPAN_KIND_SERVER")]),
+            "name as a number": j_traces([dict(span, name=5)]),
+            "time as text": j_traces([dict(span, startTimeUnixNano="soon")]),
+            "negative fixed64": j_traces([dict(span, endTimeUnixNano=-1)]),
+            "snake_case keys (ignored: no ids)": j_traces([{"trace_id": TID, "span_id": SID,
+                                                            "name": "n"}]),
+            "bool as text": j_traces([dict(span, attributes=[{"key": "b", "value": {
+                "boolValue": "true"}}])]),
+        }
+        for what, body in cases.items():
+            items, errs = fake_apm.parse_otlp("traces", "json", body)
+            self.assertTrue(errs, "%s: accepted (%r)" % (what, items))
+
+
+SDK_BODIES = os.path.join(HERE, "otel", "sdk-bodies.js")
+OTEL_MODULES = os.path.join(HERE, "otel", "node_modules", "@opentelemetry", "otlp-transformer")
+
+
+@unittest.skipUnless(shutil.which("node") and os.path.isdir(OTEL_MODULES),
+                     "node or test/otel/node_modules missing (npm ci --prefix test/otel)")
+class OtlpRealSdkTest(unittest.TestCase):
+    """The fake's readers on bodies the pinned OpenTelemetry JS SDK serializes."""
+
+    @classmethod
+    def setUpClass(cls):
+        r = subprocess.run(["node", SDK_BODIES], capture_output=True, text=True, timeout=60)
+        if r.returncode:
+            raise AssertionError("test/otel/sdk-bodies.js failed: %s" % r.stderr[-2000:])
+        cls.bodies = json.loads(r.stdout)
+
+    def parse(self, signal, fmt):
+        items, errs = fake_apm.parse_otlp(signal, fmt, base64.b64decode(
+            self.bodies[signal][fmt]))
+        self.assertEqual(errs, [])
+        return items
+
+    def test_traces(self):
+        want = self.bodies["traces"]["expect"]
+        self.assertEqual(len(want), 2)
+        for fmt in ("protobuf", "json"):
+            got = self.parse("traces", fmt)
+            self.assertEqual([{k: s[k] for k in w} for s, w in zip(got, want)], want, fmt)
+            self.assertEqual({s["service"] for s in got}, {self.bodies["service"]})
+        self.assertEqual(self.parse("traces", "protobuf"), self.parse("traces", "json"))
+
+    def test_logs(self):
+        want = self.bodies["logs"]["expect"]
+        for fmt in ("protobuf", "json"):
+            got = self.parse("logs", fmt)
+            self.assertEqual([{k: x[k] for k in w} for x, w in zip(got, want)], want, fmt)
+            self.assertEqual(len(got), len(want))
+        self.assertEqual(self.parse("logs", "protobuf"), self.parse("logs", "json"))
+
+    def test_metrics(self):
+        want = self.bodies["metrics"]["expect"]
+        for fmt in ("protobuf", "json"):
+            got = {m["name"]: m for m in self.parse("metrics", fmt)}
+            for w in want:
+                pt = got[w["name"]]["points"][0]
+                self.assertEqual({k: pt[k] for k in w if k != "name"},
+                                 {k: v for k, v in w.items() if k != "name"}, fmt)
+        self.assertEqual(self.parse("metrics", "protobuf"), self.parse("metrics", "json"))
+
+
+def otlp_post(port, body, ctype="application/x-protobuf", signal="traces", headers=None,
+              conn=None, path=None, method="POST"):
+    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    h = {"Content-Type": ctype} if ctype else {}
+    h.update(headers or {})
+    try:
+        c.request(method, path or "/v1/" + signal, body=body, headers=h)
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        if conn is None:
+            c.close()
+
+
+SPANS_PB = e_traces(("svc", "sc", [e_span(TID, SID, "root"), e_span(TID, PID, "c", SID)]))
+SPANS_JSON = j_traces([{"traceId": TID, "spanId": "33" * 8, "name": "j"}])
+
+
+class FakeAPMOtlpTest(unittest.TestCase):
+    def setUp(self):
+        self.apm = FakeAPM(token="t")
+        self.addCleanup(self.apm.close)
+        self.auth = {"Authorization": "Bearer t"}
+
+    def test_answers_and_records(self):
+        a = self.apm
+        c = http.client.HTTPConnection("127.0.0.1", a.port, timeout=5)
+        st, h, body = otlp_post(a.port, gzip.compress(SPANS_PB), headers=dict(
+            self.auth, **{"Content-Encoding": "gzip", "User-Agent": "apm-ext/1 (sdk/2)"}),
+            conn=c)
+        self.assertEqual((st, body, h["content-type"], h["content-length"]),
+                         (200, b"", "application/x-protobuf", "0"))
+        st, h, body = otlp_post(a.port, iter([SPANS_JSON[:10], SPANS_JSON[10:]]),
+                                "application/json; charset=utf-8", headers=self.auth, conn=c,
+                                path="/prefix/v1/traces")
+        self.assertEqual((st, body, h["content-type"]), (200, b"{}", "application/json"))
+        logs = e_ld(1, e_ld(2, e_ld(2, e_ld(5, e_any("log line")))))
+        metrics = e_ld(1, e_ld(2, e_ld(2, e_ld(1, "m1"))))
+        self.assertEqual(otlp_post(a.port, logs, signal="logs", headers=self.auth,
+                                   conn=c)[0], 200)
+        self.assertEqual(otlp_post(a.port, zlib.compress(metrics), signal="metrics", headers=dict(
+            self.auth, **{"Content-Encoding": "deflate"}), conn=c)[0], 200)
+        c.close()
+        r = a.otlp_requests()
+        self.assertEqual([(x.signal, x.otlp_format, x.status, x.delivered) for x in r],
+                         [("traces", "protobuf", 200, True), ("traces", "json", 200, True),
+                          ("logs", "protobuf", 200, True), ("metrics", "protobuf", 200, True)])
+        self.assertEqual((r[0].encoding, r[0].auth, r[0].user_agent, r[0].content_type,
+                          r[1].chunked, r[1].path),
+                         ("gzip", "Bearer t", "apm-ext/1 (sdk/2)", "application/x-protobuf",
+                          True, "/prefix/v1/traces"))
+        self.assertEqual(r[0].body, gzip.compress(SPANS_PB))  # as received, still encoded
+        self.assertEqual([s["span_id"] for s in a.otlp_spans()], [SID, PID, "33" * 8])
+        self.assertEqual(a.otlp_span_counts(), {SID: 1, PID: 1, "33" * 8: 1})
+        self.assertEqual([x["body"] for x in a.otlp_logs()], ["log line"])
+        self.assertEqual([x["name"] for x in a.otlp_metrics()], ["m1"])
+        self.assertEqual(a.errors, [])
+        self.assertEqual(a.intake_requests(), [])
+        self.assertEqual(a.count(), 0)  # OTLP is not intake
+
+    def test_refusals(self):
+        a = self.apm
+        st, h, body = otlp_post(a.port, SPANS_PB, "text/plain", headers=self.auth)
+        self.assertEqual((st, h["content-type"]), (415, "application/json"))
+        self.assertIn("message", json.loads(body))
+        self.assertEqual(otlp_post(a.port, SPANS_PB, None, headers=self.auth)[0], 415)
+        st, h, body = otlp_post(a.port, b"\x0a\x05", headers=self.auth)
+        self.assertEqual((st, h["content-type"]), (400, "application/x-protobuf"))
+        code, msg = fake_apm.pb_decode(body, {1: ("code", "int64"), 2: ("message", "string")}
+                                       ).values()
+        self.assertEqual(code, 3)
+        self.assertIn("runs past the end", msg)
+        self.assertEqual(otlp_post(a.port, b"{", "application/json", headers=self.auth)[0], 400)
+        self.assertEqual(otlp_post(a.port, b"not gzip", headers=dict(
+            self.auth, **{"Content-Encoding": "gzip"}))[0], 400)
+        self.assertEqual(otlp_post(a.port, SPANS_PB, headers=dict(
+            self.auth, **{"Content-Encoding": "br"}))[0], 400)
+        self.assertEqual(otlp_post(a.port, b"", headers=self.auth, method="GET")[0], 405)
+        self.assertEqual(otlp_post(a.port, SPANS_PB, headers=self.auth, path="/v1/other")[0], 404)
+        st, _, body = otlp_post(a.port, SPANS_PB)
+        self.assertEqual(st, 401)
+        self.assertEqual(otlp_post(a.port, SPANS_PB, headers={"Authorization": "ApiKey t"})[0],
+                         401)
+        self.assertEqual(a.otlp_spans(), [])   # nothing was delivered
+        self.assertEqual(len(a.errors), 6)     # malformed or unsupported bodies are errors
+        self.assertTrue(any("Content-Type 'text/plain'" in e for e in a.errors))
+
+    def test_modes(self):
+        a = self.apm
+        a.set_mode("status", 503)
+        a.retry_after = "3"
+        st, h, body = otlp_post(a.port, SPANS_PB, headers=self.auth)
+        self.assertEqual((st, h.get("retry-after"), h["content-type"]),
+                         (503, "3", "application/x-protobuf"))
+        self.assertIn(b"forced status 503", body)
+        st, h, body = otlp_post(a.port, SPANS_JSON, "application/json", headers=self.auth)
+        self.assertEqual((st, json.loads(body)["code"]), (503, 14))
+        a.set_mode("ok")
+        a.retry_after = None
+        a.fail_next(1, 429, which="otlp")
+        self.assertEqual(post(a.port, GOOD, self.auth)[0], 202)   # intake: not this one
+        st, h, _ = otlp_post(a.port, SPANS_PB, headers=self.auth)
+        self.assertEqual((st, h.get("retry-after")), (429, None))
+        a.fail_next(1, 502, which="metrics")
+        self.assertEqual(otlp_post(a.port, SPANS_PB, headers=self.auth)[0], 200)
+        self.assertEqual(otlp_post(a.port, b"", signal="metrics", headers=self.auth)[0], 502)
+        a.fail_next(1, 503)                                          # any: the next one
+        self.assertEqual(otlp_post(a.port, SPANS_PB, headers=self.auth)[0], 503)
+        self.assertEqual(a.otlp_span_counts(), {SID: 1, PID: 1})  # only the 200 counts
+        a.set_mode("slow", 0.2)
+        t = time.monotonic()
+        self.assertEqual(otlp_post(a.port, SPANS_PB, headers=self.auth)[0], 200)
+        self.assertGreaterEqual(time.monotonic() - t, 0.2)
+        a.set_mode("ok")
+        a.delay_for = lambda r: 0.2 if r.signal == "logs" else 0
+        t = time.monotonic()
+        self.assertEqual(otlp_post(a.port, SPANS_PB, headers=self.auth)[0], 200)
+        self.assertLess(time.monotonic() - t, 0.2)
+        self.assertEqual(otlp_post(a.port, b"", signal="logs", headers=self.auth)[0], 200)
+        self.assertGreaterEqual(time.monotonic() - t, 0.2)
+        a.delay_for = None
+        a.set_mode("stall")
+        with self.assertRaises(socket.timeout):
+            c = http.client.HTTPConnection("127.0.0.1", a.port, timeout=0.3)
+            otlp_post(a.port, SPANS_PB, headers=self.auth, conn=c)
+        c.close()
+        a.set_mode("ok")
+        self.assertEqual(a.otlp_span_counts(), {SID: 3, PID: 3})
+        with self.assertRaises(ValueError):
+            a.fail_next(1, 503, which="profiles")
+
+    def test_partial_success(self):
+        a = self.apm
+        a.otlp_partial = (2, "two dropped")
+        st, h, body = otlp_post(a.port, SPANS_PB, headers=self.auth)
+        self.assertEqual(st, 200)
+        ps = fake_apm.pb_decode(body, {1: ("partial_success", {
+            1: ("rejected_spans", "int64"), 2: ("error_message", "string")})})
+        self.assertEqual(ps, {"partial_success": {"rejected_spans": 2,
+                                                  "error_message": "two dropped"}})
+        st, h, body = otlp_post(a.port, b"{}", "application/json", signal="logs",
+                                headers=self.auth)
+        self.assertEqual(json.loads(body), {"partialSuccess": {"rejectedLogRecords": "2",
+                                                               "errorMessage": "two dropped"}})
+        self.assertEqual(len(a.otlp_spans()), 2)    # still delivered
+
+
+class OtlpOneWriteTest(OneWriteTest):
+    """OTLP answers are one write on a TCP_NODELAY socket too."""
+
+    def test_every_mode(self):
+        a = self.apm
+
+        def req(body, ctype=b"application/x-protobuf", path=b"/v1/traces", auth=b"Bearer t",
+                method=b"POST"):
+            return (b"%s %s HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nContent-Type: %s\r\n"
+                    b"Content-Length: %d\r\n\r\n" % (method, path, auth, ctype, len(body))) + body
+        self.assertEqual(self.exchange(req(SPANS_PB)), (200, b""))
+        self.assertEqual(self.exchange(req(SPANS_JSON, b"application/json")), (200, b"{}"))
+        self.assertEqual(self.exchange(req(b"\x0a\x05"))[0], 400)
+        self.assertEqual(self.exchange(req(SPANS_PB, b"text/plain"))[0], 415)
+        self.assertEqual(self.exchange(req(b"", method=b"GET"))[0], 405)
+        self.assertEqual(self.exchange(req(SPANS_PB, auth=b"Bearer x"))[0], 401)
+        a.otlp_partial = (1, "x")
+        st, body = self.exchange(req(SPANS_PB))
+        self.assertEqual(st, 200)
+        self.assertTrue(body)
+        a.otlp_partial = None
+        a.set_mode("status", 503)
+        a.retry_after = "1"
+        self.assertEqual(self.exchange(req(SPANS_PB))[0], 503)
+
+    def test_keepalive_answers(self):
+        pass
 
 
 if __name__ == "__main__":
