@@ -2357,6 +2357,33 @@ queue_append(struct queue *q, int slot, const char *data, size_t n)
 	return done;
 }
 
+/* Cut payload slot back to its first len bytes (len <= its length),
+ * giving back the blocks past them. */
+static void
+queue_truncate(struct queue *q, int slot, uint64_t len)
+{
+	struct payload *p = &q->p[slot];
+	if (len >= p->len)
+		return;
+	uint64_t keep = (len + BLOCK_SIZE - 1) / BLOCK_SIZE; /* blocks kept */
+	int b = p->first, last = -1;
+	for (uint64_t k = 0; k < keep && b >= 0; k++) {
+		last = b;
+		b = q->next[b];
+	}
+	while (b >= 0) {
+		int nb = q->next[b];
+		q->free_stack[q->free_top++] = b;
+		b = nb;
+	}
+	if (last >= 0)
+		q->next[last] = -1;
+	else
+		p->first = -1;
+	p->last = last;
+	p->len = len;
+}
+
 /* The stored bytes of payload slot from offset off: a view up to a block end. */
 static struct apm_str
 queue_view(struct queue *q, int slot, uint64_t off)
@@ -4590,10 +4617,11 @@ agent_request_done(struct agent *a)
 }
 
 /*
- * The queue has no free block and holds no complete payload: only an agent
- * finishing its body could free one, and every agent with bytes to store
- * waits for a block. Refuse the newest body that holds blocks (503, close)
- * so the others go on. 1 if one was refused.
+ * The queue has no free block and no complete payload is on its way out
+ * (none, or every delivery slot carries a body still arriving): only an
+ * agent finishing its body could free one, and every agent with bytes to
+ * store waits for a block. Refuse the newest body that holds blocks (503,
+ * close) so the others go on. 1 if one was refused.
  */
 static int
 agent_unjam_queue(void)
@@ -4609,8 +4637,13 @@ agent_unjam_queue(void)
 		if (!victim || q->p[a->payload].seq > q->p[victim->payload].seq)
 			victim = a;
 	}
+	int sending_open = 0;
+	for (int i = 0; i < MAX_UPSTREAM; i++)
+		sending_open += g.up[i].job == JOB_PAYLOAD && g.up[i].payload >= 0 &&
+		    q->p[g.up[i].payload].open;
 	for (unsigned i = 0; i < q->npayloads; i++)
-		if (q->p[i].used && !q->p[i].open)
+		if (q->p[i].used && !q->p[i].open &&
+		    (q->p[i].inflight || sending_open < MAX_UPSTREAM - 1))
 			return 0; /* its delivery (or drop) frees blocks */
 	if (!victim)
 		return 0;
@@ -5565,6 +5598,8 @@ static struct {
 	char agent_meta[8192];  /* metadata line of the agent, if known */
 	size_t agent_meta_len;
 	int proxy_sent;         /* for g.inv */
+	uint64_t own_mark;      /* length of our payload before the line begun */
+	int own_cut;            /* a part of that line did not fit */
 } tel; /* own = -1 is set in main: a zero struct stays out of .data */
 
 
@@ -5675,7 +5710,10 @@ tel_registered(const char *rid, const char *tx, size_t n)
 static int
 own_put(const char *s, size_t n)
 {
-	return queue_append(&g.q, tel.own, s, n) == n ? 0 : -1;
+	if (queue_append(&g.q, tel.own, s, n) == n)
+		return 0;
+	tel.own_cut = 1;
+	return -1;
 }
 
 static int
@@ -5728,21 +5766,46 @@ own_metadata(void)
 	own_puts("\",\"service\":{\"name\":\"lambda\"}}}}\n");
 }
 
-/* Open our own payload (metadata first) if none is open. 0 or -1. */
+/*
+ * Begin one event line in our own payload, opened (metadata first) if none
+ * is. Every line goes in whole or not at all: own_line_end takes back a
+ * line that did not fit (a cut line would make the server refuse the whole
+ * payload). 0 or -1.
+ */
 static int
 own_begin(void)
 {
-	if (tel.own >= 0)
-		return 0;
-	if (!g.cfg.has_server)
-		return -1;
-	tel.own = queue_open(&g.q, "", "", 1);
 	if (tel.own < 0) {
-		log_warn("queue full: platform events dropped");
-		return -1;
+		if (!g.cfg.has_server)
+			return -1;
+		tel.own = queue_open(&g.q, "", "", 1);
+		if (tel.own < 0) {
+			log_warn("queue full: platform events dropped");
+			return -1;
+		}
+		tel.own_cut = 0;
+		own_metadata();
+		if (tel.own_cut) { /* not even the metadata fits */
+			queue_free(&g.q, tel.own);
+			tel.own = -1;
+			log_warn("queue full: platform events dropped");
+			return -1;
+		}
 	}
-	own_metadata();
+	tel.own_mark = g.q.p[tel.own].len;
+	tel.own_cut = 0;
 	return 0;
+}
+
+/* End the line own_begin began; a line cut short is taken back. */
+static void
+own_line_end(void)
+{
+	if (tel.own < 0 || !tel.own_cut)
+		return;
+	queue_truncate(&g.q, tel.own, tel.own_mark);
+	tel.logs_dropped++;
+	log_warn("queue full: a platform event was dropped");
 }
 
 /* Close our payload so the forwarder sends it. */
@@ -5811,6 +5874,7 @@ tel_report(const struct apm_tel_record *r)
 	own_sample("system.memory.actual.free", none,
 	    (r->memory_mb - r->max_memory_mb) * 1048576);
 	own_puts("}}}\n");
+	own_line_end();
 }
 
 /* The length of a JSON string's contents without its trailing \n and \r
@@ -5864,6 +5928,7 @@ tel_function_log(const struct apm_tel_record *r)
 		own_puts(b);
 	}
 	own_puts("}}\n");
+	own_line_end();
 }
 
 /*
@@ -5913,6 +5978,7 @@ tel_proxy_transaction(const char *status)
 	    (long long)((g.inv.ended ? g.inv.t_end : now_ms()) - g.inv.t_invoke),
 	    has_span_count ? "" : ",\"span_count\":{\"started\":0}");
 	own_puts(b);
+	own_line_end();
 	own_end();
 	log_info("sent the registered transaction of %s (%s)", g.inv.request_id,
 	    status);
@@ -6117,6 +6183,8 @@ tel_poll_add(struct pollfd *pfd, struct pollref *ref, int n)
 			continue;
 		short ev = t->state == 2 ? POLLOUT :
 		    (t->c.rx_len < t->c.rx_cap ? POLLIN : 0);
+		if (!ev)
+			continue; /* as for agents: no hang-up spin */
 		pfd[n] = (struct pollfd){ t->c.fd, ev, 0 };
 		ref[n++] = (struct pollref){ PK_TEL, i };
 	}
@@ -6486,10 +6554,15 @@ loop_run(void)
 		}
 		for (int i = 0; i < MAX_AGENT_CONNS; i++) {
 			struct agent *a = &g.agents[i];
-			if (a->c.fd < 0)
+			short ev = a->c.fd >= 0 ? agent_events(a) : 0;
+			if (a->c.fd >= 0)
+				wake = earliest(wake, a->c.deadline);
+			/* No interest (waiting on the queue or the APM server): left
+			 * out, or a hang-up, which poll reports whatever was asked,
+			 * would wake the loop again and again; its deadline covers it. */
+			if (!ev)
 				continue;
-			wake = earliest(wake, a->c.deadline);
-			pfd[n] = (struct pollfd){ a->c.fd, agent_events(a), 0 };
+			pfd[n] = (struct pollfd){ a->c.fd, ev, 0 };
 			ref[n++] = (struct pollref){ PK_AGENT, i };
 		}
 		for (int i = 0; i < NUM_UPSTREAM; i++) {
