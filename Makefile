@@ -28,7 +28,10 @@ TEST_FLAGS  = -std=c11 -g -O1 -Wall -Wextra -Wshadow -Werror -D_GNU_SOURCE \
               -fno-omit-frame-pointer \
               -I/usr/include/bearssl -I.
 
-.PHONY: all deps test unit e2e bench fuzz layer demo clean sandbox syscalls
+.PHONY: all deps test unit e2e bench fuzz layer demo clean sandbox syscalls \
+        sim coverage mutate
+SEEDS      ?= 2000
+N          ?= 40
 
 all: apm-ext
 
@@ -48,6 +51,11 @@ build/unit: test/unit.c apm-ext.c apm-ext.h
 build/sigv4: test/sigv4.c apm-ext.c apm-ext.h
 	@mkdir -p build
 	$(HOST_CC) $(TEST_FLAGS) -o $@ test/sigv4.c apm-ext.c $(BEARSSL_A)
+
+# The seeded simulation of the whole loop (test/sim.c), with sanitizers.
+build/sim: test/sim.c apm-ext.c apm-ext.h
+	@mkdir -p build
+	$(HOST_CC) $(TEST_FLAGS) -o $@ test/sim.c $(BEARSSL_A)
 
 # The real binary built by the host compiler with sanitizers, for e2e runs.
 build/apm-ext-asan: apm-ext.c apm-ext.h
@@ -77,12 +85,24 @@ TEST_TOTAL  = build/test-total
 
 test::
 	@rm -f $(TEST_TOTAL)
-test:: apm-ext build/unit build/sigv4 build/apm-ext-asan
+test:: apm-ext build/unit build/sigv4 build/sim build/apm-ext-asan
 	@sh test/run-all.sh --total $(TEST_TOTAL)
 test::
 	@cat $(TEST_TOTAL) 2>/dev/null || \
 		{ echo "make test: the suites did not run (see the errors above)"; \
 		  echo "0 passed, 1 failed"; }
+
+# make sim SEEDS=N: N random seeds (a failing one replays with build/sim --seed S)
+sim: build/sim
+	./build/sim --seeds $(SEEDS) --start $$(( $$(date +%s) % 1000000 ))
+
+# Line and branch coverage of apm-ext.c (unit, SigV4, simulator, e2e)
+coverage:
+	@sh test/coverage.sh
+
+# make mutate N=...: a seeded sample of mutants of apm-ext.c against the fast tests
+mutate: build/sim
+	python3 test/mutate.py --n $(N)
 
 bench: apm-ext
 	python3 test/bench.py --binary ./apm-ext

@@ -142,6 +142,7 @@ $line"
 
 suite unit ./build/unit
 suite sigv4 ./build/sigv4
+suite sim ./build/sim --quick
 suite fake_apm python3 test/test_fake_apm.py -v
 [ -f test/test_fake_aws.py ] && suite fake_aws python3 test/test_fake_aws.py -v
 # shellcheck disable=SC2086 # E2E_ARGS: one word per argument
