@@ -987,7 +987,7 @@ def malformed_setting(t):
     assert req is not None and req.t_end <= t_next, "not delivered with a malformed setting"
 
 
-# ---- beyond the list: contract points (CONTRACT.md sections 3, 4, 6)
+# ---- beyond the list: the Lambda lifecycle, the receiver, forwarding
 
 @scenario()
 def timeout_reports_registered_transaction(t):

@@ -1,4 +1,4 @@
-"""Reliability when the APM server fails: a fault matrix (CONTRACT.md sections 5-6).
+"""Reliability when the APM server fails: a fault matrix (README: Reliability).
 
     python3 test/e2e.py -k faults_
 
@@ -19,7 +19,7 @@ extension's own metric/log payloads too), the longest hold of an invocation
 before the runtime answered) and the longest wait of an agent request for
 its 202. The row is printed even when the scenario fails.
 
-What the extension promises (CONTRACT.md 5-6, SPEC-FOR-TESTS.md):
+What the extension promises (README "What it does", SPEC-FOR-TESTS.md):
   - undelivered payloads stay queued and are retried; after the n-th
     consecutive failure the next attempt waits min(n-1,6)^2 s +-10% (the
     first retry at once); a 2xx resets the count;

@@ -46,7 +46,7 @@ HOSTILE_ENV = {"ELASTIC_APM_DATA_RECEIVER_TIMEOUT": "1s"}
 CLOSE_SLACK = 1.5            # s beyond the receiver timeout for a forced close
 RSS_LIMIT_KIB = 32 * 1024
 AGENT_CONN_LIMIT = 64
-TEL_BODY_MAX = 2 << 20       # telemetry POST body limit (CONTRACT: 2 x maxBytes)
+TEL_BODY_MAX = 2 << 20       # telemetry POST body limit (2 x the subscription's maxBytes)
 
 
 # --------------------------------------------------------------- checks

@@ -2,7 +2,8 @@
 
     python3 test/e2e.py -k platform_    (these, plus e2e.py's platform_report_metrics)
 
-Covers CONTRACT.md sections 3, 5 and 6 beyond the few platform scenarios in
+Covers the platform data (README "What it does": Platform data) beyond the few
+platform scenarios in
 e2e.py (platform_report_metrics, function_logs_forwarded,
 timeout_reports_registered_transaction, sync_runtime_done_without_flush):
 

@@ -1,8 +1,9 @@
 """A fake AWS Lambda control plane for end-to-end tests of apm-ext.
 
 FakeLambda serves, on 127.0.0.1:<ephemeral port> (HTTP/1.1, one thread per
-connection), the three APIs a Lambda sandbox offers its processes, as
-/work/shared/CONTRACT.md sections 2 and 3 describe them:
+connection), the three APIs a Lambda sandbox offers its processes, as AWS
+documents them (the Extensions API, the Telemetry API and the Runtime API;
+test/SPEC-FOR-TESTS.md says what the extension does with them):
 
   Extensions API  POST /2020-01-01/extension/register
                   GET  /2020-01-01/extension/event/next        (long poll)
