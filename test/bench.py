@@ -1156,7 +1156,7 @@ def m_latency(ctx):
     runs = ctx.args.runs
     apm_lam, floor_lam = Lambda(telemetry=True), Lambda(telemetry=True)
     env = ctx.env()
-    agent = tel = None
+    agent = tel = otlp = None
     try:
         apm = apm_lam.spawn(ctx.binary, "apm-lambda-extension", env, ctx.log_path("lat-apm"))
         floor = floor_lam.spawn(ctx.floor, "floor", env, ctx.log_path("lat-floor"))
@@ -1167,7 +1167,11 @@ def m_latency(ctx):
         time.sleep(0.002)
         hwm_init = apm.status()["VmHWM"]
         agent = Client(apm_lam, int(env["ELASTIC_APM_DATA_RECEIVER_SERVER_PORT"]))
+        otlp = Client(apm_lam, int(env["APM_EXT_OTLP_PORT"]))
         tel = Client(apm_lam, apm_lam.tel_port)
+        otlp_body = bytes((i * 131 + i // 97) & 0xFF for i in range(100 * 1024))
+        otlp_hdrs = [("Content-Type", "application/x-protobuf"),
+                     ("User-Agent", "OTel-OTLP-Exporter-JavaScript/0.223.0")]
         bodies = {n: ndjson(n) for _, n in SIZES if n}
         sent = {"bytes": 0}
         last_rid = [None]
@@ -1176,12 +1180,20 @@ def m_latency(ctx):
 
         def invoke_apm(size, telemetry):
             """telemetry: None (no records), "after" (runtimeDone right after the
-            flushed POST's 202) or "only" (runtimeDone, no flushed POST)."""
+            flushed POST's 202), "only" (runtimeDone, no flushed POST) or "otlp"
+            (the body is an OTLP/HTTP export instead, as an OpenTelemetry SDK's
+            force-flush sends it, then runtimeDone)."""
             rid = str(uuid.uuid4())
             n0 = len(apm_lam.nexts)
             apm_lam.invoke(rid)
             last_rid[0] = rid
-            if size:
+            if telemetry == "otlp":
+                status, _ = otlp.request("POST", "/v1/traces", otlp_body, otlp_hdrs)
+                if status != 200:
+                    raise BenchError("apm-ext answered %d to a %d-byte OTLP export"
+                                     % (status, len(otlp_body)))
+                sent["bytes"] += len(otlp_body)
+            elif size:
                 status, _ = agent.request("POST", "/intake/v2/events", bodies[size], intake_hdrs)
                 if status != 202:
                     raise BenchError("apm-ext answered %d to a %d-byte intake POST" % (status, size))
@@ -1190,7 +1202,7 @@ def m_latency(ctx):
                 done = json.dumps([{"time": iso_now(), "type": "platform.runtimeDone", "record": {
                     "requestId": rid, "status": "success",
                     "metrics": {"durationMs": 1.0, "producedBytes": 42}}}]).encode()
-            if telemetry == "only":
+            if telemetry in ("only", "otlp"):
                 t_resp = now()                  # the runtime answers: Lambda sends runtimeDone
             else:
                 status, t_resp = agent.request("POST", "/intake/v2/events?flushed=true", b"",
@@ -1212,7 +1224,8 @@ def m_latency(ctx):
 
         cases = [("floor", None, None)] + [(label, n, None) for label, n in SIZES] + \
                 [("100 KB + telemetry", 100 * 1024, "after"),
-                 ("100 KB, ended by runtimeDone only", 100 * 1024, "only")]
+                 ("100 KB, ended by runtimeDone only", 100 * 1024, "only"),
+                 ("100 KB OTLP export, ended by runtimeDone", 100 * 1024, "otlp")]
         samples = {c[0]: [] for c in cases}
         for i in range(3 + runs):               # 3 warm-up rounds
             k = i % len(cases)
@@ -1233,6 +1246,7 @@ def m_latency(ctx):
         ctx.notes.append("apm-ext after the latency runs: VmHWM %d KiB, VmRSS %d KiB (%d KiB "
                          "right after init)" % (hwm_a, st_a["VmRSS"], hwm_init))
         agent.close()
+        otlp.close()
         tel.close()
         code_a, exit_a = apm_lam.shutdown()
         code_f, exit_f = floor_lam.shutdown()
@@ -1250,7 +1264,7 @@ def m_latency(ctx):
         ctx.notes.append("sink: %d requests, %d body bytes, %d connections (agent sent %d bytes)"
                          % (sink["requests"], sink["body_bytes"], sink["connections"], sent["bytes"]))
     finally:
-        for c in (agent, tel):
+        for c in (agent, tel, otlp):
             if c is not None:
                 c.close()
         apm_lam.close()
@@ -1261,7 +1275,7 @@ def m_latency(ctx):
     for label, size, telemetry in cases[1:]:
         s = stats(samples[label])
         target, ok = "", None
-        if label == "100 KB":
+        if label in ("100 KB", "100 KB OTLP export, ended by runtimeDone"):
             target, ok = "< 1000 us", s["median"] < 1000
         rows.append(row("added latency, %s" % label, s, fl, target, ok, "us", "stats"))
     ctx.raw["latency_rss_kb"] = {"apm_init": hwm_init, "apm": hwm_a, "floor": hwm_f}
