@@ -120,13 +120,17 @@
  *                                  extension's static state starts fresh);
  *                                  prints one line per failing seed, then
  *                                  "N passed, N failed" as the last line
- *  build/sim --quick               the fixed set make test runs (< 1 min)
+ *  build/sim --quick               the fixed set make test runs: seeds
+ *                                  1..1000, ~30 s with -j 2
+ *  --timeout S                     a child still running after S s of wall
+ *                                  clock (default 300) fails as "hung"
  *
- * Build (from the repository root):
- *  cc -std=c11 -g -O1 -Wall -Wextra -Werror -D_GNU_SOURCE -DAPM_EXT_TEST \
- *     -fsanitize=address,undefined -fno-sanitize-recover=all \
- *     -fno-omit-frame-pointer -I/usr/include/bearssl -I. -o build/sim \
- *     test/sim.c /usr/lib/x86_64-linux-gnu/libbearssl.a
+ * Build (make build/sim; by hand, from the repository root):
+ *  cc -std=c11 -g -O1 -Wall -Wextra -Wshadow -Werror -D_GNU_SOURCE \
+ *     -DAPM_EXT_TEST -fsanitize=address,undefined,float-cast-overflow \
+ *     -fno-sanitize-recover=all -fno-omit-frame-pointer \
+ *     -I/usr/include/bearssl -I. -o build/sim test/sim.c \
+ *     /usr/lib/x86_64-linux-gnu/libbearssl.a
  * Against another copy of the extension (a scratch revert, say):
  *     -DAPM_EXT_C_PATH='"/tmp/x/apm-ext.c"'
  *
