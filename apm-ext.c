@@ -2089,6 +2089,9 @@ struct upstream {
 	struct endpoint *ep;    /* where this slot connects */
 	int state;              /* enum up_state */
 	int job;                /* enum up_job */
+	/* The job's owner settles it: answered (the response is in c.rx,
+	 * status in status) or failed (why). NULL: no one to tell. */
+	void (*done)(struct upstream *u, int answered, const char *why);
 	int payload;            /* JOB_PAYLOAD: queue slot */
 	int agent;              /* JOB_PROXY: agent slot, -1 if it left */
 	uint64_t sent;          /* payload bytes framed into tx so far */
@@ -2227,8 +2230,6 @@ static void tel_registered(const char *rid, const char *tx, size_t n);
 static void tel_runtime_done(const char *rid, const char *status);
 static int aws_wanted(void);
 static int aws_pending(void);
-static void aws_failed(const char *why);
-static void aws_answer(struct upstream *u);
 static int aws_acm_wanted(void);
 static int aws_first_call_pending(void);
 
@@ -3351,31 +3352,29 @@ tls_start(struct upstream *u)
 	return 0;
 }
 
-static void upstream_fail(struct upstream *u, const char *why);
-
-/* The engine closed: a clean close_notify is an EOF, anything else fails. */
-static int
+/* The engine closed: a clean close_notify is an EOF (NULL), anything else
+ * a failure, whose reason is returned. */
+static const char *
 tls_closed(struct upstream *u)
 {
+	static char why[200];
 	int err = br_ssl_engine_last_error(&u->c.tls->eng);
 	if (err == BR_ERR_OK && u->state != UP_HANDSHAKE) {
 		u->c.eof = 1;
-		return 0;
+		return NULL;
 	}
-	char why[200];
 	snprintf(why, sizeof why, "TLS: %s (BearSSL error %d)", tls_reason(err), err);
 	if (err != tls.last_err)
 		log_error("cannot connect to %s: %s", u->ep->what, why);
 	tls.last_err = err;
-	upstream_fail(u, why);
-	return -1;
+	return why;
 }
 
 /*
  * Move records and application bytes as far as they go without blocking.
- * 0, or -1 when the connection failed (already torn down).
+ * NULL, or why the connection failed (the caller tears it down).
  */
-static int
+static const char *
 tls_step(struct upstream *u)
 {
 	struct conn *c = &u->c;
@@ -3404,8 +3403,7 @@ tls_step(struct upstream *u)
 				c->last_active = now_ms();
 				progress = 1;
 			} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
-				upstream_fail(u, strerror(errno));
-				return -1;
+				return strerror(errno);
 			}
 		}
 		if (st & BR_SSL_RECVAPP) {
@@ -3440,21 +3438,18 @@ tls_step(struct upstream *u)
 				progress = 1;
 			} else if (n == 0) {
 				c->eof = 1;
-				if (u->state == UP_HANDSHAKE) {
-					upstream_fail(u, "TLS: the server closed the connection "
-					    "during the handshake");
-					return -1;
-				}
-				return 0;
+				if (u->state == UP_HANDSHAKE)
+					return "TLS: the server closed the connection "
+					    "during the handshake";
+				return NULL;
 			} else if (errno != EAGAIN && errno != EINTR) {
-				upstream_fail(u, strerror(errno));
-				return -1;
+				return strerror(errno);
 			}
 		}
 		if (!progress)
 			break;
 	}
-	return 0;
+	return NULL;
 }
 
 /* poll() interest of a TLS connection, from the engine's state. */
@@ -3651,6 +3646,42 @@ upstream_host_header(const struct endpoint *ep, char *out, size_t cap)
 		snprintf(out, cap, v6 ? "[%s]:%u" : "%s:%u", u->host, u->port);
 }
 
+/* Close slot u's connection; its job, if any, stays for the caller. */
+static void
+upstream_close(struct upstream *u)
+{
+	conn_close(&u->c);
+	u->state = UP_CLOSED;
+}
+
+/* The server has the forwarder timeout from now to answer (or accept). */
+static void
+upstream_arm(struct upstream *u)
+{
+	u->c.deadline = now_ms() + g.cfg.forwarder_timeout_ms;
+}
+
+/* Slot u has no job any more. */
+static void
+upstream_unassign(struct upstream *u)
+{
+	u->job = JOB_NONE;
+	u->done = NULL;
+	u->payload = -1;
+	u->agent = -1;
+}
+
+/* Tear down a connection that failed and tell its job's owner. */
+static void
+upstream_fail(struct upstream *u, const char *why)
+{
+	g.progress++;
+	upstream_close(u);
+	if (u->done)
+		u->done(u, 0, why);
+	upstream_unassign(u);
+	u->reused = 0;
+}
 
 /* Open a connection for slot u to its endpoint (the APM server or an AWS
  * service), whose address is known. 0 or -1. */
@@ -3683,131 +3714,30 @@ upstream_connect(struct upstream *u)
 	u->state = UP_CONNECTING;
 	u->reused = 0;
 	u->c.last_active = now_ms();
-	u->c.deadline = u->c.last_active + g.cfg.forwarder_timeout_ms;
+	upstream_arm(u);
 	if (ep->url.tls && tls_start(u) < 0) {
-		conn_close(&u->c);
-		u->state = UP_CLOSED;
+		upstream_close(u);
 		return -1;
 	}
 	return 0;
 }
 
-static void fwd_done(struct upstream *u, int ok, int retryable,
-    const char *why);
-static void fwd_backoff(const char *why);
-
-/* Start the request for payload slot s on u (connected or not). */
+/* One more consecutive failure: no delivery starts before the backoff. */
 static void
-upstream_begin_payload(struct upstream *u, int s)
+fwd_backoff(const char *why)
 {
-	struct payload *p = &g.q.p[s];
-	char host[300];
-	upstream_host_header(u->ep, host, sizeof host);
-	u->job = JOB_PAYLOAD;
-	u->head_req = 0;
-	u->payload = s;
-	u->sent = 0;
-	u->sent_last = 0;
-	u->resp_started = 0;
-	p->inflight = 1;
-	static const char *const paths[] = { "/intake/v2/events", "/v1/traces",
-		"/v1/metrics", "/v1/logs" };
-	struct conn *c = &u->c;
-	c->tx_len = c->tx_off = 0;
-	u->retry_after_ms = 0;
-	tx_printf(c, "POST %s%s HTTP/1.1\r\nHost: %s\r\n"
-	    "Content-Type: %s\r\nTransfer-Encoding: chunked\r\n"
-	    "User-Agent: " APM_EXT_NAME "/" APM_EXT_VERSION "%s%s%s\r\n",
-	    g.cfg.server.prefix, paths[p->kind], host,
-	    p->kind == PL_INTAKE ? "application/x-ndjson" : p->ctype,
-	    p->user_agent[0] ? " (" : "", p->user_agent,
-	    p->user_agent[0] ? ")" : "");
-	if (p->encoding[0] && strcmp(p->encoding, "identity") != 0)
-		tx_printf(c, "Content-Encoding: %s\r\n", p->encoding);
-	if (g.cfg.auth[0])
-		tx_printf(c, "Authorization: %s\r\n", g.cfg.auth);
-	tx_printf(c, "\r\n");
-	c->deadline = now_ms() + g.cfg.forwarder_timeout_ms;
-}
-
-/*
- * Frame more payload bytes as chunks into tx. Streams a payload that is still
- * being received; the last chunk goes once it is complete.
- */
-static void
-upstream_frame_body(struct upstream *u)
-{
-	struct conn *c = &u->c;
-	struct payload *p = &g.q.p[u->payload];
-	while (!u->sent_last) {
-		size_t room = c->tx_cap - c->tx_len;
-		if (u->sent < p->len) {
-			if (room < 64)
-				return;
-			struct apm_str v = queue_view(&g.q, u->payload, u->sent);
-			size_t n = MIN(v.len, room - 32);
-			tx_printf(c, "%zx\r\n", n);
-			tx_put(c, v.ptr, n);
-			tx_put(c, "\r\n", 2);
-			u->sent += n;
-		} else if (!p->open) {
-			if (tx_put(c, "0\r\n\r\n", 5) < 0)
-				return;
-			u->sent_last = 1;
-			c->deadline = now_ms() + g.cfg.forwarder_timeout_ms;
-		} else {
-			return; /* wait for the agent */
-		}
-	}
-}
-
-static void
-upstream_idle(struct upstream *u)
-{
-	g.progress++;
-	u->job = JOB_NONE;
-	u->payload = -1;
-	u->agent = -1;
-	u->state = UP_IDLE;
-	u->reused = 1;
-	u->c.deadline = 0;
-	buf_reset(&u->c);
-}
-
-static void agent_proxy_answer(int ai, struct upstream *u, const char *failed);
-
-/* Tear down a connection that failed; hand its job back or fail it. */
-static void
-upstream_fail(struct upstream *u, const char *why)
-{
-	int stale = u->reused && !u->resp_started;
-	int job = u->job;
-	g.progress++;
-	conn_close(&u->c);
-	u->state = UP_CLOSED;
-	if (job == JOB_PAYLOAD) {
-		struct payload *p = &g.q.p[u->payload];
-		if (stale && p->stale_retries++ == 0) {
-			/* A kept-alive connection the server closed while we were
-			 * frozen or idle: no answer was started, so resend on a
-			 * new connection without counting a failure. */
-			log_debug("kept-alive connection was dead (%s); resending", why);
-			p->inflight = 0;
-		} else {
-			fwd_done(u, 0, 1, why);
-		}
-	} else if (job == JOB_PROXY) {
-		if (u->agent >= 0)
-			agent_proxy_answer(u->agent, u, why);
-	} else if (job == JOB_AWS) {
-		aws_failed(why);
-	} else if (!u->reused) {
-		fwd_backoff(why); /* a warm-up connection that failed */
-	}
-	u->job = JOB_NONE;
-	u->payload = -1;
-	u->agent = -1;
-	u->reused = 0;
+	g.failures++;
+	g.rnd = g.rnd * 1103515245u + 12345u;
+	int64_t delay = apm_backoff_ms(g.failures, g.rnd >> 8);
+	g.retry_at = now_ms() + delay;
+	if (g.failures == 1 || g.failures % 10 == 0)
+		log_warn("delivery to the APM server failed (%s); failure %u, "
+		    "retrying in %lld ms", why, g.failures, (long long)delay);
+	else
+		log_debug("delivery failed (%s); failure %u, retry in %lld ms",
+		    why, g.failures, (long long)delay);
+	if (g.failures >= 3)
+		g.apm.resolved = 0; /* the address may have moved */
 }
 
 /*
@@ -3815,7 +3745,7 @@ upstream_fail(struct upstream *u, const char *why)
  * retryable: keep it for a later attempt with backoff.
  */
 static void
-fwd_done(struct upstream *u, int ok, int retryable, const char *why)
+fwd_settle(struct upstream *u, int ok, int retryable, const char *why)
 {
 	int s = u->payload;
 	struct payload *p = &g.q.p[s];
@@ -3847,6 +3777,136 @@ fwd_done(struct upstream *u, int ok, int retryable, const char *why)
 		p->not_before = now_ms() + u->retry_after_ms;
 }
 
+/*
+ * JOB_PAYLOAD's end: the APM server's answer to payload u->payload, or the
+ * attempt failed. A kept-alive connection the server closed while we were
+ * frozen or idle, before any answer, is resent once on a new connection
+ * without counting a failure.
+ */
+static void
+fwd_payload_done(struct upstream *u, int answered, const char *why)
+{
+	struct conn *c = &u->c;
+	struct payload *p = &g.q.p[u->payload];
+	if (!answered) {
+		if (u->reused && !u->resp_started && p->stale_retries++ == 0) {
+			log_debug("kept-alive connection was dead (%s); resending", why);
+			p->inflight = 0;
+		} else {
+			fwd_settle(u, 0, 1, why);
+		}
+		return;
+	}
+	char text[ERRTEXT_MAX + 1], reason[ERRTEXT_MAX + 64];
+	size_t n = MIN(c->body.have, (size_t)ERRTEXT_MAX);
+	for (size_t i = 0; i < n; i++)
+		text[i] = (c->rx[i] >= 0x20 && c->rx[i] < 0x7f) ? c->rx[i] : ' ';
+	text[n] = 0;
+	if (g.cfg.auth[0])
+		str_redact(text, strchr(g.cfg.auth, ' ') + 1);
+	snprintf(reason, sizeof reason, "HTTP %d %s", u->status, text);
+	int ok = u->status >= 200 && u->status < 300;
+	int otlp = p->kind != PL_INTAKE;
+	/* OTLP/HTTP: only 429, 502, 503 and 504 are worth a retry */
+	int retryable = u->status == 429 || (otlp ? u->status == 502 ||
+	    u->status == 503 || u->status == 504 :
+	    u->status == 408 || u->status >= 500);
+	/* an export response with content is a partial_success (protobuf: any
+	 * field; JSON: more than "{}") */
+	if (ok && otlp && c->body.have > 0 && (!strstr(p->ctype, "json") ||
+	    memmem(c->rx, c->body.have, "rejected", 8)))
+		log_debug("OTLP export accepted with a partial success answer: "
+		    "some items were rejected (%.*s)", (int)MIN(c->body.have, 200),
+		    text);
+	fwd_settle(u, ok, retryable, reason);
+}
+
+/* A warm-up connection (no job yet) that fails is a failed delivery. */
+static void
+fwd_warmup_done(struct upstream *u, int answered, const char *why)
+{
+	(void)u;
+	if (!answered)
+		fwd_backoff(why);
+}
+
+/* Start the request for payload slot s on u (connected or not). */
+static void
+upstream_begin_payload(struct upstream *u, int s)
+{
+	struct payload *p = &g.q.p[s];
+	char host[300];
+	upstream_host_header(u->ep, host, sizeof host);
+	u->job = JOB_PAYLOAD;
+	u->done = fwd_payload_done;
+	u->head_req = 0;
+	u->payload = s;
+	u->sent = 0;
+	u->sent_last = 0;
+	u->resp_started = 0;
+	p->inflight = 1;
+	static const char *const paths[] = { "/intake/v2/events", "/v1/traces",
+		"/v1/metrics", "/v1/logs" };
+	struct conn *c = &u->c;
+	c->tx_len = c->tx_off = 0;
+	u->retry_after_ms = 0;
+	tx_printf(c, "POST %s%s HTTP/1.1\r\nHost: %s\r\n"
+	    "Content-Type: %s\r\nTransfer-Encoding: chunked\r\n"
+	    "User-Agent: " APM_EXT_NAME "/" APM_EXT_VERSION "%s%s%s\r\n",
+	    g.cfg.server.prefix, paths[p->kind], host,
+	    p->kind == PL_INTAKE ? "application/x-ndjson" : p->ctype,
+	    p->user_agent[0] ? " (" : "", p->user_agent,
+	    p->user_agent[0] ? ")" : "");
+	if (p->encoding[0] && strcmp(p->encoding, "identity") != 0)
+		tx_printf(c, "Content-Encoding: %s\r\n", p->encoding);
+	if (g.cfg.auth[0])
+		tx_printf(c, "Authorization: %s\r\n", g.cfg.auth);
+	tx_printf(c, "\r\n");
+	upstream_arm(u);
+}
+
+/*
+ * Frame more payload bytes as chunks into tx. Streams a payload that is still
+ * being received; the last chunk goes once it is complete.
+ */
+static void
+upstream_frame_body(struct upstream *u)
+{
+	struct conn *c = &u->c;
+	struct payload *p = &g.q.p[u->payload];
+	while (!u->sent_last) {
+		size_t room = c->tx_cap - c->tx_len;
+		if (u->sent < p->len) {
+			if (room < 64)
+				return;
+			struct apm_str v = queue_view(&g.q, u->payload, u->sent);
+			size_t n = MIN(v.len, room - 32);
+			tx_printf(c, "%zx\r\n", n);
+			tx_put(c, v.ptr, n);
+			tx_put(c, "\r\n", 2);
+			u->sent += n;
+		} else if (!p->open) {
+			if (tx_put(c, "0\r\n\r\n", 5) < 0)
+				return;
+			u->sent_last = 1;
+			upstream_arm(u);
+		} else {
+			return; /* wait for the agent */
+		}
+	}
+}
+
+static void
+upstream_idle(struct upstream *u)
+{
+	g.progress++;
+	upstream_unassign(u);
+	u->state = UP_IDLE;
+	u->reused = 1;
+	u->c.deadline = 0;
+	buf_reset(&u->c);
+}
+
 /* The earliest Retry-After of a queued payload still ahead, 0 none. */
 static int64_t
 fwd_not_before(int64_t now)
@@ -3858,66 +3918,18 @@ fwd_not_before(int64_t now)
 	return t;
 }
 
-/* One more consecutive failure: no delivery starts before the backoff. */
-static void
-fwd_backoff(const char *why)
-{
-	g.failures++;
-	g.rnd = g.rnd * 1103515245u + 12345u;
-	int64_t delay = apm_backoff_ms(g.failures, g.rnd >> 8);
-	g.retry_at = now_ms() + delay;
-	if (g.failures == 1 || g.failures % 10 == 0)
-		log_warn("delivery to the APM server failed (%s); failure %u, "
-		    "retrying in %lld ms", why, g.failures, (long long)delay);
-	else
-		log_debug("delivery failed (%s); failure %u, retry in %lld ms",
-		    why, g.failures, (long long)delay);
-	if (g.failures >= 3)
-		g.apm.resolved = 0; /* the address may have moved */
-}
-
 /* The response is complete: settle the job, keep the connection if allowed. */
 static void
 upstream_response_done(struct upstream *u)
 {
-	struct conn *c = &u->c;
 	int keep = !u->resp_close && u->sent_last;
-	if (u->job == JOB_PAYLOAD) {
-		char why[ERRTEXT_MAX + 64];
-		size_t n = MIN(c->body.have, (size_t)ERRTEXT_MAX);
-		char text[ERRTEXT_MAX + 1];
-		for (size_t i = 0; i < n; i++)
-			text[i] = (c->rx[i] >= 0x20 && c->rx[i] < 0x7f) ? c->rx[i] : ' ';
-		text[n] = 0;
-		if (g.cfg.auth[0])
-			str_redact(text, strchr(g.cfg.auth, ' ') + 1);
-		snprintf(why, sizeof why, "HTTP %d %s", u->status, text);
-		int ok = u->status >= 200 && u->status < 300;
-		int otlp = g.q.p[u->payload].kind != PL_INTAKE;
-		/* OTLP/HTTP: only 429, 502, 503 and 504 are worth a retry */
-		int retryable = u->status == 429 || (otlp ? u->status == 502 ||
-		    u->status == 503 || u->status == 504 :
-		    u->status == 408 || u->status >= 500);
-		/* an export response with content is a partial_success (protobuf:
-		 * any field; JSON: more than "{}") */
-		if (ok && otlp && c->body.have > 0 &&
-		    (!strstr(g.q.p[u->payload].ctype, "json") ||
-		    memmem(c->rx, c->body.have, "rejected", 8)))
-			log_debug("OTLP export accepted with a partial success "
-			    "answer: some items were rejected (%.*s)",
-			    (int)MIN(c->body.have, 200), text);
-		fwd_done(u, ok, retryable, why);
-	} else if (u->job == JOB_PROXY && u->agent >= 0) {
-		agent_proxy_answer(u->agent, u, NULL);
-	} else if (u->job == JOB_AWS) {
-		aws_answer(u);
-	}
+	if (u->done)
+		u->done(u, 1, NULL);
 	if (keep) {
 		upstream_idle(u);
 	} else {
-		conn_close(c);
-		u->state = UP_CLOSED;
-		u->job = JOB_NONE;
+		upstream_close(u);
+		upstream_unassign(u);
 	}
 }
 
@@ -4018,9 +4030,12 @@ upstream_step(struct upstream *u, short revents)
 				c->deadline = 0;
 		}
 	}
+	const char *why;
 	if (c->tls) {
-		if (tls_step(u) < 0)
+		if ((why = tls_step(u)) != NULL) {
+			upstream_fail(u, why);
 			return;
+		}
 	} else {
 		if (revents & (POLLIN | POLLHUP | POLLERR)) {
 			if (conn_fill(c) < 0 && !c->eof) {
@@ -4032,10 +4047,8 @@ upstream_step(struct upstream *u, short revents)
 		}
 	}
 	if (u->state == UP_IDLE) {
-		if (c->eof || c->rx_len > 0) { /* closed while idle, or garbage */
-			conn_close(c);
-			u->state = UP_CLOSED;
-		}
+		if (c->eof || c->rx_len > 0) /* closed while idle, or garbage */
+			upstream_close(u);
 		return;
 	}
 	if (u->state != UP_BUSY)
@@ -4047,10 +4060,9 @@ upstream_step(struct upstream *u, short revents)
 	}
 	if (u->job == JOB_PAYLOAD)
 		upstream_frame_body(u);
-	if (c->tls)
-		tls_step(u);
-	else if (conn_flush(c) < 0)
-		upstream_fail(u, strerror(errno));
+	why = c->tls ? tls_step(u) : conn_flush(c) < 0 ? strerror(errno) : NULL;
+	if (why)
+		upstream_fail(u, why);
 }
 
 /* poll() interest of an upstream connection. */
@@ -4137,8 +4149,8 @@ fwd_schedule(void)
 		upstream_begin_payload(u, best);
 		if (upstream_assign(u) < 0) {
 			u->state = UP_CLOSED;
-			fwd_done(u, 0, 1, "cannot connect");
-			u->job = JOB_NONE;
+			fwd_settle(u, 0, 1, "cannot connect");
+			upstream_unassign(u);
 			return;
 		}
 		busy++;
@@ -4163,7 +4175,8 @@ fwd_prewarm(void)
 		if (g.up[i].c.fd >= 0)
 			return;
 	struct upstream *u = &g.up[0];
-	u->job = JOB_NONE;
+	upstream_unassign(u);
+	u->done = fwd_warmup_done;
 	if (upstream_connect(u) < 0)
 		log_debug("warm-up connection to the APM server failed");
 }
@@ -4177,10 +4190,8 @@ fwd_payload_aborted(int s)
 		if (u->job == JOB_PAYLOAD && u->payload == s) {
 			/* The server has a partial body: end that request by closing;
 			 * the payload is given up. */
-			conn_close(&u->c);
-			u->state = UP_CLOSED;
-			u->job = JOB_NONE;
-			u->payload = -1;
+			upstream_close(u);
+			upstream_unassign(u);
 		}
 	}
 	queue_free(&g.q, s);
@@ -4984,6 +4995,14 @@ agent_proxy_answer(int ai, struct upstream *u, const char *failed)
 	a->state = AG_RESPOND;
 }
 
+/* JOB_PROXY's end: answer the agent, unless it left. */
+static void
+agent_proxy_done(struct upstream *u, int answered, const char *why)
+{
+	if (u->agent >= 0)
+		agent_proxy_answer(u->agent, u, answered ? NULL : why);
+}
+
 /* Hand waiting proxied calls to free upstream connections. */
 static void
 proxy_schedule(void)
@@ -5019,13 +5038,14 @@ proxy_schedule(void)
 			continue;
 		}
 		a->c.tx_len = 0;
+		upstream_unassign(u);
 		u->job = JOB_PROXY;
+		u->done = agent_proxy_done;
 		u->head_req = line > 5 && memcmp(uc->tx, "HEAD ", 5) == 0;
 		u->agent = i;
-		u->payload = -1;
 		u->sent_last = 1;
 		u->resp_started = 0;
-		uc->deadline = now_ms() + g.cfg.forwarder_timeout_ms;
+		upstream_arm(u);
 	}
 }
 
@@ -5430,44 +5450,7 @@ aws_request(struct upstream *u, int k)
 	return bad ? -1 : 0;
 }
 
-/* Start the next call if one is due. */
-static void
-aws_schedule(void)
-{
-	struct upstream *u = &g.up[AWS_SLOT];
-	if (aws.current >= 0 || !aws_pending() || !aws.key_id ||
-	    now_ms() < aws.retry_at)
-		return;
-	int k = 0;
-	while (!aws.id[k] || aws.done[k])
-		k++;
-	struct endpoint *ep = k == AWS_ACM ? &aws.acm : &aws.sm;
-	if (!endpoint_ready(ep, g.cfg.forwarder_timeout_ms))
-		return;
-	if (u->c.fd >= 0 && u->state == UP_IDLE && u->ep == ep) {
-		u->state = UP_BUSY;
-	} else {
-		if (u->c.fd >= 0)
-			conn_close(&u->c);
-		u->state = UP_CLOSED;
-		u->ep = ep;
-		if (aws_request(u, k) < 0 || upstream_connect(u) < 0) {
-			aws_failed("cannot connect");
-			return;
-		}
-	}
-	if (u->state == UP_BUSY && aws_request(u, k) < 0) {
-		aws_failed("request too large");
-		return;
-	}
-	aws.current = k;
-	u->job = JOB_AWS;
-	u->head_req = 0;
-	u->sent_last = 1;
-	u->resp_started = 0;
-	u->c.deadline = now_ms() + g.cfg.forwarder_timeout_ms;
-}
-
+/* Call aws.current failed: retry with backoff (the first retry at once). */
 static void
 aws_failed(const char *why)
 {
@@ -5558,6 +5541,54 @@ aws_answer(struct upstream *u)
 	aws.current = -1;
 	aws.failures = 0;
 	aws.retry_at = 0;
+}
+
+/* JOB_AWS's end: the answer to call aws.current, or its failure. */
+static void
+aws_call_done(struct upstream *u, int answered, const char *why)
+{
+	if (answered)
+		aws_answer(u);
+	else
+		aws_failed(why);
+}
+
+/* Start the next call if one is due. */
+static void
+aws_schedule(void)
+{
+	struct upstream *u = &g.up[AWS_SLOT];
+	if (aws.current >= 0 || !aws_pending() || !aws.key_id ||
+	    now_ms() < aws.retry_at)
+		return;
+	int k = 0;
+	while (!aws.id[k] || aws.done[k])
+		k++;
+	struct endpoint *ep = k == AWS_ACM ? &aws.acm : &aws.sm;
+	if (!endpoint_ready(ep, g.cfg.forwarder_timeout_ms))
+		return;
+	if (u->c.fd >= 0 && u->state == UP_IDLE && u->ep == ep) {
+		u->state = UP_BUSY;
+	} else {
+		upstream_close(u);
+		u->ep = ep;
+		if (aws_request(u, k) < 0 || upstream_connect(u) < 0) {
+			aws_failed("cannot connect");
+			return;
+		}
+	}
+	if (u->state == UP_BUSY && aws_request(u, k) < 0) {
+		aws_failed("request too large");
+		return;
+	}
+	aws.current = k;
+	upstream_unassign(u);
+	u->job = JOB_AWS;
+	u->done = aws_call_done;
+	u->head_req = 0;
+	u->sent_last = 1;
+	u->resp_started = 0;
+	upstream_arm(u);
 }
 
 /* == 17. Telemetry listener and platform events ==
