@@ -110,6 +110,8 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 #define TELEMETRY_PORT_DEFAULT 8201
 #define OTLP_PORT_DEFAULT 4318  /* OTLP/HTTP's own default port */
 #define REPORT_WAIT_MS 500      /* at SHUTDOWN, wait this long for the last report */
+#define MAX_TEL_CONNS 2         /* telemetry connections (Lambda uses one) */
+#define NUM_ENDPOINTS 3         /* servers we resolve: APM, Secrets Manager, ACM */
 
 /*
  * The system calls of the event loop and its clocks, in one table: a test
@@ -2193,6 +2195,15 @@ struct pollref {
 	int idx;
 };
 
+/* The poll set of one loop pass, and what each slot belongs to. */
+struct pollset {
+	struct pollfd pfd[NUM_LISTENERS + 1 + MAX_AGENT_CONNS + NUM_UPSTREAM +
+	    MAX_TEL_CONNS + NUM_ENDPOINTS];
+	struct pollref ref[NUM_LISTENERS + 1 + MAX_AGENT_CONNS + NUM_UPSTREAM +
+	    MAX_TEL_CONNS + NUM_ENDPOINTS];
+	int n;
+};
+
 static struct {
 	struct config cfg;
 	struct queue q;
@@ -2221,13 +2232,8 @@ static struct {
 	uint64_t progress;      /* bumped when a job ends: schedule again */
 } g;
 
-static void conn_close(struct conn *c);
-static void tel_inv_track(void);
-static void tel_proxy_transaction(const char *status);
-static int tel_report_pending(void);
 static void tel_agent_metadata(const char *p, size_t n);
 static void tel_registered(const char *rid, const char *tx, size_t n);
-static void tel_runtime_done(const char *rid, const char *status);
 static int aws_wanted(void);
 static int aws_pending(void);
 static int aws_acm_wanted(void);
@@ -2401,6 +2407,21 @@ queue_view(struct queue *q, int slot, uint64_t off)
 }
 
 /* == 11. Sockets == */
+
+/*
+ * Add fd to the poll set with interest ev. No interest leaves it out: poll
+ * reports a hang-up whatever was asked, so a connection waiting on the queue
+ * or the APM server would wake the loop again and again; its deadline
+ * covers it.
+ */
+static void
+pollset_add(struct pollset *ps, int fd, short ev, int kind, int idx)
+{
+	if (!ev)
+		return;
+	ps->pfd[ps->n] = (struct pollfd){ fd, ev, 0 };
+	ps->ref[ps->n++] = (struct pollref){ kind, idx };
+}
 
 /* Parse "host:port" with a numeric host into addr. 0 or -1. */
 static int
@@ -4581,7 +4602,39 @@ agent_head(struct agent *a)
 	a->state = AG_BODY;
 }
 
-static void register_transaction(struct agent *a);
+/* Keep what /register/transaction gave; 200, or 422 for a bad payload. */
+static void
+register_transaction(struct agent *a)
+{
+	struct conn *c = &a->c;
+	size_t n = c->body.have;
+	const char *nl = memchr(c->rx, '\n', n);
+	enum apm_err err;
+	int ok = nl && n <= REG_MAX && str_has_prefix((struct apm_str){ c->rx, n },
+	    "{\"metadata\"") &&
+	    apm_json_parse(c->rx, (size_t)(nl - c->rx), NULL, 0, NULL, &err) > 0;
+	if (ok) {
+		const char *tx = nl + 1;
+		size_t tlen = n - (size_t)(tx - c->rx);
+		while (tlen > 0 && (tx[tlen - 1] == '\n' || tx[tlen - 1] == '\r'))
+			tlen--;
+		ok = str_has_prefix((struct apm_str){ tx, tlen }, "{\"transaction\"") &&
+		    apm_json_parse(tx, tlen, NULL, 0, NULL, &err) > 0;
+	}
+	if (!ok) {
+		log_warn("bad /register/transaction payload; answered 422");
+		agent_respond(a, 422, "invalid transaction registration", 0);
+	} else {
+		memcpy(g.reg, c->rx, n);
+		g.reg_len = n;
+		snprintf(g.reg_request_id, sizeof g.reg_request_id, "%s",
+		    a->request_id);
+		tel_registered(a->request_id, nl + 1, n - (size_t)(nl + 1 - c->rx));
+		log_debug("transaction registered for %s", a->request_id);
+		agent_respond(a, 200, NULL, 0);
+	}
+	rx_consume(c, n);
+}
 
 /* The whole request is in: act on it and answer. */
 static void
@@ -5061,40 +5114,6 @@ proxy_fail_waiting(void)
 			agent_respond(a, 502, "APM server unreachable", 0);
 		}
 	}
-}
-
-/* Keep what /register/transaction gave; 200, or 422 for a bad payload. */
-static void
-register_transaction(struct agent *a)
-{
-	struct conn *c = &a->c;
-	size_t n = c->body.have;
-	const char *nl = memchr(c->rx, '\n', n);
-	enum apm_err err;
-	int ok = nl && n <= REG_MAX && str_has_prefix((struct apm_str){ c->rx, n },
-	    "{\"metadata\"") &&
-	    apm_json_parse(c->rx, (size_t)(nl - c->rx), NULL, 0, NULL, &err) > 0;
-	if (ok) {
-		const char *tx = nl + 1;
-		size_t tlen = n - (size_t)(tx - c->rx);
-		while (tlen > 0 && (tx[tlen - 1] == '\n' || tx[tlen - 1] == '\r'))
-			tlen--;
-		ok = str_has_prefix((struct apm_str){ tx, tlen }, "{\"transaction\"") &&
-		    apm_json_parse(tx, tlen, NULL, 0, NULL, &err) > 0;
-	}
-	if (!ok) {
-		log_warn("bad /register/transaction payload; answered 422");
-		agent_respond(a, 422, "invalid transaction registration", 0);
-	} else {
-		memcpy(g.reg, c->rx, n);
-		g.reg_len = n;
-		snprintf(g.reg_request_id, sizeof g.reg_request_id, "%s",
-		    a->request_id);
-		tel_registered(a->request_id, nl + 1, n - (size_t)(nl + 1 - c->rx));
-		log_debug("transaction registered for %s", a->request_id);
-		agent_respond(a, 200, NULL, 0);
-	}
-	rx_consume(c, n);
 }
 
 /* == 15. Lambda Extensions API client ==
@@ -5597,11 +5616,12 @@ aws_schedule(void)
  * follows half-applied records.
  */
 
-#define MAX_TEL_CONNS 2
+
+enum tel_state { TS_HEAD, TS_BODY, TS_RESPOND };
 
 struct telconn {
 	struct conn c;
-	int state;              /* 0 head, 1 body, 2 respond */
+	int state;              /* enum tel_state */
 	int reject;             /* status to answer instead of reading */
 };
 
@@ -6111,7 +6131,7 @@ tel_respond(struct telconn *t, int status, int close_after)
 	c->close_after = close_after;
 	tx_printf(c, "HTTP/1.1 %d %s\r\nContent-Length: 0\r\n%s\r\n", status,
 	    status_text(status), close_after ? "Connection: close\r\n" : "");
-	t->state = 2;
+	t->state = TS_RESPOND;
 }
 
 static void
@@ -6119,19 +6139,19 @@ tel_process(struct telconn *t)
 {
 	struct conn *c = &t->c;
 	for (int guard = 0; guard < 8 && c->fd >= 0; guard++) {
-		if (t->state == 2) {
+		if (t->state == TS_RESPOND) {
 			if (conn_flush(c) < 0 || (c->tx_len == 0 && c->close_after)) {
 				conn_close(c);
 				return;
 			}
 			if (c->tx_len)
 				return;
-			t->state = 0;
+			t->state = TS_HEAD;
 			c->head_done = 0;
 			c->head_prev = 0;
 			memset(&c->body, 0, sizeof c->body);
 		}
-		if (t->state == 0) {
+		if (t->state == TS_HEAD) {
 			struct apm_http_header h[APM_HTTP_MAX_HEADERS];
 			struct apm_http_msg m;
 			if (c->rx_len == 0)
@@ -6157,9 +6177,9 @@ tel_process(struct telconn *t)
 			body_init(&c->body, &m, 0);
 			rx_consume(c, (size_t)r);
 			c->head_prev = 0;
-			t->state = 1;
+			t->state = TS_BODY;
 		}
-		if (t->state == 1) {
+		if (t->state == TS_BODY) {
 			int r = body_step(&c->body, c->rx, &c->rx_len, 0);
 			if (r < 0 || c->body.total > TEL_BODY_MAX) {
 				tel.bad_posts++;
@@ -6201,25 +6221,22 @@ tel_accept(int lfd)
 		buf_reset(&t->c);
 		t->c.fd = fd;
 		t->c.last_active = now_ms();
-		t->state = 0;
+		t->state = TS_HEAD;
 	}
 }
 
-static int
-tel_poll_add(struct pollfd *pfd, struct pollref *ref, int n)
+/* poll() interest of the telemetry connections. */
+static void
+tel_events(struct pollset *ps)
 {
 	for (int i = 0; i < MAX_TEL_CONNS; i++) {
 		struct telconn *t = &tel.conns[i];
 		if (t->c.fd < 0)
 			continue;
-		short ev = t->state == 2 ? POLLOUT :
+		short ev = t->state == TS_RESPOND ? POLLOUT :
 		    (t->c.rx_len < t->c.rx_cap ? POLLIN : 0);
-		if (!ev)
-			continue; /* as for agents: no hang-up spin */
-		pfd[n] = (struct pollfd){ t->c.fd, ev, 0 };
-		ref[n++] = (struct pollref){ PK_TEL, i };
+		pollset_add(ps, t->c.fd, ev, PK_TEL, i);
 	}
-	return n;
 }
 
 static void
@@ -6233,21 +6250,22 @@ tel_dispatch(int idx, short revents)
 		}
 	}
 	tel_process(t);
-	if (t->c.fd >= 0 && t->c.eof && t->state != 2)
+	if (t->c.fd >= 0 && t->c.eof && t->state != TS_RESPOND)
 		conn_close(&t->c);
-	else if (t->c.fd >= 0 && t->c.rx_len == t->c.rx_cap && t->state != 2) {
+	else if (t->c.fd >= 0 && t->c.rx_len == t->c.rx_cap && t->state != TS_RESPOND) {
 		log_warn("telemetry request too large");
 		tel_respond(t, 413, 1);
 	}
 }
 
+/* Close telemetry connections idle mid-request; the next such deadline. */
 static int64_t
 tel_timeouts(int64_t now)
 {
 	int64_t wake = 0;
 	for (int i = 0; i < MAX_TEL_CONNS; i++) {
 		struct conn *c = &tel.conns[i].c;
-		if (c->fd < 0 || (tel.conns[i].state == 0 && c->rx_len == 0))
+		if (c->fd < 0 || (tel.conns[i].state == TS_HEAD && c->rx_len == 0))
 			continue;
 		int64_t d = c->last_active + g.cfg.receiver_timeout_ms;
 		if (now >= d)
@@ -6292,7 +6310,6 @@ loop_endpoint(int i)
 {
 	return i == 0 ? &g.apm : i == 1 ? &aws.sm : &aws.acm;
 }
-#define NUM_ENDPOINTS 3
 
 static void
 invocation_end(const char *why)
@@ -6469,10 +6486,6 @@ loop_lambda_tick(int64_t now)
 
 
 
-static void tel_accept(int lfd);
-static int tel_poll_add(struct pollfd *pfd, struct pollref *ref, int n);
-static void tel_dispatch(int idx, short revents);
-static int64_t tel_timeouts(int64_t now);
 
 static void
 upstream_timeouts(int64_t now)
@@ -6515,9 +6528,9 @@ loop_resolved(struct endpoint *ep, int r, const char *why)
 	}
 }
 
-/* Resolvers: answers that came, deadlines that passed; the next deadline. */
+/* Resolvers whose deadline passed; the next deadline or retry time. */
 static int64_t
-loop_resolvers(struct pollfd *pfd, struct pollref *ref, int *n, int64_t now)
+resolver_timeouts(int64_t now)
 {
 	int64_t wake = 0;
 	for (int i = 0; i < NUM_ENDPOINTS; i++) {
@@ -6532,127 +6545,160 @@ loop_resolvers(struct pollfd *pfd, struct pollref *ref, int *n, int64_t now)
 			continue;
 		}
 		wake = earliest(wake, ep->resolver_deadline);
-		pfd[*n] = (struct pollfd){ ep->resolver_fd, POLLIN, 0 };
-		ref[(*n)++] = (struct pollref){ PK_RESOLVER, i };
 	}
 	return wake;
+}
+
+/* Stage 1: a signal, then the jobs that can start (secrets, deliveries,
+ * proxied calls). */
+static void
+loop_schedule(int64_t now)
+{
+	if (g.got_term && g.phase != PH_SHUTDOWN) {
+		g.phase = PH_SHUTDOWN;
+		g.exit_at = now + 1000;
+		log_info("SIGTERM: flushing for up to 1000 ms, then exiting");
+	}
+	aws_schedule();
+	fwd_schedule();
+	proxy_schedule();
+}
+
+/* Stage 2: every kind's timers and pending work; the earliest next wake-up
+ * (0 none) from those that are not a connection's deadline. */
+static int64_t
+loop_timeouts(int64_t now)
+{
+	for (int i = 0; i < MAX_AGENT_CONNS; i++)
+		if (g.agents[i].c.fd >= 0) {
+			agent_process(&g.agents[i]);
+			if (g.agents[i].c.fd >= 0)
+				agent_timeouts(&g.agents[i], now);
+		}
+	for (int i = 0; i < NUM_UPSTREAM; i++)
+		if (g.up[i].c.fd >= 0 && g.up[i].state == UP_BUSY)
+			upstream_step(&g.up[i], 0);
+	upstream_timeouts(now);
+	int64_t wake = loop_lambda_tick(now);
+	wake = earliest(wake, tel_timeouts(now));
+	if (g.retry_at > now && !loop_idle())
+		wake = earliest(wake, g.retry_at);
+	wake = earliest(wake, fwd_not_before(now));
+	if (aws_pending() && aws.current < 0 && aws.retry_at > now)
+		wake = earliest(wake, aws.retry_at);
+	return earliest(wake, resolver_timeouts(now));
+}
+
+/* Stage 3: the poll set, each kind with its interest; connections' deadlines
+ * join wake. */
+static int64_t
+loop_fill(struct pollset *ps, int64_t wake)
+{
+	for (int i = 0; i < NUM_LISTENERS; i++)
+		if (g.listen_fd[i] >= 0)
+			pollset_add(ps, g.listen_fd[i], POLLIN, PK_LISTEN, i);
+	if (g.lam.c.fd >= 0 && g.lam.req != LR_NONE)
+		pollset_add(ps, g.lam.c.fd, POLLIN | (g.lam.c.tx_len ? POLLOUT : 0),
+		    PK_LAMBDA, 0);
+	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+		struct agent *a = &g.agents[i];
+		if (a->c.fd < 0)
+			continue;
+		wake = earliest(wake, a->c.deadline);
+		pollset_add(ps, a->c.fd, agent_events(a), PK_AGENT, i);
+	}
+	for (int i = 0; i < NUM_UPSTREAM; i++) {
+		struct upstream *u = &g.up[i];
+		if (u->c.fd < 0)
+			continue;
+		wake = earliest(wake, u->c.deadline);
+		pollset_add(ps, u->c.fd, upstream_events(u), PK_UP, i);
+	}
+	tel_events(ps);
+	for (int i = 0; i < NUM_ENDPOINTS; i++)
+		if (loop_endpoint(i)->resolver)
+			pollset_add(ps, loop_endpoint(i)->resolver_fd, POLLIN,
+			    PK_RESOLVER, i);
+	return wake;
+}
+
+/*
+ * Stage 4: how long poll may sleep: until wake (0: no timer). A job that
+ * ended in this pass (g.progress moved) freed a connection or a queue slot
+ * that waiting work may take: the pass runs again at once, without sleeping.
+ */
+static int
+loop_poll_timeout(int64_t wake, int job_ended)
+{
+	if (job_ended)
+		return 0;
+	if (!wake)
+		return -1;
+	int64_t d = wake - now_ms();
+	return d <= 0 ? 0 : (int)MIN(d + 1, (int64_t)INT_MAX);
+}
+
+/* Stage 5: hand each ready descriptor to its owner. */
+static void
+loop_dispatch(const struct pollset *ps, int ready)
+{
+	for (int i = 0; i < ps->n && ready > 0; i++) {
+		short re = ps->pfd[i].revents;
+		int idx = ps->ref[i].idx;
+		if (!re)
+			continue;
+		switch (ps->ref[i].kind) {
+		case PK_LISTEN:
+			if (idx == LS_TELEMETRY)
+				tel_accept(ps->pfd[i].fd);
+			else
+				agent_accept(ps->pfd[i].fd, idx == LS_OTLP4 ||
+				    idx == LS_OTLP6);
+			break;
+		case PK_LAMBDA:
+			lambda_step(re);
+			break;
+		case PK_AGENT:
+			agent_step(&g.agents[idx], re);
+			break;
+		case PK_UP:
+			upstream_step(&g.up[idx], re);
+			break;
+		case PK_TEL:
+			tel_dispatch(idx, re);
+			break;
+		case PK_RESOLVER: {
+			struct endpoint *ep = loop_endpoint(idx);
+			const char *why = "";
+			int rr = resolver_read(ep, &why);
+			if (rr)
+				loop_resolved(ep, rr, why);
+			break;
+		}
+		}
+	}
 }
 
 static void
 loop_run(void)
 {
-	struct pollfd pfd[NUM_LISTENERS + 1 + MAX_AGENT_CONNS + NUM_UPSTREAM + 4 +
-	    NUM_ENDPOINTS];
-	struct pollref ref[sizeof pfd / sizeof *pfd];
+	struct pollset ps;
 	for (;;) {
 		int64_t now = now_ms();
 		uint64_t progress = g.progress;
-		if (g.got_term && g.phase != PH_SHUTDOWN) {
-			g.phase = PH_SHUTDOWN;
-			g.exit_at = now + 1000;
-			log_info("SIGTERM: flushing for up to 1000 ms, then exiting");
-		}
-		aws_schedule();
-		fwd_schedule();
-		proxy_schedule();
-		for (int i = 0; i < MAX_AGENT_CONNS; i++)
-			if (g.agents[i].c.fd >= 0) {
-				agent_process(&g.agents[i]);
-				if (g.agents[i].c.fd >= 0)
-					agent_timeouts(&g.agents[i], now);
-			}
-		for (int i = 0; i < NUM_UPSTREAM; i++)
-			if (g.up[i].c.fd >= 0 && g.up[i].state == UP_BUSY)
-				upstream_step(&g.up[i], 0);
-		upstream_timeouts(now);
-		int64_t wake = loop_lambda_tick(now);
-		wake = earliest(wake, tel_timeouts(now));
-		if (g.retry_at > now && !loop_idle())
-			wake = earliest(wake, g.retry_at);
-		wake = earliest(wake, fwd_not_before(now));
-		if (aws_pending() && aws.current < 0 && aws.retry_at > now)
-			wake = earliest(wake, aws.retry_at);
-		int n = 0;
-		for (int i = 0; i < NUM_LISTENERS; i++)
-			if (g.listen_fd[i] >= 0) {
-				pfd[n] = (struct pollfd){ g.listen_fd[i], POLLIN, 0 };
-				ref[n++] = (struct pollref){ PK_LISTEN, i };
-			}
-		if (g.lam.c.fd >= 0 && g.lam.req != LR_NONE) {
-			short ev = POLLIN | (g.lam.c.tx_len ? POLLOUT : 0);
-			pfd[n] = (struct pollfd){ g.lam.c.fd, ev, 0 };
-			ref[n++] = (struct pollref){ PK_LAMBDA, 0 };
-		}
-		for (int i = 0; i < MAX_AGENT_CONNS; i++) {
-			struct agent *a = &g.agents[i];
-			short ev = a->c.fd >= 0 ? agent_events(a) : 0;
-			if (a->c.fd >= 0)
-				wake = earliest(wake, a->c.deadline);
-			/* No interest (waiting on the queue or the APM server): left
-			 * out, or a hang-up, which poll reports whatever was asked,
-			 * would wake the loop again and again; its deadline covers it. */
-			if (!ev)
-				continue;
-			pfd[n] = (struct pollfd){ a->c.fd, ev, 0 };
-			ref[n++] = (struct pollref){ PK_AGENT, i };
-		}
-		for (int i = 0; i < NUM_UPSTREAM; i++) {
-			struct upstream *u = &g.up[i];
-			if (u->c.fd < 0)
-				continue;
-			wake = earliest(wake, u->c.deadline);
-			pfd[n] = (struct pollfd){ u->c.fd, upstream_events(u), 0 };
-			ref[n++] = (struct pollref){ PK_UP, i };
-		}
-		n = tel_poll_add(pfd, ref, n);
-		wake = earliest(wake, loop_resolvers(pfd, ref, &n, now));
-		int timeout = -1;
-		if (wake) {
-			int64_t d = wake - now_ms();
-			timeout = d <= 0 ? 0 : (int)MIN(d + 1, (int64_t)INT_MAX);
-		}
-		if (g.progress != progress)
-			timeout = 0; /* a job ended in this pass: schedule again first */
-		int r = io.poll(pfd, (nfds_t)n, timeout);
+		loop_schedule(now);
+		int64_t wake = loop_timeouts(now);
+		ps.n = 0;
+		wake = loop_fill(&ps, wake);
+		int r = io.poll(ps.pfd, (nfds_t)ps.n,
+		    loop_poll_timeout(wake, g.progress != progress));
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
 			log_error("poll: %s", strerror(errno));
 			io.exit(0);
 		}
-		for (int i = 0; i < n && r > 0; i++) {
-			short re = pfd[i].revents;
-			if (!re)
-				continue;
-			switch (ref[i].kind) {
-			case PK_LISTEN:
-				if (ref[i].idx == LS_TELEMETRY)
-					tel_accept(pfd[i].fd);
-				else
-					agent_accept(pfd[i].fd, ref[i].idx >= LS_OTLP4);
-				break;
-			case PK_LAMBDA:
-				lambda_step(re);
-				break;
-			case PK_AGENT:
-				agent_step(&g.agents[ref[i].idx], re);
-				break;
-			case PK_UP:
-				upstream_step(&g.up[ref[i].idx], re);
-				break;
-			case PK_TEL:
-				tel_dispatch(ref[i].idx, re);
-				break;
-			case PK_RESOLVER: {
-				struct endpoint *ep = loop_endpoint(ref[i].idx);
-				const char *why = "";
-				int rr = resolver_read(ep, &why);
-				if (rr)
-					loop_resolved(ep, rr, why);
-				break;
-			}
-			}
-		}
+		loop_dispatch(&ps, r);
 	}
 }
 
