@@ -2236,8 +2236,6 @@ static void tel_agent_metadata(const char *p, size_t n);
 static void tel_registered(const char *rid, const char *tx, size_t n);
 static int aws_wanted(void);
 static int aws_pending(void);
-static int aws_acm_wanted(void);
-static int aws_first_call_pending(void);
 
 /* == 10. Payload queue ==
  * Agent bodies are stored in chains of fixed blocks, appended as they arrive
@@ -4135,12 +4133,13 @@ upstream_assign(struct upstream *u)
 	return 0;
 }
 
-/* Start deliveries that can start: oldest payload first. */
+/* Start deliveries that can start: oldest payload first. None while the
+ * auth they need is still to be fetched (auth_pending). */
 static void
-fwd_schedule(void)
+fwd_schedule(int auth_pending)
 {
 	int64_t now = now_ms();
-	if (!g.cfg.has_server || now < g.retry_at || aws_pending() ||
+	if (!g.cfg.has_server || now < g.retry_at || auth_pending ||
 	    !endpoint_ready(&g.apm, g.cfg.forwarder_timeout_ms))
 		return;
 	int busy = 0;
@@ -4181,13 +4180,14 @@ fwd_schedule(void)
 /*
  * After the first /next, while the function initialises: load trust anchors
  * and open (and for https, handshake) one connection, so the first
- * invocation finds it ready.
+ * invocation finds it ready. Not when the CA comes from ACM (ca_from_acm):
+ * it must join the anchors first.
  */
 static void
-fwd_prewarm(void)
+fwd_prewarm(int ca_from_acm)
 {
-	if (!g.cfg.has_server || aws_acm_wanted())
-		return; /* an ACM CA must join the anchors first */
+	if (!g.cfg.has_server || ca_from_acm)
+		return;
 	if (g.apm.url.tls)
 		tls_load();
 	if (!endpoint_ready(&g.apm, g.cfg.forwarder_timeout_ms))
@@ -4237,7 +4237,26 @@ fwd_held(uint64_t *count, uint64_t *bytes)
  * not read (back-pressure) and the agent's TCP window closes.
  */
 
-static void invocation_end(const char *why);
+/*
+ * The function's work for this invocation is over (the agent flushed,
+ * runtimeDone, or the deadline): from now on the invocation is held only
+ * until its data is delivered.
+ */
+static void
+invocation_end(const char *why)
+{
+	if (!g.inv.active && g.phase == PH_WAIT) {
+		/* The INVOKE is on its way but not read yet: the agent (or the
+		 * platform) was faster than us. It applies to that invocation. */
+		g.end_pending = 1;
+		return;
+	}
+	if (!g.inv.active || g.inv.ended)
+		return;
+	g.inv.ended = 1;
+	g.inv.t_end = now_ms();
+	log_debug("invocation %s ended: %s", g.inv.request_id, why);
+}
 
 static int
 agent_index(struct agent *a)
@@ -5056,12 +5075,13 @@ agent_proxy_done(struct upstream *u, int answered, const char *why)
 		agent_proxy_answer(u->agent, u, answered ? NULL : why);
 }
 
-/* Hand waiting proxied calls to free upstream connections. */
+/* Hand waiting proxied calls to free upstream connections; not while the
+ * auth they need is on its way (auth_coming: bounded by its timeout). */
 static void
-proxy_schedule(void)
+proxy_schedule(int auth_coming)
 {
-	if (aws_first_call_pending())
-		return; /* the auth they need is on its way (bounded by its timeout) */
+	if (auth_coming)
+		return;
 	if (!endpoint_ready(&g.apm, g.cfg.forwarder_timeout_ms))
 		return; /* answered 502 if resolving fails */
 	for (int i = 0; i < MAX_AGENT_CONNS; i++) {
@@ -5227,16 +5247,20 @@ lambda_send_next(void)
 	log_debug("called /event/next");
 }
 
-static void lambda_event(const struct apm_lambda_event *ev, int ok);
 
-static void
-lambda_step(short revents)
+/*
+ * The Extensions API connection after poll: 1 when an event was read into
+ * ev (it points into rx until the next read), -1 when it was malformed, 0
+ * otherwise (a broken exchange is logged and /next asked again).
+ */
+static int
+lambda_step(short revents, struct apm_lambda_event *ev)
 {
 	struct conn *c = &g.lam.c;
 	if (revents & POLLOUT && conn_flush(c) < 0)
 		goto broken;
 	if (!(revents & (POLLIN | POLLHUP | POLLERR)))
-		return;
+		return 0;
 	if (conn_fill(c) < 0 && !c->eof)
 		goto broken;
 	if (!c->head_done) {
@@ -5248,7 +5272,7 @@ lambda_step(short revents)
 		if (r == APM_NEED_MORE) {
 			if (c->eof)
 				goto broken;
-			return;
+			return 0;
 		}
 		if (r < 0 || m.status != 200) {
 			log_error("/event/next answered %d (%s)", r < 0 ? 0 : m.status,
@@ -5264,16 +5288,14 @@ lambda_step(short revents)
 	if (r < 0 || (r == 0 && (c->eof || c->rx_len == c->rx_cap)))
 		goto broken;
 	if (r == 0)
-		return;
+		return 0;
 	g.lam.req = LR_NONE;
-	struct apm_lambda_event ev; /* parsed in place, before rx is reused */
-	int ok = apm_lambda_event_parse(c->rx, c->body.have, &ev) == 0;
+	int ok = apm_lambda_event_parse(c->rx, c->body.have, ev) == 0;
 	if (c->close_after || c->eof)
 		conn_close(c);
 	else
 		buf_reset(c);
-	lambda_event(&ev, ok);
-	return;
+	return ok ? 1 : -1;
 broken:
 	/* The Lambda API never breaks in practice; after a broken exchange we
 	 * reconnect and ask again (the event, if any, was lost upstream). */
@@ -5282,6 +5304,7 @@ broken:
 	g.lam.req = LR_NONE;
 	if (g.phase == PH_WAIT)
 		lambda_send_next();
+	return 0;
 }
 
 /* == 16. AWS secrets: Secrets Manager and ACM ==
@@ -5319,13 +5342,6 @@ aws_acm_wanted(void)
 	return aws.id[AWS_ACM] != NULL;
 }
 
-/* Secrets are wanted and their first attempt has not ended yet. */
-static int
-aws_first_call_pending(void)
-{
-	return aws.key_id && aws.failures == 0 && aws_pending();
-}
-
 /* A call is still to be made: deliveries wait for it. */
 static int
 aws_pending(void)
@@ -5334,6 +5350,13 @@ aws_pending(void)
 		if (aws.id[i] && !aws.done[i])
 			return 1;
 	return 0;
+}
+
+/* Secrets are wanted and their first attempt has not ended yet. */
+static int
+aws_first_call_pending(void)
+{
+	return aws.key_id && aws.failures == 0 && aws_pending();
 }
 
 static int
@@ -6311,21 +6334,6 @@ loop_endpoint(int i)
 	return i == 0 ? &g.apm : i == 1 ? &aws.sm : &aws.acm;
 }
 
-static void
-invocation_end(const char *why)
-{
-	if (!g.inv.active && g.phase == PH_WAIT) {
-		/* The INVOKE is on its way but not read yet: the agent (or the
-		 * platform) was faster than us. It applies to that invocation. */
-		g.end_pending = 1;
-		return;
-	}
-	if (!g.inv.active || g.inv.ended)
-		return;
-	g.inv.ended = 1;
-	g.inv.t_end = now_ms();
-	log_debug("invocation %s ended: %s", g.inv.request_id, why);
-}
 
 static void
 lambda_event(const struct apm_lambda_event *e, int ok)
@@ -6511,7 +6519,7 @@ loop_resolved(struct endpoint *ep, int r, const char *why)
 	if (r > 0) {
 		log_debug("%s resolved", ep->url.host);
 		if (ep == &g.apm)
-			fwd_prewarm();
+			fwd_prewarm(aws_acm_wanted());
 		return;
 	}
 	/* A failed resolution is a failed delivery (or AWS call): the next one
@@ -6560,8 +6568,8 @@ loop_schedule(int64_t now)
 		log_info("SIGTERM: flushing for up to 1000 ms, then exiting");
 	}
 	aws_schedule();
-	fwd_schedule();
-	proxy_schedule();
+	fwd_schedule(aws_pending());
+	proxy_schedule(aws_first_call_pending());
 }
 
 /* Stage 2: every kind's timers and pending work; the earliest next wake-up
@@ -6655,9 +6663,13 @@ loop_dispatch(const struct pollset *ps, int ready)
 				agent_accept(ps->pfd[i].fd, idx == LS_OTLP4 ||
 				    idx == LS_OTLP6);
 			break;
-		case PK_LAMBDA:
-			lambda_step(re);
+		case PK_LAMBDA: {
+			struct apm_lambda_event ev; /* points into the rx it came in */
+			int got = lambda_step(re, &ev);
+			if (got)
+				lambda_event(&ev, got > 0);
 			break;
+		}
 		case PK_AGENT:
 			agent_step(&g.agents[idx], re);
 			break;
@@ -7045,7 +7057,7 @@ main(int argc, char **argv)
 	if (g.cfg.has_server && g.cfg.server.tls && !g.cfg.verify_cert)
 		log_warn("ELASTIC_APM_LAMBDA_VERIFY_SERVER_CERT=false: the APM "
 		    "server's certificate is not checked");
-	fwd_prewarm();
+	fwd_prewarm(aws_acm_wanted());
 	loop_run();
 	return 0;
 }
