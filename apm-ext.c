@@ -2670,17 +2670,40 @@ struct tls_ipcheck {
 	int overflow;
 };
 
+/*
+ * The system bundle's trust anchors are decoded on demand: tls_load indexes
+ * each certificate by a hash of its subject (a short prefix of it decoded),
+ * and this wrapper of the minimal engine holds the server's chain until its
+ * end, then decodes the bundle certificates named as an issuer in it, and
+ * only then runs the chain through the minimal engine.
+ */
+struct tls_lazy {
+	const br_x509_class *vtable;
+	br_x509_minimal_context *inner;
+	const char *name;
+	unsigned char *chain;           /* each certificate: 4-byte length, DER */
+	size_t len, cap;
+	int overflow;
+};
+
 struct tls_slot {
 	br_ssl_client_context cc;
 	br_x509_minimal_context xc;
 	struct tls_noverify nv;
 	struct tls_ipcheck ipc;
+	struct tls_lazy lz;
 	unsigned char iobuf[BR_SSL_BUFSIZE_BIDI];
 };
 
 static struct {
 	br_x509_trust_anchor *ta;
 	size_t nta, cap;
+	struct tls_idx {        /* a bundle certificate not decoded yet */
+		off_t off;
+		uint32_t len, hash;
+	} *idx;
+	size_t nidx, idxcap;
+	const char *bundle;     /* the indexed bundle's path */
 	int loaded;
 	int last_err;           /* last handshake error logged, to log once */
 	struct tls_slot *slots;
@@ -2844,7 +2867,7 @@ der_extension(struct der exts, const unsigned char *oid, size_t oidlen)
 
 /* The parts of a certificate a trust anchor or a name check needs. */
 struct cert_parts {
-	struct der subject;             /* Name, as encoded */
+	struct der issuer, subject;     /* Names, as encoded */
 	struct der spki_alg, spki_params, spki_key; /* key without unused-bits byte */
 	struct der exts;                /* [3] extensions, tag 0 when absent */
 };
@@ -2852,7 +2875,7 @@ struct cert_parts {
 static int
 cert_parse(const unsigned char *der, size_t len, struct cert_parts *cp)
 {
-	struct der cert, tbs, e, issuer, validity, spki, alg, bits;
+	struct der cert, tbs, e, validity, spki, alg, bits;
 	const unsigned char *c = der, *end = der + len;
 	memset(cp, 0, sizeof *cp);
 	if (der_next(&c, end, &cert) || cert.tag != 0x30)
@@ -2864,7 +2887,7 @@ cert_parse(const unsigned char *der, size_t len, struct cert_parts *cp)
 	end = tbs.p + tbs.len;
 	if (der_next(&c, end, &e) || (e.tag == 0xa0 && der_next(&c, end, &e)) ||
 	    e.tag != 0x02 || der_next(&c, end, &e) || /* signature algorithm */
-	    der_next(&c, end, &issuer) || der_next(&c, end, &validity) ||
+	    der_next(&c, end, &cp->issuer) || der_next(&c, end, &validity) ||
 	    der_next(&c, end, &cp->subject) || der_next(&c, end, &spki) ||
 	    cp->subject.tag != 0x30 || spki.tag != 0x30)
 		return -1;
@@ -3106,6 +3129,68 @@ tls_anchor_push(const unsigned char *dn, size_t dnlen, int ca,
 	return 0;
 }
 
+/* memmem for a marker that starts with '-' (base64 has none): memchr is
+ * several times faster than musl's memmem on a 200 KB bundle. */
+static const char *
+pem_marker(const char *p, size_t n, const char *m, size_t mlen)
+{
+	const char *end = p + n;
+	while ((p = memchr(p, '-', (size_t)(end - p))) != NULL) {
+		if ((size_t)(end - p) < mlen)
+			return NULL;
+		if (memcmp(p, m, mlen) == 0)
+			return p;
+		p++;
+	}
+	return NULL;
+}
+
+/* 32-bit FNV-1a of a DN: the bundle index's key. */
+static uint32_t
+dn_hash(const unsigned char *p, size_t n)
+{
+	uint32_t h = 2166136261u;
+	while (n--)
+		h = (h ^ *p++) * 16777619u;
+	return h;
+}
+
+/*
+ * Index a bundle certificate (its PEM block at file offset off) by its
+ * subject, decoding only the first 640 base64 digits (where the subject
+ * ends in all but odd certificates). -1: not indexed (decode it whole).
+ */
+static int
+tls_index_block(const char *body, size_t blen, off_t off, size_t len)
+{
+	unsigned char der[480];
+	int n = apm_base64_decode(body, MIN(blen, 640), der, sizeof der);
+	const unsigned char *c = der, *end = der + (n > 0 ? n : 0);
+	struct der e, name;
+	for (int i = 0; i < 2; i++) { /* Certificate, tbsCertificate headers */
+		if (end - c < 5 || *c != 0x30 || (c[1] & 0x80 && c[1] != 0x81 &&
+		    c[1] != 0x82 && c[1] != 0x83))
+			return -1;
+		c += 2 + (c[1] & 0x80 ? (c[1] & 0x7f) : 0);
+	}
+	if (der_next(&c, end, &e) || (e.tag == 0xa0 && der_next(&c, end, &e)) ||
+	    e.tag != 0x02 || der_next(&c, end, &e) || der_next(&c, end, &e) ||
+	    der_next(&c, end, &e) || der_next(&c, end, &name) || name.tag != 0x30)
+		return -1;
+	if (tls.nidx == tls.idxcap) {
+		size_t cap = tls.idxcap ? tls.idxcap * 2 : 256;
+		struct tls_idx *x = realloc(tls.idx, cap * sizeof *x);
+		if (!x)
+			return -1;
+		tls.idx = x;
+		tls.idxcap = cap;
+	}
+	tls.idx[tls.nidx].off = off;
+	tls.idx[tls.nidx].len = (uint32_t)len;
+	tls.idx[tls.nidx++].hash = dn_hash(name.start, name.total);
+	return 0;
+}
+
 /*
  * Add every CERTIFICATE of a PEM text. Returns how many were added.
  * Our own splitter and base64: BearSSL's PEM decoder is an interpreted
@@ -3114,34 +3199,74 @@ tls_anchor_push(const unsigned char *dn, size_t dnlen, int ca,
  */
 /*
  * Add the certificates of the whole PEM blocks in pem[0..len) as trust
- * anchors (counted in *added and *bad). Returns how many bytes were used
- * up: up to the end of the last whole block, or, when a block has begun
- * and not ended, up to its start.
+ * anchors (counted in *added and *bad), or with lazy, index them (base:
+ * the file offset of pem[0]). Returns how many bytes were used up: up to
+ * the end of the last whole block, or, when a block has begun and not
+ * ended, up to its start.
  */
 static size_t
-tls_pem_blocks(const char *pem, size_t len, size_t *added, size_t *bad)
+tls_pem_scan(const char *pem, size_t len, size_t *added, size_t *bad,
+    off_t base, int lazy)
 {
 	static const char begin[] = "-----BEGIN CERTIFICATE-----";
 	static const char end[] = "-----END CERTIFICATE-----";
 	static unsigned char der[16384];
 	size_t pos = 0;
 	while (pos < len) {
-		const char *b = memmem(pem + pos, len - pos, begin, sizeof begin - 1);
+		const char *b = pem_marker(pem + pos, len - pos, begin, sizeof begin - 1);
 		if (!b) /* keep what could be the start of a BEGIN line */
 			return len > sizeof begin ? MAX(pos, len - sizeof begin) : pos;
 		size_t body = (size_t)(b - pem) + sizeof begin - 1;
-		const char *e = memmem(pem + body, len - body, end, sizeof end - 1);
+		const char *e = pem_marker(pem + body, len - body, end, sizeof end - 1);
 		if (!e)
 			return (size_t)(b - pem);
-		int n = apm_base64_decode(pem + body, (size_t)(e - pem) - body, der,
-		    sizeof der);
+		size_t blen = (size_t)(e - pem) - body;
+		pos = (size_t)(e - pem) + sizeof end - 1;
+		if (lazy && tls_index_block(pem + body, blen, base + (b - pem),
+		    pos - (size_t)(b - pem)) == 0) {
+			(*added)++;
+			continue;
+		}
+		int n = apm_base64_decode(pem + body, blen, der, sizeof der);
 		if (n > 0 && tls_add_anchor(der, (size_t)n) == 0)
 			(*added)++;
 		else
 			(*bad)++;
-		pos = (size_t)(e - pem) + sizeof end - 1;
 	}
 	return pos;
+}
+
+/* tls_pem_scan, every certificate decoded at once. */
+static size_t
+tls_pem_blocks(const char *pem, size_t len, size_t *added, size_t *bad)
+{
+	return tls_pem_scan(pem, len, added, bad, 0, 0);
+}
+
+/*
+ * Decode the bundle certificates whose subject hashes like this issuer
+ * (a DN as encoded) into trust anchors, each once.
+ */
+static void
+tls_bundle_fetch(const struct der *issuer)
+{
+	uint32_t h = dn_hash(issuer->start, issuer->total);
+	for (size_t i = 0; i < tls.nidx; i++) {
+		struct tls_idx *x = &tls.idx[i];
+		if (x->hash != h || x->len == 0)
+			continue;
+		char *pem = malloc(x->len);
+		int fd = pem ? open(tls.bundle, O_RDONLY | O_CLOEXEC) : -1;
+		size_t added = 0, bad = 0;
+		if (fd >= 0 && pread(fd, pem, x->len, x->off) == (ssize_t)x->len)
+			tls_pem_blocks(pem, x->len, &added, &bad);
+		if (fd >= 0)
+			close(fd);
+		free(pem);
+		if (!added)
+			log_warn("%s: a certificate could not be decoded", tls.bundle);
+		x->len = 0; /* done */
+	}
 }
 
 /* Trust anchors from PEM text; returns how many were added. */
@@ -3159,10 +3284,11 @@ tls_load_pem(const char *pem, size_t len, const char *what)
 
 /*
  * Trust anchors from a PEM file, read in pieces: a CA bundle (some 200 KB)
- * is never held whole, so it adds little to the peak RSS.
+ * is never held whole, so it adds little to the peak RSS. lazy: index the
+ * certificates (tls_index_block), decoded when a chain names them.
  */
 static void
-tls_load_file(const char *path, const char *what)
+tls_load_file_idx(const char *path, const char *what, int lazy)
 {
 	enum { CAP = 32768 }; /* more than any one certificate's PEM */
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -3174,16 +3300,18 @@ tls_load_file(const char *path, const char *what)
 		return;
 	}
 	size_t have = 0, added = 0, bad = 0;
+	off_t base = 0; /* file offset of buf[0] */
 	ssize_t n;
 	while ((n = read(fd, buf + have, CAP - have)) > 0) {
 		have += (size_t)n;
-		size_t used = tls_pem_blocks(buf, have, &added, &bad);
+		size_t used = tls_pem_scan(buf, have, &added, &bad, base, lazy);
 		if (used == 0 && have == CAP) { /* one block over CAP: skip it */
 			bad++;
 			used = have;
 		}
 		memmove(buf, buf + used, have - used);
 		have -= used;
+		base += (off_t)used;
 	}
 	if (n < 0)
 		log_error("%s %s cannot be read: %s", what, path, strerror(errno));
@@ -3196,6 +3324,13 @@ tls_load_file(const char *path, const char *what)
 	log_debug("%zu trust anchors from %s", added, path);
 	if (added == 0 && n >= 0)
 		log_error("%s %s holds no usable certificate", what, path);
+}
+
+/* Trust anchors from a PEM file, all decoded at once. */
+static void
+tls_load_file(const char *path, const char *what)
+{
+	tls_load_file_idx(path, what, 0);
 }
 
 /* PEM text from the environment: a literal backslash-n stands for a newline. */
@@ -3234,19 +3369,122 @@ tls_load(void)
 		return; /* AWS endpoints are verified whatever the APM setting */
 	for (size_t i = 0; i < sizeof bundles / sizeof *bundles; i++)
 		if (access(bundles[i], R_OK) == 0) {
-			tls_load_file(bundles[i], "CA bundle");
+			tls.bundle = bundles[i];
+			tls_load_file_idx(bundles[i], "CA bundle", 1);
 			break;
 		}
 	if (g.cfg.ca_file && *g.cfg.ca_file)
 		tls_load_file(g.cfg.ca_file, "ELASTIC_APM_SERVER_CA_CERT_FILE");
 	if (g.cfg.ca_pem && *g.cfg.ca_pem)
 		tls_load_env_pem(g.cfg.ca_pem, "ELASTIC_APM_LAMBDA_SERVER_CA_CERT_PEM");
-	if (tls.nta == 0)
+	if (tls.nta == 0 && tls.nidx == 0)
 		log_error("no trust anchors (no CA bundle in /etc/pki/tls/certs or "
 		    "/etc/ssl/certs, no ELASTIC_APM_SERVER_CA_CERT_FILE or "
 		    "ELASTIC_APM_LAMBDA_SERVER_CA_CERT_PEM): the https APM server "
 		    "cannot be verified and nothing will be sent to it");
 }
+
+static void
+lz_start_chain(const br_x509_class **ctx, const char *server_name)
+{
+	struct tls_lazy *lz = (struct tls_lazy *)ctx;
+	lz->name = server_name;
+	lz->len = 0;
+	lz->overflow = 0;
+}
+
+/* Append to the held chain (at most 64 KiB). */
+static void
+lz_put(struct tls_lazy *lz, const void *p, size_t n)
+{
+	if (lz->overflow || lz->len + n > 65536) {
+		lz->overflow = 1;
+		return;
+	}
+	if (lz->len + n > lz->cap) {
+		size_t cap = MAX(lz->cap * 2, MAX(lz->len + n, 4096));
+		unsigned char *c = realloc(lz->chain, cap);
+		if (!c) {
+			lz->overflow = 1;
+			return;
+		}
+		lz->chain = c;
+		lz->cap = cap;
+	}
+	memcpy(lz->chain + lz->len, p, n);
+	lz->len += n;
+}
+
+static void
+lz_start_cert(const br_x509_class **ctx, uint32_t length)
+{
+	unsigned char b[4] = { (unsigned char)(length >> 24),
+		(unsigned char)(length >> 16), (unsigned char)(length >> 8),
+		(unsigned char)length };
+	lz_put((struct tls_lazy *)ctx, b, 4);
+}
+
+static void
+lz_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
+{
+	lz_put((struct tls_lazy *)ctx, buf, len);
+}
+
+static void
+lz_end_cert(const br_x509_class **ctx)
+{
+	(void)ctx;
+}
+
+/* Decode the anchors the chain names as issuers, then check it. */
+static unsigned
+lz_end_chain(const br_x509_class **ctx)
+{
+	struct tls_lazy *lz = (struct tls_lazy *)ctx;
+	const br_x509_class **in = &lz->inner->vtable;
+	unsigned r = BR_ERR_X509_LIMIT_EXCEEDED;
+	if (!lz->overflow) {
+		for (size_t i = 0; i + 4 <= lz->len;) {
+			const unsigned char *p = lz->chain + i;
+			size_t n = MIN((size_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3],
+			    lz->len - i - 4);
+			struct cert_parts cp;
+			if (cert_parse(p + 4, n, &cp) == 0)
+				tls_bundle_fetch(&cp.issuer);
+			i += 4 + n;
+		}
+		lz->inner->trust_anchors = tls.ta;
+		lz->inner->trust_anchors_num = tls.nta;
+		(*in)->start_chain(in, lz->name);
+		for (size_t i = 0; i + 4 <= lz->len;) {
+			const unsigned char *p = lz->chain + i;
+			size_t n = MIN((size_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3],
+			    lz->len - i - 4);
+			(*in)->start_cert(in, (uint32_t)n);
+			(*in)->append(in, p + 4, n);
+			(*in)->end_cert(in);
+			i += 4 + n;
+		}
+		r = (*in)->end_chain(in);
+	}
+	free(lz->chain);
+	lz->chain = NULL;
+	lz->len = lz->cap = 0;
+	return r;
+}
+
+static const br_x509_pkey *
+lz_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
+{
+	const struct tls_lazy *lz = (const struct tls_lazy *)(const void *)ctx;
+	const br_x509_class **in = &lz->inner->vtable;
+	return (*in)->get_pkey(in, usages);
+}
+
+static const br_x509_class tls_lazy_vtable = {
+	sizeof(struct tls_lazy), lz_start_chain, lz_start_cert, lz_append,
+	lz_end_cert, lz_end_chain, lz_get_pkey,
+};
 
 static const char *
 tls_reason(int err)
@@ -3338,6 +3576,15 @@ tls_start(struct upstream *u)
 	tls_load();
 	tls_client_init(&s->cc, &s->xc);
 	br_ssl_engine_set_buffer(&s->cc.eng, s->iobuf, sizeof s->iobuf, 1);
+	const br_x509_class **x509 = &s->xc.vtable;
+	if (tls.nidx) {
+		free(s->lz.chain); /* a handshake cut short */
+		memset(&s->lz, 0, sizeof s->lz);
+		s->lz.vtable = &tls_lazy_vtable;
+		s->lz.inner = &s->xc;
+		x509 = &s->lz.vtable;
+		br_ssl_engine_set_x509(&s->cc.eng, x509);
+	}
 	if (!u->ep->verify) {
 		s->nv.vtable = &tls_noverify_vtable;
 		br_ssl_engine_set_x509(&s->cc.eng, &s->nv.vtable);
@@ -3353,7 +3600,7 @@ tls_start(struct upstream *u)
 		if (u->ep->verify) {
 			struct tls_ipcheck *ic = &s->ipc;
 			ic->vtable = &tls_ipcheck_vtable;
-			ic->inner = &s->xc.vtable;
+			ic->inner = x509;
 			ic->iplen = inet_pton(AF_INET, host, ic->ip) == 1 ? 4 : 16;
 			if (ic->iplen == 16)
 				inet_pton(AF_INET6, host, ic->ip);
@@ -3708,7 +3955,8 @@ static int
 upstream_connect(struct upstream *u)
 {
 	struct endpoint *ep = u->ep;
-	if (ep->url.tls && ep->verify && tls.loaded && tls.nta == 0) {
+	if (ep->url.tls && ep->verify && tls.loaded && tls.nta == 0 &&
+	    tls.nidx == 0) {
 		errno = EPERM; /* said once by tls_load: nothing to verify with */
 		return -1;
 	}
