@@ -27,14 +27,15 @@
  *   9. State: connections, queue, invocation, config
  *  10. Payload queue
  *  11. Sockets
- *  12. TLS glue
- *  13. Upstream connections: forwarder and proxy
- *  14. Local receiver: agent connections
- *  15. Lambda Extensions API client
- *  16. AWS secrets: Secrets Manager and ACM
- *  17. Telemetry listener and platform events
- *  18. Event loop
- *  19. Configuration and main
+ *  12. DER, X.509 checks and trust anchors
+ *  13. TLS engine
+ *  14. Upstream connections: forwarder and proxy
+ *  15. Local receiver: agent connections
+ *  16. Lambda Extensions API client
+ *  17. AWS secrets: Secrets Manager and ACM
+ *  18. Telemetry listener and platform events
+ *  19. Event loop
+ *  20. Configuration and main
  */
 
 /* == 1. Includes, shims and internal limits == */
@@ -2641,11 +2642,13 @@ sock_listen(int family, const char *addr, uint16_t port)
 	return fd;
 }
 
-/* == 12. TLS glue ==
- * BearSSL engines driven by the poll loop: the engine says which way records
- * must move (SENDREC, RECVREC) and we move them with non-blocking send/recv;
- * application bytes move between the engine and the connection's rx/tx.
- * Trust anchors are decoded once, after the first /next, never for http.
+/* == 12. DER, X.509 checks and trust anchors ==
+ * What BearSSL's X.509 engine needs from us: trust anchors from PEM (the
+ * system bundle indexed at load and decoded on demand; a CA file, PEM
+ * variable or ACM certificate decoded at once), and three wrappers of its
+ * engine: no verification, an IP-address check, the lazy bundle lookup. A
+ * small DER reader serves them. Trust anchors load after the first /next,
+ * never for http.
  */
 
 /* An X.509 "engine" for VERIFY_SERVER_CERT=false: takes the server's key
@@ -2708,101 +2711,6 @@ static struct {
 	int last_err;           /* last handshake error logged, to log once */
 	struct tls_slot *slots;
 } tls;
-
-static void
-nv_start_chain(const br_x509_class **ctx, const char *server_name)
-{
-	struct tls_noverify *nv = (struct tls_noverify *)ctx;
-	(void)server_name;
-	nv->certs = 0;
-}
-
-static void
-nv_start_cert(const br_x509_class **ctx, uint32_t length)
-{
-	struct tls_noverify *nv = (struct tls_noverify *)ctx;
-	(void)length;
-	if (nv->certs == 0)
-		br_x509_decoder_init(&nv->dc, NULL, NULL);
-}
-
-static void
-nv_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
-{
-	struct tls_noverify *nv = (struct tls_noverify *)ctx;
-	if (nv->certs == 0)
-		br_x509_decoder_push(&nv->dc, buf, len);
-}
-
-static void
-nv_end_cert(const br_x509_class **ctx)
-{
-	((struct tls_noverify *)ctx)->certs++;
-}
-
-static unsigned
-nv_end_chain(const br_x509_class **ctx)
-{
-	struct tls_noverify *nv = (struct tls_noverify *)ctx;
-	if (nv->certs == 0)
-		return BR_ERR_X509_EMPTY_CHAIN;
-	int err = br_x509_decoder_last_error(&nv->dc);
-	return err ? (unsigned)err : 0;
-}
-
-static const br_x509_pkey *
-nv_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
-{
-	struct tls_noverify *nv = (struct tls_noverify *)(void *)ctx;
-	if (usages)
-		*usages = BR_KEYTYPE_KEYX | BR_KEYTYPE_SIGN;
-	return br_x509_decoder_get_pkey(&nv->dc);
-}
-
-static const br_x509_class tls_noverify_vtable = {
-	sizeof(struct tls_noverify), nv_start_chain, nv_start_cert, nv_append,
-	nv_end_cert, nv_end_chain, nv_get_pkey,
-};
-
-static void
-ipc_start_chain(const br_x509_class **ctx, const char *server_name)
-{
-	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
-	(void)server_name;
-	ic->certs = 0;
-	ic->derlen = 0;
-	ic->overflow = 0;
-	(*ic->inner)->start_chain(ic->inner, NULL);
-}
-
-static void
-ipc_start_cert(const br_x509_class **ctx, uint32_t length)
-{
-	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
-	(*ic->inner)->start_cert(ic->inner, length);
-}
-
-static void
-ipc_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
-{
-	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
-	if (ic->certs == 0) {
-		if (ic->derlen + len > sizeof ic->der)
-			ic->overflow = 1;
-		else
-			memcpy(ic->der + ic->derlen, buf, len);
-		ic->derlen += len;
-	}
-	(*ic->inner)->append(ic->inner, buf, len);
-}
-
-static void
-ipc_end_cert(const br_x509_class **ctx)
-{
-	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
-	ic->certs++;
-	(*ic->inner)->end_cert(ic->inner);
-}
 
 /* One DER element. */
 struct der {
@@ -2937,29 +2845,15 @@ der_san_has_ip(const unsigned char *der, size_t len, const unsigned char *ip,
 	return 0;
 }
 
-static unsigned
-ipc_end_chain(const br_x509_class **ctx)
+/* Unsigned big-endian integer contents without leading zero bytes. */
+static void
+der_uint(struct der *i)
 {
-	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
-	unsigned r = (*ic->inner)->end_chain(ic->inner);
-	if (r)
-		return r;
-	if (ic->overflow || !der_san_has_ip(ic->der, ic->derlen, ic->ip, ic->iplen))
-		return BR_ERR_X509_BAD_SERVER_NAME;
-	return 0;
+	while (i->len > 1 && i->p[0] == 0) {
+		i->p++;
+		i->len--;
+	}
 }
-
-static const br_x509_pkey *
-ipc_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
-{
-	const struct tls_ipcheck *ic = (const struct tls_ipcheck *)(const void *)ctx;
-	return (*ic->inner)->get_pkey(ic->inner, usages);
-}
-
-static const br_x509_class tls_ipcheck_vtable = {
-	sizeof(struct tls_ipcheck), ipc_start_chain, ipc_start_cert, ipc_append,
-	ipc_end_cert, ipc_end_chain, ipc_get_pkey,
-};
 
 /* A growing byte array, used only while trust anchors are loaded. */
 struct bytes {
@@ -2995,17 +2889,39 @@ dup_bytes(const unsigned char *p, size_t n)
 	return d;
 }
 
-static int tls_anchor_push(const unsigned char *dn, size_t dnlen, int ca,
-    const br_x509_pkey *pk);
-
-/* Unsigned big-endian integer contents without leading zero bytes. */
-static void
-der_uint(struct der *i)
+/* Append a trust anchor, copying what it points to. 0 or -1. */
+static int
+tls_anchor_push(const unsigned char *dn, size_t dnlen, int ca,
+    const br_x509_pkey *pk)
 {
-	while (i->len > 1 && i->p[0] == 0) {
-		i->p++;
-		i->len--;
+	if (tls.nta == tls.cap) {
+		size_t cap = tls.cap ? tls.cap * 2 : 64;
+		br_x509_trust_anchor *ta = realloc(tls.ta, cap * sizeof *ta);
+		if (!ta)
+			return -1;
+		tls.ta = ta;
+		tls.cap = cap;
 	}
+	br_x509_trust_anchor *ta = &tls.ta[tls.nta];
+	memset(ta, 0, sizeof *ta);
+	ta->dn.data = dup_bytes(dn, dnlen);
+	ta->dn.len = dnlen;
+	ta->flags = ca ? BR_X509_TA_CA : 0;
+	ta->pkey.key_type = pk->key_type;
+	if (pk->key_type == BR_KEYTYPE_RSA) {
+		ta->pkey.key.rsa.n = dup_bytes(pk->key.rsa.n, pk->key.rsa.nlen);
+		ta->pkey.key.rsa.nlen = pk->key.rsa.nlen;
+		ta->pkey.key.rsa.e = dup_bytes(pk->key.rsa.e, pk->key.rsa.elen);
+		ta->pkey.key.rsa.elen = pk->key.rsa.elen;
+	} else if (pk->key_type == BR_KEYTYPE_EC) {
+		ta->pkey.key.ec.curve = pk->key.ec.curve;
+		ta->pkey.key.ec.q = dup_bytes(pk->key.ec.q, pk->key.ec.qlen);
+		ta->pkey.key.ec.qlen = pk->key.ec.qlen;
+	} else {
+		return -1;
+	}
+	tls.nta++;
+	return 0;
 }
 
 /*
@@ -3092,41 +3008,6 @@ tls_add_anchor(const unsigned char *der, size_t len)
 		r = tls_anchor_push(dn.p, dn.len, br_x509_decoder_isCA(&dc), pk);
 	free(dn.p);
 	return r;
-}
-
-/* Append a trust anchor, copying what it points to. 0 or -1. */
-static int
-tls_anchor_push(const unsigned char *dn, size_t dnlen, int ca,
-    const br_x509_pkey *pk)
-{
-	if (tls.nta == tls.cap) {
-		size_t cap = tls.cap ? tls.cap * 2 : 64;
-		br_x509_trust_anchor *ta = realloc(tls.ta, cap * sizeof *ta);
-		if (!ta)
-			return -1;
-		tls.ta = ta;
-		tls.cap = cap;
-	}
-	br_x509_trust_anchor *ta = &tls.ta[tls.nta];
-	memset(ta, 0, sizeof *ta);
-	ta->dn.data = dup_bytes(dn, dnlen);
-	ta->dn.len = dnlen;
-	ta->flags = ca ? BR_X509_TA_CA : 0;
-	ta->pkey.key_type = pk->key_type;
-	if (pk->key_type == BR_KEYTYPE_RSA) {
-		ta->pkey.key.rsa.n = dup_bytes(pk->key.rsa.n, pk->key.rsa.nlen);
-		ta->pkey.key.rsa.nlen = pk->key.rsa.nlen;
-		ta->pkey.key.rsa.e = dup_bytes(pk->key.rsa.e, pk->key.rsa.elen);
-		ta->pkey.key.rsa.elen = pk->key.rsa.elen;
-	} else if (pk->key_type == BR_KEYTYPE_EC) {
-		ta->pkey.key.ec.curve = pk->key.ec.curve;
-		ta->pkey.key.ec.q = dup_bytes(pk->key.ec.q, pk->key.ec.qlen);
-		ta->pkey.key.ec.qlen = pk->key.ec.qlen;
-	} else {
-		return -1;
-	}
-	tls.nta++;
-	return 0;
 }
 
 /* memmem for a marker that starts with '-' (base64 has none): memchr is
@@ -3385,6 +3266,125 @@ tls_load(void)
 }
 
 static void
+nv_start_chain(const br_x509_class **ctx, const char *server_name)
+{
+	struct tls_noverify *nv = (struct tls_noverify *)ctx;
+	(void)server_name;
+	nv->certs = 0;
+}
+
+static void
+nv_start_cert(const br_x509_class **ctx, uint32_t length)
+{
+	struct tls_noverify *nv = (struct tls_noverify *)ctx;
+	(void)length;
+	if (nv->certs == 0)
+		br_x509_decoder_init(&nv->dc, NULL, NULL);
+}
+
+static void
+nv_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
+{
+	struct tls_noverify *nv = (struct tls_noverify *)ctx;
+	if (nv->certs == 0)
+		br_x509_decoder_push(&nv->dc, buf, len);
+}
+
+static void
+nv_end_cert(const br_x509_class **ctx)
+{
+	((struct tls_noverify *)ctx)->certs++;
+}
+
+static unsigned
+nv_end_chain(const br_x509_class **ctx)
+{
+	struct tls_noverify *nv = (struct tls_noverify *)ctx;
+	if (nv->certs == 0)
+		return BR_ERR_X509_EMPTY_CHAIN;
+	int err = br_x509_decoder_last_error(&nv->dc);
+	return err ? (unsigned)err : 0;
+}
+
+static const br_x509_pkey *
+nv_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
+{
+	struct tls_noverify *nv = (struct tls_noverify *)(void *)ctx;
+	if (usages)
+		*usages = BR_KEYTYPE_KEYX | BR_KEYTYPE_SIGN;
+	return br_x509_decoder_get_pkey(&nv->dc);
+}
+
+static const br_x509_class tls_noverify_vtable = {
+	sizeof(struct tls_noverify), nv_start_chain, nv_start_cert, nv_append,
+	nv_end_cert, nv_end_chain, nv_get_pkey,
+};
+
+static void
+ipc_start_chain(const br_x509_class **ctx, const char *server_name)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	(void)server_name;
+	ic->certs = 0;
+	ic->derlen = 0;
+	ic->overflow = 0;
+	(*ic->inner)->start_chain(ic->inner, NULL);
+}
+
+static void
+ipc_start_cert(const br_x509_class **ctx, uint32_t length)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	(*ic->inner)->start_cert(ic->inner, length);
+}
+
+static void
+ipc_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	if (ic->certs == 0) {
+		if (ic->derlen + len > sizeof ic->der)
+			ic->overflow = 1;
+		else
+			memcpy(ic->der + ic->derlen, buf, len);
+		ic->derlen += len;
+	}
+	(*ic->inner)->append(ic->inner, buf, len);
+}
+
+static void
+ipc_end_cert(const br_x509_class **ctx)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	ic->certs++;
+	(*ic->inner)->end_cert(ic->inner);
+}
+
+static unsigned
+ipc_end_chain(const br_x509_class **ctx)
+{
+	struct tls_ipcheck *ic = (struct tls_ipcheck *)ctx;
+	unsigned r = (*ic->inner)->end_chain(ic->inner);
+	if (r)
+		return r;
+	if (ic->overflow || !der_san_has_ip(ic->der, ic->derlen, ic->ip, ic->iplen))
+		return BR_ERR_X509_BAD_SERVER_NAME;
+	return 0;
+}
+
+static const br_x509_pkey *
+ipc_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
+{
+	const struct tls_ipcheck *ic = (const struct tls_ipcheck *)(const void *)ctx;
+	return (*ic->inner)->get_pkey(ic->inner, usages);
+}
+
+static const br_x509_class tls_ipcheck_vtable = {
+	sizeof(struct tls_ipcheck), ipc_start_chain, ipc_start_cert, ipc_append,
+	ipc_end_cert, ipc_end_chain, ipc_get_pkey,
+};
+
+static void
 lz_start_chain(const br_x509_class **ctx, const char *server_name)
 {
 	struct tls_lazy *lz = (struct tls_lazy *)ctx;
@@ -3485,6 +3485,12 @@ static const br_x509_class tls_lazy_vtable = {
 	sizeof(struct tls_lazy), lz_start_chain, lz_start_cert, lz_append,
 	lz_end_cert, lz_end_chain, lz_get_pkey,
 };
+
+/* == 13. TLS engine ==
+ * BearSSL engines driven by the poll loop: the engine says which way records
+ * must move (SENDREC, RECVREC) and we move them with non-blocking send/recv;
+ * application bytes move between the engine and the connection's rx/tx.
+ */
 
 static const char *
 tls_reason(int err)
@@ -3731,7 +3737,7 @@ tls_events(struct upstream *u)
 	return ev;
 }
 
-/* == 13. Upstream connections: forwarder and proxy == */
+/* == 14. Upstream connections: forwarder and proxy == */
 
 static void
 buf_reset(struct conn *c)
@@ -4478,7 +4484,7 @@ fwd_held(uint64_t *count, uint64_t *bytes)
 		}
 }
 
-/* == 14. Local receiver: agent connections ==
+/* == 15. Local receiver: agent connections ==
  * One request at a time per connection: its answer is written and drained
  * before the next pipelined head is parsed. An intake body moves into the
  * queue as it is decoded; when the queue is full the connection is simply
@@ -5384,7 +5390,7 @@ proxy_fail_waiting(void)
 	}
 }
 
-/* == 15. Lambda Extensions API client ==
+/* == 16. Lambda Extensions API client ==
  * Register is a blocking exchange on a fresh socket: it is the first thing
  * the process does, and the fewest system calls are the fastest cold start.
  * Afterwards the same connection turns non-blocking and carries /event/next.
@@ -5555,7 +5561,7 @@ broken:
 	return 0;
 }
 
-/* == 16. AWS secrets: Secrets Manager and ACM ==
+/* == 17. AWS secrets: Secrets Manager and ACM ==
  * The secret token or API key (Secrets Manager GetSecretValue) and a private
  * CA (ACM GetCertificate), fetched with SigV4-signed JSON 1.1 calls on a
  * connection slot of their own, after the first /next. Until they arrive no
@@ -5881,7 +5887,7 @@ aws_schedule(void)
 	upstream_arm(u);
 }
 
-/* == 17. Telemetry listener and platform events ==
+/* == 18. Telemetry listener and platform events ==
  * Lambda POSTs JSON arrays of records to us. A body is validated whole
  * before any record is acted on, so a 400 (which Lambda retries) never
  * follows half-applied records.
@@ -6573,7 +6579,7 @@ tel_subscribe(void)
 	}
 }
 
-/* == 18. Event loop == */
+/* == 19. Event loop == */
 
 /* The endpoints whose names may be resolved while the loop runs. */
 static struct endpoint *
@@ -6962,7 +6968,7 @@ loop_run(void)
 	}
 }
 
-/* == 19. Configuration and main == */
+/* == 20. Configuration and main == */
 
 /* A setting that did not parse: one warning naming it, the value and the
  * default. Secrets never pass through here. */
