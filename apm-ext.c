@@ -30,12 +30,13 @@
  *  12. DER, X.509 checks and trust anchors
  *  13. TLS engine
  *  14. Upstream connections: forwarder and proxy
- *  15. Local receiver: agent connections
- *  16. Lambda Extensions API client
- *  17. AWS secrets: Secrets Manager and ACM
- *  18. Telemetry listener and platform events
- *  19. Event loop
- *  20. Configuration and main
+ *  15. Invocation records
+ *  16. Local receiver: agent connections
+ *  17. Lambda Extensions API client
+ *  18. AWS secrets: Secrets Manager and ACM
+ *  19. Telemetry listener and platform events
+ *  20. Event loop
+ *  21. Configuration and main
  */
 
 /* == 1. Includes, shims and internal limits == */
@@ -2003,8 +2004,14 @@ apm_tel_record_parse(const char *js, const struct apm_json_tok *t, int n,
 }
 
 /* == 9. State: connections, queue, invocation, config ==
- * All process state lives in one static struct g. Buffers come from one
- * anonymous mapping made after register, so pages cost RSS only once used.
+ * Process state: g (config, queue, connections, the invocation), tel
+ * (telemetry and invocation records) and aws (secrets calls), all here.
+ * Elsewhere, beside the code that owns them: the io table (section 1), the
+ * log threshold (2), tls (12: trust anchors, engines), the arena (21) and
+ * function-local buffers with one user each (SigV4's parameter table, a DER
+ * copy, a TLS error text, an ACM answer, the Lambda connection's buffers).
+ * Connection buffers come from one anonymous mapping made after register,
+ * so pages cost RSS only once used.
  */
 
 /* How a message body is framed, and how much of it has been decoded. */
@@ -2140,8 +2147,7 @@ struct queue {
 };
 
 struct config {
-	struct apm_url server;
-	int has_server;
+	int has_server;         /* g.apm.url holds the APM server's URL */
 	char auth[2048];        /* Authorization value; never logged */
 	const char *runtime_api;
 	uint16_t receiver_port, telemetry_port, otlp_port; /* otlp 0: off */
@@ -2150,6 +2156,7 @@ struct config {
 	unsigned buffer_requests;
 	size_t queue_bytes, max_body;
 	int verify_cert, capture_logs, disable_telemetry;
+	int from_aws;           /* a token, API key or CA comes from AWS */
 	const char *ca_file, *ca_pem;
 	const char *function_name, *function_version, *region, *memory_mb;
 };
@@ -2170,6 +2177,15 @@ struct invocation {
 	int by_deadline;        /* ended because its deadline came */
 };
 
+/* The last /register/transaction: the agent's metadata and transaction
+ * lines, kept to report the transaction if the function times out or
+ * crashes (its ids go to the invocation's record, struct inv_info). */
+struct registration {
+	char *body;             /* REG_MAX bytes from the arena */
+	size_t len;             /* 0: none */
+	char request_id[128];   /* the invocation it was registered for */
+};
+
 enum lambda_req { LR_NONE, LR_NEXT };
 
 struct lambda {
@@ -2181,8 +2197,26 @@ struct lambda {
 	int req;                /* enum lambda_req in flight */
 };
 
-/* Tokens of one telemetry record or AWS answer (one user at a time). */
-static struct apm_json_tok tel_toks[TEL_TOKENS];
+enum tel_state { TS_HEAD, TS_BODY, TS_RESPOND };
+
+struct telconn {
+	struct conn c;
+	int state;              /* enum tel_state */
+	int reject;             /* status to answer instead of reading */
+};
+
+/* What the platform and the agent told us about one invocation. Telemetry
+ * may come an invocation late, so the last few are kept. */
+#define TEL_RECENT 8
+
+struct inv_info {
+	char request_id[128];
+	char arn[256];
+	int64_t deadline_epoch_ms; /* 0 until its INVOKE is read */
+	int64_t start_us;       /* platform.start time, or INVOKE receipt */
+	int reported;           /* platform.report arrived */
+	char trace_id[33], tx_id[17]; /* registered transaction, "" if none */
+};
 
 /* What each pollfd slot of a loop pass belongs to. */
 enum { PK_LISTEN, PK_LAMBDA, PK_AGENT, PK_UP, PK_TEL, PK_RESOLVER };
@@ -2226,16 +2260,45 @@ static struct {
 	volatile sig_atomic_t got_term;
 	int warned_no_server;
 	unsigned warned_grpc;   /* HTTP/2 on the OTLP port, said once */
-	char *reg;              /* last /register/transaction body */
-	size_t reg_len;
-	char reg_request_id[128];
+	struct registration reg;
 	uint64_t evicted, over_limit, accepts;
 	uint64_t progress;      /* bumped when a job ends: schedule again */
 } g;
 
-static void tel_agent_metadata(const char *p, size_t n);
-static void tel_registered(const char *rid, const char *tx, size_t n);
-static int aws_wanted(void);
+/* Telemetry: its connections, what it told us of recent invocations, and
+ * the payload of our own events. */
+static struct {
+	struct telconn conns[MAX_TEL_CONNS];
+	int subscribed;
+	struct inv_info recent[TEL_RECENT]; /* ring of the last invocations */
+	unsigned recent_next;
+	char stream_rid[128];   /* request id of the last platform.start read */
+	uint64_t bad_posts, records, logs_dropped;
+	int own;                /* open payload of our own events, -1 none */
+	char agent_meta[8192];  /* metadata line of the agent, if known */
+	size_t agent_meta_len;
+	int proxy_sent;         /* for g.inv */
+	uint64_t own_mark;      /* length of our payload before the line begun */
+	int own_cut;            /* a part of that line did not fit */
+	struct apm_json_tok rec_toks[TEL_TOKENS]; /* the record being read */
+	struct apm_json_tok tx_toks[TEL_TOKENS];  /* the registered transaction */
+} tel; /* own = -1 is set in main: a zero struct stays out of .data */
+
+/* AWS secrets: the calls to make and their backoff (section 18). */
+enum aws_call { AWS_SM_TOKEN, AWS_SM_APIKEY, AWS_ACM, AWS_NCALLS };
+
+static struct {
+	const char *id[AWS_NCALLS];     /* secret id or certificate ARN */
+	int done[AWS_NCALLS];
+	int current;                    /* call in flight, -1 none */
+	unsigned failures;
+	int64_t retry_at;
+	const char *key_id, *secret, *session, *region;
+	char token[1024], apikey[1024]; /* fetched secrets; never logged */
+	struct endpoint sm, acm;
+	struct apm_json_tok toks[TEL_TOKENS]; /* of an answer */
+} aws; /* current = -1 is set in main */
+
 static int aws_pending(void);
 
 /* == 10. Payload queue ==
@@ -3246,7 +3309,7 @@ tls_load(void)
 	if (tls.loaded)
 		return;
 	tls.loaded = 1;
-	if (!g.cfg.verify_cert && !aws_wanted())
+	if (!g.cfg.verify_cert && !g.cfg.from_aws)
 		return; /* AWS endpoints are verified whatever the APM setting */
 	for (size_t i = 0; i < sizeof bundles / sizeof *bundles; i++)
 		if (access(bundles[i], R_OK) == 0) {
@@ -4126,7 +4189,7 @@ upstream_begin_payload(struct upstream *u, int s)
 	tx_printf(c, "POST %s%s HTTP/1.1\r\nHost: %s\r\n"
 	    "Content-Type: %s\r\nTransfer-Encoding: chunked\r\n"
 	    "User-Agent: " APM_EXT_NAME "/" APM_EXT_VERSION "%s%s%s\r\n",
-	    g.cfg.server.prefix, paths[p->kind], host,
+	    g.apm.url.prefix, paths[p->kind], host,
 	    p->kind == PL_INTAKE ? "application/x-ndjson" : p->ctype,
 	    p->user_agent[0] ? " (" : "", p->user_agent,
 	    p->user_agent[0] ? ")" : "");
@@ -4484,7 +4547,117 @@ fwd_held(uint64_t *count, uint64_t *bytes)
 		}
 }
 
-/* == 15. Local receiver: agent connections ==
+/* == 15. Invocation records ==
+ * What the platform and the agents told us about the last few invocations
+ * (telemetry may come an invocation late): request id, deadline, start, the
+ * registered transaction's ids, whether its report came.
+ */
+
+static struct inv_info *
+tel_inv_find(const char *rid)
+{
+	for (unsigned i = 0; i < TEL_RECENT; i++)
+		if (rid[0] && strcmp(tel.recent[i].request_id, rid) == 0)
+			return &tel.recent[i];
+	return NULL;
+}
+
+/* The entry of request id rid, made (over the oldest) if it is new. */
+static struct inv_info *
+tel_inv_get(const char *rid)
+{
+	struct inv_info *r = tel_inv_find(rid);
+	if (r)
+		return r;
+	r = &tel.recent[tel.recent_next++ % TEL_RECENT];
+	memset(r, 0, sizeof *r);
+	snprintf(r->request_id, sizeof r->request_id, "%s", rid);
+	return r;
+}
+
+/* Remember an invocation for the telemetry that follows it. */
+static void
+tel_inv_track(void)
+{
+	struct inv_info *r = tel_inv_get(g.inv.request_id);
+	snprintf(r->arn, sizeof r->arn, "%s", g.inv.arn);
+	int64_t now_epoch_ms = epoch_us() / 1000;
+	if (!r->start_us)
+		r->start_us = now_epoch_ms * 1000;
+	r->deadline_epoch_ms = now_epoch_ms + (g.inv.deadline - g.inv.t_invoke);
+	tel.proxy_sent = 0;
+}
+
+/* The function's timeout: Lambda's are whole seconds, and deadline - start
+ * falls a little short of it (start is read late) or, by clock rounding,
+ * up to a few ms over. */
+static int64_t
+tel_inv_timeout_ms(const struct inv_info *inv)
+{
+	int64_t ms = inv->deadline_epoch_ms - inv->start_us / 1000 - 10;
+	return ms <= 0 ? 1000 : (ms + 999) / 1000 * 1000;
+}
+
+/* At SHUTDOWN: the last invocation's platform.report has not come yet. */
+static int
+tel_report_pending(void)
+{
+	if (!tel.subscribed || g.inv.number == 0)
+		return 0;
+	struct inv_info *inv = tel_inv_find(g.inv.request_id);
+	return inv && !inv->reported;
+}
+
+/* The metadata line of an uncompressed agent payload, for our own events. */
+static void
+tel_agent_metadata(const char *p, size_t n)
+{
+	const char *nl = memchr(p, '\n', n);
+	if (!nl || (size_t)(nl - p) + 1 > sizeof tel.agent_meta ||
+	    !str_has_prefix((struct apm_str){ p, n }, "{\"metadata\""))
+		return;
+	tel.agent_meta_len = (size_t)(nl - p) + 1;
+	memcpy(tel.agent_meta, p, tel.agent_meta_len);
+}
+
+/* n lowercase hex digits, as trace and span ids are. */
+static int
+is_hex_id(const char *s, size_t n)
+{
+	if (strlen(s) != n)
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return 0;
+	return 1;
+}
+
+/* Keep the trace and transaction ids of the transaction registered for
+ * request id rid; ids of the wrong shape are dropped. */
+static void
+tel_registered(const char *rid, const char *tx, size_t n)
+{
+	struct apm_json_tok t[256];
+	int k = apm_json_parse(tx, n, t, 256, NULL, NULL);
+	int obj = k > 0 ? apm_json_get(tx, t, k, 0, "transaction") : -1;
+	struct inv_info *inv = tel_inv_get(rid);
+	char trace[64] = "", id[64] = "";
+	if (obj >= 0) {
+		json_get_str(tx, t, k, obj, "trace_id", trace, sizeof trace);
+		json_get_str(tx, t, k, obj, "id", id, sizeof id);
+	}
+	if (!is_hex_id(trace, 32) || !is_hex_id(id, 16)) {
+		log_debug("registered transaction of %s has malformed ids; "
+		    "its log lines carry none", rid);
+		trace[0] = id[0] = 0;
+	}
+	memcpy(inv->trace_id, trace, sizeof inv->trace_id - 1);
+	inv->trace_id[sizeof inv->trace_id - 1] = 0;
+	memcpy(inv->tx_id, id, sizeof inv->tx_id - 1);
+	inv->tx_id[sizeof inv->tx_id - 1] = 0;
+}
+
+/* == 16. Local receiver: agent connections ==
  * One request at a time per connection: its answer is written and drained
  * before the next pipelined head is parsed. An intake body moves into the
  * queue as it is decoded; when the queue is full the connection is simply
@@ -4729,7 +4902,7 @@ agent_proxy_head(struct agent *a, const struct apm_http_msg *m)
 	/* Our Authorization goes in when the call leaves (proxy_schedule): a
 	 * secret from Secrets Manager may arrive in between. */
 	int bad = tx_printf(c, "%.*s %s%.*s HTTP/1.1\r\nHost: %s\r\n",
-	    (int)m->method.len, m->method.ptr, g.cfg.server.prefix,
+	    (int)m->method.len, m->method.ptr, g.apm.url.prefix,
 	    (int)m->target.len, m->target.ptr, host);
 	for (size_t i = 0; i < m->num_headers; i++) {
 		const struct apm_http_header *h = &m->headers[i];
@@ -4898,9 +5071,9 @@ register_transaction(struct agent *a)
 		log_warn("bad /register/transaction payload; answered 422");
 		agent_respond(a, 422, "invalid transaction registration", 0);
 	} else {
-		memcpy(g.reg, c->rx, n);
-		g.reg_len = n;
-		snprintf(g.reg_request_id, sizeof g.reg_request_id, "%s",
+		memcpy(g.reg.body, c->rx, n);
+		g.reg.len = n;
+		snprintf(g.reg.request_id, sizeof g.reg.request_id, "%s",
 		    a->request_id);
 		tel_registered(a->request_id, nl + 1, n - (size_t)(nl + 1 - c->rx));
 		log_debug("transaction registered for %s", a->request_id);
@@ -5390,7 +5563,7 @@ proxy_fail_waiting(void)
 	}
 }
 
-/* == 16. Lambda Extensions API client ==
+/* == 17. Lambda Extensions API client ==
  * Register is a blocking exchange on a fresh socket: it is the first thing
  * the process does, and the fewest system calls are the fastest cold start.
  * Afterwards the same connection turns non-blocking and carries /event/next.
@@ -5561,34 +5734,12 @@ broken:
 	return 0;
 }
 
-/* == 17. AWS secrets: Secrets Manager and ACM ==
+/* == 18. AWS secrets: Secrets Manager and ACM ==
  * The secret token or API key (Secrets Manager GetSecretValue) and a private
  * CA (ACM GetCertificate), fetched with SigV4-signed JSON 1.1 calls on a
  * connection slot of their own, after the first /next. Until they arrive no
  * delivery starts: data waits rather than going out without auth.
  */
-
-enum aws_call { AWS_SM_TOKEN, AWS_SM_APIKEY, AWS_ACM, AWS_NCALLS };
-
-static struct {
-	const char *id[AWS_NCALLS];     /* secret id or certificate ARN */
-	int done[AWS_NCALLS];
-	int current;                    /* call in flight, -1 none */
-	unsigned failures;
-	int64_t retry_at;
-	const char *key_id, *secret, *session, *region;
-	char token[1024], apikey[1024]; /* fetched secrets; never logged */
-	struct endpoint sm, acm;
-} aws; /* current = -1 is set in main */
-
-static int
-aws_wanted(void)
-{
-	for (int i = 0; i < AWS_NCALLS; i++)
-		if (aws.id[i])
-			return 1;
-	return 0;
-}
 
 static int
 aws_acm_wanted(void)
@@ -5642,10 +5793,13 @@ aws_config(void)
 	aws.id[AWS_SM_TOKEN] = getenv("ELASTIC_APM_SECRETS_MANAGER_SECRET_TOKEN_ID");
 	aws.id[AWS_SM_APIKEY] = getenv("ELASTIC_APM_SECRETS_MANAGER_API_KEY_ID");
 	aws.id[AWS_ACM] = getenv("ELASTIC_APM_SERVER_CA_CERT_ACM_ID");
-	for (int i = 0; i < AWS_NCALLS; i++)
+	for (int i = 0; i < AWS_NCALLS; i++) {
 		if (aws.id[i] && !*aws.id[i])
 			aws.id[i] = NULL;
-	if (!aws_wanted())
+		if (aws.id[i])
+			g.cfg.from_aws = 1;
+	}
+	if (!g.cfg.from_aws)
 		return;
 	aws.key_id = getenv("AWS_ACCESS_KEY_ID");
 	aws.secret = getenv("AWS_SECRET_ACCESS_KEY");
@@ -5777,7 +5931,7 @@ aws_answer(struct upstream *u)
 	int k = aws.current;
 	const char *js = u->c.rx;
 	size_t len = u->c.body.have;
-	struct apm_json_tok *t = tel_toks;
+	struct apm_json_tok *t = aws.toks;
 	int n = apm_json_parse(js, len, t, TEL_TOKENS, NULL, NULL);
 	char why[400], type[128] = "", msg[200] = "";
 	if (u->status != 200) {
@@ -5887,153 +6041,14 @@ aws_schedule(void)
 	upstream_arm(u);
 }
 
-/* == 18. Telemetry listener and platform events ==
+/* == 19. Telemetry listener and platform events ==
  * Lambda POSTs JSON arrays of records to us. A body is validated whole
  * before any record is acted on, so a 400 (which Lambda retries) never
  * follows half-applied records.
  */
 
 
-enum tel_state { TS_HEAD, TS_BODY, TS_RESPOND };
 
-struct telconn {
-	struct conn c;
-	int state;              /* enum tel_state */
-	int reject;             /* status to answer instead of reading */
-};
-
-/* What the platform and the agent told us about one invocation. Telemetry
- * may come an invocation late, so the last few are kept. */
-#define TEL_RECENT 8
-
-struct inv_info {
-	char request_id[128];
-	char arn[256];
-	int64_t deadline_epoch_ms; /* 0 until its INVOKE is read */
-	int64_t start_us;       /* platform.start time, or INVOKE receipt */
-	int reported;           /* platform.report arrived */
-	char trace_id[33], tx_id[17]; /* registered transaction, "" if none */
-};
-
-static struct {
-	struct telconn conns[MAX_TEL_CONNS];
-	int subscribed;
-	struct inv_info recent[TEL_RECENT]; /* ring of the last invocations */
-	unsigned recent_next;
-	char stream_rid[128];   /* request id of the last platform.start read */
-	uint64_t bad_posts, records, logs_dropped;
-	int own;                /* open payload of our own events, -1 none */
-	char agent_meta[8192];  /* metadata line of the agent, if known */
-	size_t agent_meta_len;
-	int proxy_sent;         /* for g.inv */
-	uint64_t own_mark;      /* length of our payload before the line begun */
-	int own_cut;            /* a part of that line did not fit */
-} tel; /* own = -1 is set in main: a zero struct stays out of .data */
-
-
-static struct inv_info *
-tel_inv_find(const char *rid)
-{
-	for (unsigned i = 0; i < TEL_RECENT; i++)
-		if (rid[0] && strcmp(tel.recent[i].request_id, rid) == 0)
-			return &tel.recent[i];
-	return NULL;
-}
-
-/* The entry of request id rid, made (over the oldest) if it is new. */
-static struct inv_info *
-tel_inv_get(const char *rid)
-{
-	struct inv_info *r = tel_inv_find(rid);
-	if (r)
-		return r;
-	r = &tel.recent[tel.recent_next++ % TEL_RECENT];
-	memset(r, 0, sizeof *r);
-	snprintf(r->request_id, sizeof r->request_id, "%s", rid);
-	return r;
-}
-
-/* Remember an invocation for the telemetry that follows it. */
-static void
-tel_inv_track(void)
-{
-	struct inv_info *r = tel_inv_get(g.inv.request_id);
-	snprintf(r->arn, sizeof r->arn, "%s", g.inv.arn);
-	int64_t now_epoch_ms = epoch_us() / 1000;
-	if (!r->start_us)
-		r->start_us = now_epoch_ms * 1000;
-	r->deadline_epoch_ms = now_epoch_ms + (g.inv.deadline - g.inv.t_invoke);
-	tel.proxy_sent = 0;
-}
-
-/* The function's timeout: Lambda's are whole seconds, and deadline - start
- * falls a little short of it (start is read late) or, by clock rounding,
- * up to a few ms over. */
-static int64_t
-tel_inv_timeout_ms(const struct inv_info *inv)
-{
-	int64_t ms = inv->deadline_epoch_ms - inv->start_us / 1000 - 10;
-	return ms <= 0 ? 1000 : (ms + 999) / 1000 * 1000;
-}
-
-/* At SHUTDOWN: the last invocation's platform.report has not come yet. */
-static int
-tel_report_pending(void)
-{
-	if (!tel.subscribed || g.inv.number == 0)
-		return 0;
-	struct inv_info *inv = tel_inv_find(g.inv.request_id);
-	return inv && !inv->reported;
-}
-
-/* The metadata line of an uncompressed agent payload, for our own events. */
-static void
-tel_agent_metadata(const char *p, size_t n)
-{
-	const char *nl = memchr(p, '\n', n);
-	if (!nl || (size_t)(nl - p) + 1 > sizeof tel.agent_meta ||
-	    !str_has_prefix((struct apm_str){ p, n }, "{\"metadata\""))
-		return;
-	tel.agent_meta_len = (size_t)(nl - p) + 1;
-	memcpy(tel.agent_meta, p, tel.agent_meta_len);
-}
-
-/* n lowercase hex digits, as trace and span ids are. */
-static int
-is_hex_id(const char *s, size_t n)
-{
-	if (strlen(s) != n)
-		return 0;
-	for (size_t i = 0; i < n; i++)
-		if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-			return 0;
-	return 1;
-}
-
-/* Keep the trace and transaction ids of the transaction registered for
- * request id rid; ids of the wrong shape are dropped. */
-static void
-tel_registered(const char *rid, const char *tx, size_t n)
-{
-	struct apm_json_tok t[256];
-	int k = apm_json_parse(tx, n, t, 256, NULL, NULL);
-	int obj = k > 0 ? apm_json_get(tx, t, k, 0, "transaction") : -1;
-	struct inv_info *inv = tel_inv_get(rid);
-	char trace[64] = "", id[64] = "";
-	if (obj >= 0) {
-		json_get_str(tx, t, k, obj, "trace_id", trace, sizeof trace);
-		json_get_str(tx, t, k, obj, "id", id, sizeof id);
-	}
-	if (!is_hex_id(trace, 32) || !is_hex_id(id, 16)) {
-		log_debug("registered transaction of %s has malformed ids; "
-		    "its log lines carry none", rid);
-		trace[0] = id[0] = 0;
-	}
-	memcpy(inv->trace_id, trace, sizeof inv->trace_id - 1);
-	inv->trace_id[sizeof inv->trace_id - 1] = 0;
-	memcpy(inv->tx_id, id, sizeof inv->tx_id - 1);
-	inv->tx_id[sizeof inv->tx_id - 1] = 0;
-}
 
 static int
 own_put(const char *s, size_t n)
@@ -6068,9 +6083,9 @@ own_put_escaped(const char *s, size_t n)
 static void
 own_metadata(void)
 {
-	if (g.reg_len) {
-		const char *nl = memchr(g.reg, '\n', g.reg_len);
-		own_put(g.reg, (size_t)(nl - g.reg) + 1);
+	if (g.reg.len) {
+		const char *nl = memchr(g.reg.body, '\n', g.reg.len);
+		own_put(g.reg.body, (size_t)(nl - g.reg.body) + 1);
 		return;
 	}
 	if (tel.agent_meta_len) {
@@ -6266,15 +6281,15 @@ tel_function_log(const struct apm_tel_record *r)
 static void
 tel_proxy_transaction(const char *status)
 {
-	if (tel.proxy_sent || g.inv.agent_flushed || !g.reg_len ||
-	    strcmp(g.reg_request_id, g.inv.request_id) != 0)
+	if (tel.proxy_sent || g.inv.agent_flushed || !g.reg.len ||
+	    strcmp(g.reg.request_id, g.inv.request_id) != 0)
 		return;
-	const char *nl = memchr(g.reg, '\n', g.reg_len);
+	const char *nl = memchr(g.reg.body, '\n', g.reg.len);
 	const char *tx = nl + 1;
-	size_t tlen = g.reg_len - (size_t)(tx - g.reg);
+	size_t tlen = g.reg.len - (size_t)(tx - g.reg.body);
 	while (tlen && (tx[tlen - 1] == '\n' || tx[tlen - 1] == '\r'))
 		tlen--;
-	struct apm_json_tok *t = tel_toks;
+	struct apm_json_tok *t = tel.tx_toks;
 	int n = apm_json_parse(tx, tlen, t, TEL_TOKENS, NULL, NULL);
 	int obj = n > 0 ? apm_json_get(tx, t, n, 0, "transaction") : -1;
 	if (obj < 0 || t[obj].type != APM_JSON_OBJECT || own_begin() < 0)
@@ -6381,7 +6396,7 @@ tel_body(const char *js, size_t len)
 		if (pos >= len || js[pos] == ']')
 			break;
 		size_t end;
-		int n = apm_json_parse(js + pos, len - pos, tel_toks, TEL_TOKENS, &end,
+		int n = apm_json_parse(js + pos, len - pos, tel.rec_toks, TEL_TOKENS, &end,
 		    &err);
 		if (n < 0) {
 			/* valid JSON but too many tokens for one record: skip it */
@@ -6391,7 +6406,7 @@ tel_body(const char *js, size_t len)
 			log_warn("telemetry record too large; skipped");
 		} else {
 			struct apm_tel_record r;
-			if (apm_tel_record_parse(js + pos, tel_toks, n, &r) == 0)
+			if (apm_tel_record_parse(js + pos, tel.rec_toks, n, &r) == 0)
 				tel_record(&r);
 		}
 		pos += end;
@@ -6579,7 +6594,7 @@ tel_subscribe(void)
 	}
 }
 
-/* == 19. Event loop == */
+/* == 20. Event loop == */
 
 /* The endpoints whose names may be resolved while the loop runs. */
 static struct endpoint *
@@ -6968,7 +6983,7 @@ loop_run(void)
 	}
 }
 
-/* == 20. Configuration and main == */
+/* == 21. Configuration and main == */
 
 /* A setting that did not parse: one warning naming it, the value and the
  * default. Secrets never pass through here. */
@@ -7053,7 +7068,7 @@ cfg_load(struct config *c)
 	}
 	const char *url = getenv("ELASTIC_APM_LAMBDA_APM_SERVER");
 	if (url && *url) {
-		if (apm_url_parse(url, strlen(url), &c->server) == 0)
+		if (apm_url_parse(url, strlen(url), &g.apm.url) == 0)
 			c->has_server = 1;
 		else if (strchr(url, '@'))
 			log_error("ELASTIC_APM_LAMBDA_APM_SERVER holds credentials "
@@ -7166,8 +7181,8 @@ state_init(void)
 	}
 	for (int i = 0; i < MAX_TEL_CONNS; i++)
 		conn_bufs(&tel.conns[i].c, TEL_BODY_MAX + APM_HTTP_MAX_HEAD, 256);
-	g.reg = arena_take(REG_MAX);
-	if ((cfg->has_server && cfg->server.tls) || aws_wanted())
+	g.reg.body = arena_take(REG_MAX);
+	if ((cfg->has_server && g.apm.url.tls) || cfg->from_aws)
 		tls.slots = arena_take(NUM_UPSTREAM * sizeof(struct tls_slot));
 	return 0;
 }
@@ -7305,10 +7320,9 @@ main(int argc, char **argv)
 	sa.sa_handler = on_term;
 	sigaction(SIGTERM, &sa, NULL);
 	g.rnd = (uint32_t)epoch_us() ^ (uint32_t)getpid() << 16;
-	g.apm.url = g.cfg.server;
 	g.apm.verify = g.cfg.verify_cert;
 	g.apm.what = "the APM server";
-	if (g.cfg.has_server && g.cfg.server.tls && !g.cfg.verify_cert)
+	if (g.cfg.has_server && g.apm.url.tls && !g.cfg.verify_cert)
 		log_warn("ELASTIC_APM_LAMBDA_VERIFY_SERVER_CERT=false: the APM "
 		    "server's certificate is not checked");
 	fwd_prewarm(aws_acm_wanted());
