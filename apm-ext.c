@@ -26,7 +26,7 @@
  *   8. Lambda events and telemetry records
  *   9. State: connections, queue, invocation, config
  *  10. Payload queue
- *  11. Sockets
+ *  11. Sockets, connections and HTTP messages
  *  12. DER, X.509 checks and trust anchors
  *  13. TLS engine
  *  14. Upstream connections: forwarder and proxy
@@ -2468,7 +2468,7 @@ queue_view(struct queue *q, int slot, uint64_t off)
 	return (struct apm_str){ q->mem + (size_t)b * BLOCK_SIZE + in, n };
 }
 
-/* == 11. Sockets == */
+/* == 11. Sockets, connections and HTTP messages == */
 
 /*
  * Add fd to the poll set with interest ev. No interest leaves it out: poll
@@ -2703,6 +2703,262 @@ sock_listen(int family, const char *addr, uint16_t port)
 		return -1;
 	}
 	return fd;
+}
+
+/* Connections and HTTP messages on them: every kind reads and answers
+ * through these. */
+
+static void
+buf_reset(struct conn *c)
+{
+	c->rx_len = c->tx_len = c->tx_off = 0;
+	c->head_prev = 0;
+	c->head_done = 0;
+	c->close_after = 0;
+	c->eof = 0;
+	memset(&c->body, 0, sizeof c->body);
+}
+
+static void
+conn_close(struct conn *c)
+{
+	if (c->fd >= 0)
+		io.close(c->fd);
+	c->fd = -1;
+	c->deadline = 0;
+	buf_reset(c);
+}
+
+/* Append formatted text to tx; -1 when it does not fit. */
+__attribute__((format(printf, 2, 3))) static int
+tx_printf(struct conn *c, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	size_t room = c->tx_cap - c->tx_len;
+	int n = vsnprintf(c->tx + c->tx_len, room, fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= room)
+		return -1;
+	c->tx_len += (size_t)n;
+	return 0;
+}
+
+static int
+tx_put(struct conn *c, const void *p, size_t n)
+{
+	if (c->tx_cap - c->tx_len < n)
+		return -1;
+	memcpy(c->tx + c->tx_len, p, n);
+	c->tx_len += n;
+	return 0;
+}
+
+/*
+ * Send what tx holds. Returns 0 (all sent, or would block), -1 on error.
+ * Plain sockets here; TLS connections move their bytes in tls_step.
+ */
+static int
+conn_flush(struct conn *c)
+{
+	while (c->tx_off < c->tx_len) {
+		ssize_t n = io.send(c->fd, c->tx + c->tx_off, c->tx_len - c->tx_off,
+		    MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				return 0;
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		c->tx_off += (size_t)n;
+		c->last_active = now_ms();
+	}
+	c->tx_off = c->tx_len = 0;
+	return 0;
+}
+
+/* Read what is there into rx. 1 data read, 0 would block/full, -1 error/EOF. */
+static int
+conn_fill(struct conn *c)
+{
+	int got = 0;
+	while (c->rx_len < c->rx_cap) {
+		ssize_t n = io.recv(c->fd, c->rx + c->rx_len, c->rx_cap - c->rx_len,
+		    MSG_DONTWAIT);
+		if (n == 0) {
+			c->eof = 1;
+			return -1;
+		}
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				break;
+			return -1;
+		}
+		c->rx_len += (size_t)n;
+		c->last_active = now_ms();
+		got = 1;
+		if ((size_t)n < 4096)
+			break;
+	}
+	return got;
+}
+
+/* Set up body framing from a parsed head. */
+static void
+body_init(struct body *b, const struct apm_http_msg *m, int is_response)
+{
+	memset(b, 0, sizeof *b);
+	if (is_response && (m->status < 200 || m->status == 204 ||
+	    m->status == 304)) {
+		b->mode = BODY_NONE; /* never a body, whatever the headers say */
+		b->done = 1;
+	} else if (m->chunked) {
+		b->mode = BODY_CHUNKED;
+	} else if (m->content_length > 0) {
+		b->mode = BODY_LENGTH;
+		b->left = (uint64_t)m->content_length;
+	} else if (m->content_length < 0 && is_response) {
+		b->mode = BODY_EOF;
+	} else {
+		b->mode = BODY_NONE;
+		b->done = 1;
+	}
+}
+
+/*
+ * Decode what arrived after the decoded part: rx[have..len). Afterwards
+ * rx[0..have) is decoded body and, once done, rx[have..len) is whatever
+ * followed the body. 1 done, 0 more needed, -1 bad framing.
+ */
+static int
+body_step(struct body *b, char *rx, size_t *rx_len, int eof)
+{
+	size_t raw = *rx_len - b->have;
+	if (b->done)
+		return 1;
+	if (b->mode == BODY_CHUNKED) {
+		size_t n = raw;
+		ssize_t r = apm_chunk_decode(&b->ch, rx + b->have, &n);
+		b->have += n;
+		b->total += n;
+		if (r == APM_MALFORMED)
+			return -1;
+		*rx_len = b->have + (r >= 0 ? (size_t)r : 0);
+		if (r >= 0)
+			b->done = 1;
+	} else if (b->mode == BODY_LENGTH) {
+		size_t take = (size_t)MIN((uint64_t)raw, b->left);
+		b->have += take;
+		b->total += take;
+		b->left -= take;
+		b->done = b->left == 0;
+	} else if (b->mode == BODY_EOF) {
+		b->have += raw;
+		b->total += raw;
+		b->done = eof;
+	}
+	return b->done;
+}
+
+/* Remove the first n bytes of rx (consumed body or head). */
+static void
+rx_consume(struct conn *c, size_t n)
+{
+	memmove(c->rx, c->rx + n, c->rx_len - n);
+	c->rx_len -= n;
+	if (c->body.have >= n)
+		c->body.have -= n;
+	else
+		c->body.have = 0;
+}
+
+static const char *
+status_text(int status)
+{
+	switch (status) {
+	case 200: return "OK";
+	case 202: return "Accepted";
+	case 400: return "Bad Request";
+	case 404: return "Not Found";
+	case 405: return "Method Not Allowed";
+	case 408: return "Request Timeout";
+	case 413: return "Payload Too Large";
+	case 415: return "Unsupported Media Type";
+	case 422: return "Unprocessable Entity";
+	case 431: return "Request Header Fields Too Large";
+	case 501: return "Not Implemented";
+	case 502: return "Bad Gateway";
+	case 503: return "Service Unavailable";
+	default: return "Status";
+	}
+}
+
+/*
+ * Parse the head of the message at the start of c's rx (a response when
+ * is_response; h holds its headers) and set up its body's framing. Returns
+ * the head's length, 0 when more bytes are needed, -1 when malformed
+ * (m->error says how). *m points into rx: once it has been read,
+ * msg_head_done removes the head.
+ */
+static int
+msg_head(struct conn *c, int is_response, struct apm_http_msg *m,
+    struct apm_http_header *h)
+{
+	int r = is_response ?
+	    apm_http_parse_response(c->rx, c->rx_len, c->head_prev, m, h,
+	    APM_HTTP_MAX_HEADERS) :
+	    apm_http_parse_request(c->rx, c->rx_len, c->head_prev, m, h,
+	    APM_HTTP_MAX_HEADERS);
+	c->head_prev = c->rx_len;
+	if (r == APM_NEED_MORE)
+		return 0;
+	if (r < 0)
+		return -1;
+	body_init(&c->body, m, is_response);
+	return r;
+}
+
+/* The head (len bytes) has been read: remove it; the body follows. */
+static void
+msg_head_done(struct conn *c, int len)
+{
+	rx_consume(c, (size_t)len);
+	c->head_done = 1;
+	c->head_prev = 0;
+}
+
+/* The message is handled: its body leaves rx, and the next head may follow. */
+static void
+msg_next(struct conn *c)
+{
+	rx_consume(c, c->body.have);
+	c->head_done = 0;
+	c->head_prev = 0;
+	memset(&c->body, 0, sizeof c->body);
+}
+
+/*
+ * Put an answer in c's tx: the status line, Content-Length clen (-1: none),
+ * the header lines in headers (each ending in CRLF), Connection: close when
+ * close_after, then len bytes of body. 0, or -1 when it does not fit.
+ */
+static int
+msg_answer(struct conn *c, int status, int64_t clen, const char *headers,
+    const void *body, size_t len, int close_after)
+{
+	c->tx_len = c->tx_off = 0;
+	c->close_after = close_after;
+	char cl[48] = "";
+	if (clen >= 0)
+		snprintf(cl, sizeof cl, "Content-Length: %lld\r\n", (long long)clen);
+	if (tx_printf(c, "HTTP/1.1 %d %s\r\n%s%s%s\r\n", status,
+	    status_text(status), cl, headers, close_after ?
+	    "Connection: close\r\n" : "") < 0)
+		return -1;
+	return len ? tx_put(c, body, len) : 0;
 }
 
 /* == 12. DER, X.509 checks and trust anchors ==
@@ -3803,173 +4059,6 @@ tls_events(struct upstream *u)
 /* == 14. Upstream connections: forwarder and proxy == */
 
 static void
-buf_reset(struct conn *c)
-{
-	c->rx_len = c->tx_len = c->tx_off = 0;
-	c->head_prev = 0;
-	c->head_done = 0;
-	c->close_after = 0;
-	c->eof = 0;
-	memset(&c->body, 0, sizeof c->body);
-}
-
-static void
-conn_close(struct conn *c)
-{
-	if (c->fd >= 0)
-		io.close(c->fd);
-	c->fd = -1;
-	c->deadline = 0;
-	buf_reset(c);
-}
-
-/* Append formatted text to tx; -1 when it does not fit. */
-__attribute__((format(printf, 2, 3))) static int
-tx_printf(struct conn *c, const char *fmt, ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	size_t room = c->tx_cap - c->tx_len;
-	int n = vsnprintf(c->tx + c->tx_len, room, fmt, ap);
-	va_end(ap);
-	if (n < 0 || (size_t)n >= room)
-		return -1;
-	c->tx_len += (size_t)n;
-	return 0;
-}
-
-static int
-tx_put(struct conn *c, const void *p, size_t n)
-{
-	if (c->tx_cap - c->tx_len < n)
-		return -1;
-	memcpy(c->tx + c->tx_len, p, n);
-	c->tx_len += n;
-	return 0;
-}
-
-/*
- * Send what tx holds. Returns 0 (all sent, or would block), -1 on error.
- * Plain sockets here; TLS connections move their bytes in tls_step.
- */
-static int
-conn_flush(struct conn *c)
-{
-	while (c->tx_off < c->tx_len) {
-		ssize_t n = io.send(c->fd, c->tx + c->tx_off, c->tx_len - c->tx_off,
-		    MSG_NOSIGNAL | MSG_DONTWAIT);
-		if (n < 0) {
-			if (errno == EAGAIN || errno == EWOULDBLOCK)
-				return 0;
-			if (errno == EINTR)
-				continue;
-			return -1;
-		}
-		c->tx_off += (size_t)n;
-		c->last_active = now_ms();
-	}
-	c->tx_off = c->tx_len = 0;
-	return 0;
-}
-
-/* Read what is there into rx. 1 data read, 0 would block/full, -1 error/EOF. */
-static int
-conn_fill(struct conn *c)
-{
-	int got = 0;
-	while (c->rx_len < c->rx_cap) {
-		ssize_t n = io.recv(c->fd, c->rx + c->rx_len, c->rx_cap - c->rx_len,
-		    MSG_DONTWAIT);
-		if (n == 0) {
-			c->eof = 1;
-			return -1;
-		}
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno == EAGAIN || errno == EWOULDBLOCK)
-				break;
-			return -1;
-		}
-		c->rx_len += (size_t)n;
-		c->last_active = now_ms();
-		got = 1;
-		if ((size_t)n < 4096)
-			break;
-	}
-	return got;
-}
-
-/* Set up body framing from a parsed head. */
-static void
-body_init(struct body *b, const struct apm_http_msg *m, int is_response)
-{
-	memset(b, 0, sizeof *b);
-	if (is_response && (m->status < 200 || m->status == 204 ||
-	    m->status == 304)) {
-		b->mode = BODY_NONE; /* never a body, whatever the headers say */
-		b->done = 1;
-	} else if (m->chunked) {
-		b->mode = BODY_CHUNKED;
-	} else if (m->content_length > 0) {
-		b->mode = BODY_LENGTH;
-		b->left = (uint64_t)m->content_length;
-	} else if (m->content_length < 0 && is_response) {
-		b->mode = BODY_EOF;
-	} else {
-		b->mode = BODY_NONE;
-		b->done = 1;
-	}
-}
-
-/*
- * Decode what arrived after the decoded part: rx[have..len). Afterwards
- * rx[0..have) is decoded body and, once done, rx[have..len) is whatever
- * followed the body. 1 done, 0 more needed, -1 bad framing.
- */
-static int
-body_step(struct body *b, char *rx, size_t *rx_len, int eof)
-{
-	size_t raw = *rx_len - b->have;
-	if (b->done)
-		return 1;
-	if (b->mode == BODY_CHUNKED) {
-		size_t n = raw;
-		ssize_t r = apm_chunk_decode(&b->ch, rx + b->have, &n);
-		b->have += n;
-		b->total += n;
-		if (r == APM_MALFORMED)
-			return -1;
-		*rx_len = b->have + (r >= 0 ? (size_t)r : 0);
-		if (r >= 0)
-			b->done = 1;
-	} else if (b->mode == BODY_LENGTH) {
-		size_t take = (size_t)MIN((uint64_t)raw, b->left);
-		b->have += take;
-		b->total += take;
-		b->left -= take;
-		b->done = b->left == 0;
-	} else if (b->mode == BODY_EOF) {
-		b->have += raw;
-		b->total += raw;
-		b->done = eof;
-	}
-	return b->done;
-}
-
-/* Remove the first n bytes of rx (consumed body or head). */
-static void
-rx_consume(struct conn *c, size_t n)
-{
-	memmove(c->rx, c->rx + n, c->rx_len - n);
-	c->rx_len -= n;
-	if (c->body.have >= n)
-		c->body.have -= n;
-	else
-		c->body.have = 0;
-}
-
-static void
 upstream_host_header(const struct endpoint *ep, char *out, size_t cap)
 {
 	const struct apm_url *u = &ep->url;
@@ -4277,19 +4366,17 @@ upstream_read(struct upstream *u)
 	if (!c->head_done) {
 		struct apm_http_header h[APM_HTTP_MAX_HEADERS];
 		struct apm_http_msg m;
-		int r = apm_http_parse_response(c->rx, c->rx_len, c->head_prev, &m,
-		    h, APM_HTTP_MAX_HEADERS);
-		c->head_prev = c->rx_len;
-		if (r == APM_NEED_MORE) {
+		int r = msg_head(c, 1, &m, h);
+		if (r == 0) {
 			if (c->eof)
 				upstream_fail(u, "connection closed before an answer");
 			return;
 		}
 		if (r < 0 || m.status < 200) {
-			if (r >= 0 && m.status >= 100 && m.status != 101) {
+			if (r > 0 && m.status >= 100 && m.status != 101) {
 				/* interim (100 Continue, 103 Early Hints): skip it */
-				rx_consume(c, (size_t)r);
-				c->head_prev = 0;
+				msg_head_done(c, r);
+				msg_next(c);
 				return upstream_read(u);
 			}
 			upstream_fail(u, r < 0 ? apm_err_str(m.error) : "bad status");
@@ -4306,7 +4393,6 @@ upstream_read(struct upstream *u)
 		struct apm_str ce = apm_http_header_get(&m, "content-encoding");
 		str_copy(u->ctype_buf, sizeof u->ctype_buf, ct);
 		str_copy(u->cenc_buf, sizeof u->cenc_buf, ce);
-		body_init(&c->body, &m, 1);
 		u->resp_length = m.content_length;
 		if (u->head_req) {
 			c->body.mode = BODY_NONE;
@@ -4314,8 +4400,7 @@ upstream_read(struct upstream *u)
 		}
 		if (c->body.mode == BODY_EOF)
 			u->resp_close = 1;
-		rx_consume(c, (size_t)r);
-		c->head_done = 1;
+		msg_head_done(c, r);
 	}
 	int r = body_step(&c->body, c->rx, &c->rx_len, c->eof);
 	if (r < 0) {
@@ -4722,27 +4807,6 @@ agent_close(struct agent *a)
 	a->state = AG_HEAD;
 }
 
-static const char *
-status_text(int status)
-{
-	switch (status) {
-	case 200: return "OK";
-	case 202: return "Accepted";
-	case 400: return "Bad Request";
-	case 404: return "Not Found";
-	case 405: return "Method Not Allowed";
-	case 408: return "Request Timeout";
-	case 413: return "Payload Too Large";
-	case 415: return "Unsupported Media Type";
-	case 422: return "Unprocessable Entity";
-	case 431: return "Request Header Fields Too Large";
-	case 501: return "Not Implemented";
-	case 502: return "Bad Gateway";
-	case 503: return "Service Unavailable";
-	default: return "Status";
-	}
-}
-
 /* Queue an answer with a small JSON (or empty) body; close after if asked. */
 static void
 agent_respond(struct agent *a, int status, const char *msg, int close_after)
@@ -4753,12 +4817,8 @@ agent_respond(struct agent *a, int status, const char *msg, int close_after)
 	int n = 0;
 	if (msg)
 		n = snprintf(body, sizeof body, "{\"error\":\"%s\"}\n", msg);
-	c->tx_len = c->tx_off = 0;
-	if (close_after || !a->keep_alive)
-		c->close_after = 1;
-	tx_printf(c, "HTTP/1.1 %d %s\r\nContent-Length: %d\r\n%s%s\r\n%s", status,
-	    status_text(status), n, n ? "Content-Type: application/json\r\n" : "",
-	    c->close_after ? "Connection: close\r\n" : "", n ? body : "");
+	msg_answer(c, status, n, n ? "Content-Type: application/json\r\n" : "",
+	    body, (size_t)n, close_after || !a->keep_alive || c->close_after);
 	a->state = AG_RESPOND;
 }
 
@@ -4771,13 +4831,9 @@ agent_respond_otlp(struct agent *a)
 	int json = str_has_iprefix((struct apm_str){ a->ctype, strlen(a->ctype) },
 	    "application/json");
 	a->requests++;
-	c->tx_len = c->tx_off = 0;
-	if (!a->keep_alive)
-		c->close_after = 1;
-	tx_printf(c, "HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: "
-	    "%d\r\n%s\r\n%s", json ? "application/json" : "application/x-protobuf",
-	    json ? 2 : 0, c->close_after ? "Connection: close\r\n" : "",
-	    json ? "{}" : "");
+	msg_answer(c, 200, json ? 2 : 0, json ? "Content-Type: application/json\r\n" :
+	    "Content-Type: application/x-protobuf\r\n", "{}", json ? 2 : 0,
+	    !a->keep_alive || c->close_after);
 	a->state = AG_RESPOND;
 }
 
@@ -4914,37 +4970,50 @@ agent_proxy_head(struct agent *a, const struct apm_http_msg *m)
 	return bad;
 }
 
-/*
- * A request on the OTLP/HTTP port: POST /v1/traces, /v1/metrics or /v1/logs
- * with a protobuf or JSON body is queued like an intake body; anything else
- * is refused (404, 405, 415) once its body is read. Returns the body limit.
- */
-static uint64_t
-agent_route_otlp(struct agent *a, const struct apm_http_msg *m)
+/* An agent route: the first entry of agent_routes for the port whose method
+ * and path match a request takes it. */
+struct agent_route_def {
+	int otlp;               /* on the OTLP/HTTP port, else the intake port */
+	const char *method;     /* NULL: any */
+	const char *path;       /* NULL: any */
+	int other_method;       /* the path matched, not the method: 0 look on,
+	                           else answer this status */
+	int route;              /* enum agent_route */
+	int kind;               /* RT_INTAKE: enum payload_kind */
+	int status;             /* RT_REJECT: the status to answer */
+	uint64_t limit;         /* body bytes at most; 0: the configured max */
+};
+
+static const struct agent_route_def agent_routes[] = {
+	{ 0, "POST", "/intake/v2/events", 0, RT_INTAKE, PL_INTAKE, 0, 0 },
+	{ 0, "POST", "/register/transaction", 0, RT_REGISTER, 0, 0, REG_MAX },
+	{ 0, NULL, NULL, 0, RT_PROXY, 0, 0, PROXY_BODY_MAX },
+	{ 1, "POST", "/v1/traces", 405, RT_INTAKE, PL_OTLP_TRACES, 0, 0 },
+	{ 1, "POST", "/v1/metrics", 405, RT_INTAKE, PL_OTLP_METRICS, 0, 0 },
+	{ 1, "POST", "/v1/logs", 405, RT_INTAKE, PL_OTLP_LOGS, 0, 0 },
+	{ 1, NULL, NULL, 0, RT_REJECT, 0, 404, 0 },
+};
+
+/* Route a request by the table; its query string goes to *q. */
+static void
+agent_route(struct agent *a, const struct apm_http_msg *m, struct apm_str *q)
 {
-	static const char *const paths[] = { "/v1/traces", "/v1/metrics",
-		"/v1/logs" };
-	struct apm_str q;
-	a->route = RT_REJECT;
-	a->status = 404;
-	for (int i = 0; i < 3; i++) {
-		if (!path_is(m->target, paths[i], &q))
+	const struct agent_route_def *d = agent_routes;
+	for (;; d++) {
+		if (d->otlp != a->otlp)
 			continue;
-		struct apm_str ct = apm_http_header_get(m, "content-type");
-		if (!apm_str_ieq(m->method, "POST")) {
-			a->status = 405;
-		} else if (!ct.ptr || (!str_has_iprefix(ct, "application/x-protobuf") &&
-		    !str_has_iprefix(ct, "application/json"))) {
-			a->status = 415;
-		} else {
-			a->route = RT_INTAKE;
-			a->kind = PL_OTLP_TRACES + i;
-			str_copy(a->ctype, sizeof a->ctype, ct);
-		}
-		break;
+		int path = !d->path || path_is(m->target, d->path, q);
+		int method = !d->method || apm_str_ieq(m->method, d->method);
+		if (path && (method || d->other_method))
+			break;
 	}
-	return g.cfg.max_body;
+	int method = !d->method || apm_str_ieq(m->method, d->method);
+	a->route = method ? d->route : RT_REJECT;
+	a->status = method ? d->status : d->other_method;
+	a->kind = d->kind;
+	a->limit = d->limit ? d->limit : g.cfg.max_body;
 }
+
 
 static void
 agent_head(struct agent *a)
@@ -4952,10 +5021,8 @@ agent_head(struct agent *a)
 	struct conn *c = &a->c;
 	struct apm_http_header h[APM_HTTP_MAX_HEADERS];
 	struct apm_http_msg m;
-	int r = apm_http_parse_request(c->rx, c->rx_len, c->head_prev, &m, h,
-	    APM_HTTP_MAX_HEADERS);
-	c->head_prev = c->rx_len;
-	if (r == APM_NEED_MORE)
+	int r = msg_head(c, 0, &m, h);
+	if (r == 0)
 		return;
 	if (r < 0) {
 		int st = m.error == APM_E_HEAD_TOO_LARGE ||
@@ -4977,7 +5044,7 @@ agent_head(struct agent *a)
 		agent_reject(a, st, apm_err_str(m.error));
 		return;
 	}
-	struct apm_str q;
+	struct apm_str q = { NULL, 0 };
 	a->keep_alive = !m.close;
 	a->flushed = 0;
 	a->payload = -1;
@@ -4988,23 +5055,21 @@ agent_head(struct agent *a)
 	    apm_http_header_get(&m, "user-agent"));
 	str_copy(a->request_id, sizeof a->request_id,
 	    apm_http_header_get(&m, "x-elastic-aws-request-id"));
-	body_init(&c->body, &m, 0);
-	uint64_t limit;
-	a->kind = PL_INTAKE;
 	a->ctype[0] = 0;
 	/* A body other than intake's is kept whole in rx, after the head. */
-	if (a->otlp) {
-		limit = agent_route_otlp(a, &m);
-	} else if (apm_str_ieq(m.method, "POST") &&
-	    path_is(m.target, "/intake/v2/events", &q)) {
-		a->route = RT_INTAKE;
+	agent_route(a, &m, &q);
+	struct apm_str ct = apm_http_header_get(&m, "content-type");
+	if (a->route == RT_INTAKE && a->otlp) {
+		if (!ct.ptr || (!str_has_iprefix(ct, "application/x-protobuf") &&
+		    !str_has_iprefix(ct, "application/json"))) {
+			a->route = RT_REJECT;
+			a->status = 415;
+		} else {
+			str_copy(a->ctype, sizeof a->ctype, ct);
+		}
+	} else if (a->route == RT_INTAKE) {
 		a->flushed = query_has(q, "flushed=true");
-		limit = g.cfg.max_body;
-	} else if (apm_str_ieq(m.method, "POST") &&
-	    path_is(m.target, "/register/transaction", &q)) {
-		a->route = RT_REGISTER;
-		limit = REG_MAX;
-		struct apm_str ct = apm_http_header_get(&m, "content-type");
+	} else if (a->route == RT_REGISTER) {
 		if (!ct.ptr || ct.len < 45 || memcmp(ct.ptr,
 		    "application/vnd.elastic.apm.transaction+ndjson", 45) != 0) {
 			a->route = RT_REJECT;
@@ -5013,9 +5078,7 @@ agent_head(struct agent *a)
 			a->route = RT_REJECT;
 			a->status = 400;
 		}
-	} else {
-		a->route = RT_PROXY;
-		limit = PROXY_BODY_MAX;
+	} else if (a->route == RT_PROXY) {
 		if (!g.cfg.has_server) {
 			a->route = RT_REJECT;
 			a->status = 502;
@@ -5032,17 +5095,14 @@ agent_head(struct agent *a)
 			return;
 		}
 	}
-	a->limit = limit;
-	if (m.content_length > 0 && (uint64_t)m.content_length > limit) {
+	if (m.content_length > 0 && (uint64_t)m.content_length > a->limit) {
 		agent_reject(a, 413, apm_err_str(APM_E_BODY_TOO_LARGE));
 		return;
 	}
 	if (m.expect_continue)
 		(void)io.send(c->fd, "HTTP/1.1 100 Continue\r\n\r\n", 25,
 		    MSG_NOSIGNAL | MSG_DONTWAIT);
-	rx_consume(c, (size_t)r);
-	c->head_done = 1;
-	c->head_prev = 0;
+	msg_head_done(c, r);
 	a->body_start = a->window_start = now_ms();
 	a->window_total = 0;
 	a->state = AG_BODY;
@@ -5232,9 +5292,7 @@ agent_process(struct agent *a)
 				return;
 			}
 			a->state = AG_HEAD;
-			c->head_done = 0;
-			c->head_prev = 0;
-			memset(&c->body, 0, sizeof c->body);
+			msg_next(c);
 		}
 		if (a->state == AG_HEAD && c->rx_len > 0)
 			agent_head(a);
@@ -5470,27 +5528,21 @@ agent_proxy_answer(int ai, struct upstream *u, const char *failed)
 		    "limit" : "APM server unreachable", 0);
 		return;
 	}
-	c->tx_len = c->tx_off = 0;
-	tx_printf(c, "HTTP/1.1 %d %s\r\n", u->status, status_text(u->status));
-	if (u->head_req || u->status == 304) { /* the length a GET would get */
-		if (u->resp_length >= 0)
-			tx_printf(c, "Content-Length: %lld\r\n",
-			    (long long)u->resp_length);
-	} else if (u->status != 204) {
-		tx_printf(c, "Content-Length: %zu\r\n", u->c.body.have);
-	}
-	if (u->ctype_buf[0])
-		tx_printf(c, "Content-Type: %s\r\n", u->ctype_buf);
-	if (u->cenc_buf[0])
-		tx_printf(c, "Content-Encoding: %s\r\n", u->cenc_buf);
-	if (!a->keep_alive)
-		tx_printf(c, "Connection: close\r\n");
-	tx_printf(c, "\r\n");
-	if (tx_put(c, u->c.rx, u->c.body.have) < 0) {
+	char hdr[300] = "";
+	int64_t clen = u->status == 204 ? -1 : (int64_t)u->c.body.have;
+	if (u->head_req || u->status == 304) /* the length a GET would get */
+		clen = u->resp_length;
+	if (u->ctype_buf[0] || u->cenc_buf[0])
+		snprintf(hdr, sizeof hdr, "%s%s%s%s%s%s",
+		    u->ctype_buf[0] ? "Content-Type: " : "", u->ctype_buf,
+		    u->ctype_buf[0] ? "\r\n" : "",
+		    u->cenc_buf[0] ? "Content-Encoding: " : "", u->cenc_buf,
+		    u->cenc_buf[0] ? "\r\n" : "");
+	if (msg_answer(c, u->status, clen, hdr, u->c.rx, u->c.body.have,
+	    !a->keep_alive) < 0) {
 		agent_respond(a, 502, "APM server answer too large", 0);
 		return;
 	}
-	c->close_after = !a->keep_alive;
 	a->state = AG_RESPOND;
 }
 
@@ -5693,10 +5745,8 @@ lambda_step(short revents, struct apm_lambda_event *ev)
 	if (!c->head_done) {
 		struct apm_http_header h[APM_HTTP_MAX_HEADERS];
 		struct apm_http_msg m;
-		int r = apm_http_parse_response(c->rx, c->rx_len, c->head_prev, &m, h,
-		    APM_HTTP_MAX_HEADERS);
-		c->head_prev = c->rx_len;
-		if (r == APM_NEED_MORE) {
+		int r = msg_head(c, 1, &m, h);
+		if (r == 0) {
 			if (c->eof)
 				goto broken;
 			return 0;
@@ -5706,10 +5756,8 @@ lambda_step(short revents, struct apm_lambda_event *ev)
 			    r < 0 ? apm_err_str(m.error) : "error");
 			goto broken;
 		}
-		body_init(&c->body, &m, 1);
 		c->close_after = m.close;
-		rx_consume(c, (size_t)r);
-		c->head_done = 1;
+		msg_head_done(c, r);
 	}
 	int r = body_step(&c->body, c->rx, &c->rx_len, c->eof);
 	if (r < 0 || (r == 0 && (c->eof || c->rx_len == c->rx_cap)))
@@ -6418,11 +6466,7 @@ tel_body(const char *js, size_t len)
 static void
 tel_respond(struct telconn *t, int status, int close_after)
 {
-	struct conn *c = &t->c;
-	c->tx_len = c->tx_off = 0;
-	c->close_after = close_after;
-	tx_printf(c, "HTTP/1.1 %d %s\r\nContent-Length: 0\r\n%s\r\n", status,
-	    status_text(status), close_after ? "Connection: close\r\n" : "");
+	msg_answer(&t->c, status, 0, "", NULL, 0, close_after);
 	t->state = TS_RESPOND;
 }
 
@@ -6439,19 +6483,14 @@ tel_process(struct telconn *t)
 			if (c->tx_len)
 				return;
 			t->state = TS_HEAD;
-			c->head_done = 0;
-			c->head_prev = 0;
-			memset(&c->body, 0, sizeof c->body);
 		}
 		if (t->state == TS_HEAD) {
 			struct apm_http_header h[APM_HTTP_MAX_HEADERS];
 			struct apm_http_msg m;
 			if (c->rx_len == 0)
 				return;
-			int r = apm_http_parse_request(c->rx, c->rx_len, c->head_prev, &m,
-			    h, APM_HTTP_MAX_HEADERS);
-			c->head_prev = c->rx_len;
-			if (r == APM_NEED_MORE)
+			int r = msg_head(c, 0, &m, h);
+			if (r == 0)
 				return;
 			if (r < 0 || !apm_str_ieq(m.method, "POST")) {
 				tel.bad_posts++;
@@ -6466,9 +6505,7 @@ tel_process(struct telconn *t)
 				tel_respond(t, 413, 1);
 				continue;
 			}
-			body_init(&c->body, &m, 0);
-			rx_consume(c, (size_t)r);
-			c->head_prev = 0;
+			msg_head_done(c, r);
 			t->state = TS_BODY;
 		}
 		if (t->state == TS_BODY) {
@@ -6484,7 +6521,7 @@ tel_process(struct telconn *t)
 				return;
 			int st = tel_body(c->rx, c->body.have);
 			size_t big = c->body.have;
-			rx_consume(c, c->body.have);
+			msg_next(c);
 			tel_respond(t, st, 0);
 			if (big > TEL_KEEP_RESIDENT && c->rx_len == 0)
 				pages_release(c->rx + TEL_KEEP_RESIDENT,
