@@ -11,9 +11,11 @@
  * strategy) only until its data is delivered, and never past its deadline,
  * so nothing waits in a frozen sandbox. One process, one thread, one poll()
  * loop over non-blocking sockets (a short-lived child process resolves host
- * names). Buffers are reserved at start-up in one mapping and never grown;
- * only the trust anchors (once, after the first /next) and a few start-up
- * reads use malloc.
+ * names). Connection and queue buffers are reserved at start-up in one
+ * mapping and never grown; malloc serves only the trust anchors and the CA
+ * bundle's index (after the first /next; an anchor is added when a server
+ * chain first needs it), a server chain held during a handshake, and a few
+ * start-up reads.
  *
  * CONTENTS (keep this order; new code goes in its section)
  *   1. Includes, shims and internal limits
@@ -7155,14 +7157,20 @@ cfg_load(struct config *c)
 	aws_config();
 }
 
-/* One anonymous mapping for every buffer: untouched pages cost nothing. */
+/* One anonymous mapping for every buffer: untouched pages cost nothing.
+ * While arena_sizing, takes only add up what they would take. */
 static char *arena_ptr;
-static size_t arena_left;
+static size_t arena_left, arena_sized;
+static int arena_sizing;
 
 static void *
 arena_take(size_t n)
 {
 	n = (n + 63) & ~(size_t)63;
+	if (arena_sizing) {
+		arena_sized += n;
+		return NULL;
+	}
 	if (NEVER(n > arena_left))
 		return NULL;
 	void *p = arena_ptr;
@@ -7181,28 +7189,11 @@ conn_bufs(struct conn *c, size_t rx, size_t tx)
 	c->tx_cap = tx;
 }
 
-static int
-state_init(void)
+/* Every buffer of the arena, taken in order (or, while sizing, counted). */
+static void
+state_bufs(void)
 {
-	struct config *cfg = &g.cfg;
 	struct queue *q = &g.q;
-	q->nblocks = (int)(cfg->queue_bytes / BLOCK_SIZE);
-	q->npayloads = cfg->buffer_requests;
-	size_t total = (size_t)q->nblocks * (BLOCK_SIZE + 2 * sizeof(int)) +
-	    q->npayloads * sizeof(struct payload) +
-	    MAX_AGENT_CONNS * (RX_BUF + RX_BUF + 1024) +
-	    MAX_UPSTREAM * (RX_BUF + TX_BUF) + AWS_RX + TX_BUF +
-	    MAX_TEL_CONNS * (TEL_BODY_MAX + APM_HTTP_MAX_HEAD + 256) +
-	    RX_BUF + 4096 + REG_MAX + 64 * 32 +
-	    NUM_UPSTREAM * (sizeof(struct tls_slot) + 64);
-	void *m = mmap(NULL, total, PROT_READ | PROT_WRITE,
-	    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (m == MAP_FAILED) {
-		log_error("cannot reserve %zu bytes: %s", total, strerror(errno));
-		return -1;
-	}
-	arena_ptr = m;
-	arena_left = total;
 	q->mem = arena_take((size_t)q->nblocks * BLOCK_SIZE);
 	q->next = arena_take((size_t)q->nblocks * sizeof(int));
 	q->free_stack = arena_take((size_t)q->nblocks * sizeof(int));
@@ -7219,8 +7210,30 @@ state_init(void)
 	for (int i = 0; i < MAX_TEL_CONNS; i++)
 		conn_bufs(&tel.conns[i].c, TEL_BODY_MAX + APM_HTTP_MAX_HEAD, 256);
 	g.reg.body = arena_take(REG_MAX);
-	if ((cfg->has_server && g.apm.url.tls) || cfg->from_aws)
+	if ((g.cfg.has_server && g.apm.url.tls) || g.cfg.from_aws)
 		tls.slots = arena_take(NUM_UPSTREAM * sizeof(struct tls_slot));
+}
+
+/* Reserve the arena, sized by a counting pass of state_bufs, and take it. */
+static int
+state_init(void)
+{
+	g.q.nblocks = (int)(g.cfg.queue_bytes / BLOCK_SIZE);
+	g.q.npayloads = g.cfg.buffer_requests;
+	arena_sizing = 1;
+	arena_sized = 0;
+	state_bufs();
+	arena_sizing = 0;
+	void *m = mmap(NULL, arena_sized, PROT_READ | PROT_WRITE,
+	    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (m == MAP_FAILED) {
+		log_error("cannot reserve %zu bytes: %s", arena_sized,
+		    strerror(errno));
+		return -1;
+	}
+	arena_ptr = m;
+	arena_left = arena_sized;
+	state_bufs();
 	return 0;
 }
 
