@@ -3001,13 +3001,18 @@ struct tls_ipcheck {
  * end, then decodes the bundle certificates named as an issuer in it, and
  * only then runs the chain through the minimal engine.
  */
+/* A growing byte array (trust anchors being decoded, a held chain). */
+struct bytes {
+	unsigned char *p;
+	size_t len, cap;
+	int oom;                /* an append failed (or was refused) */
+};
+
 struct tls_lazy {
 	const br_x509_class *vtable;
 	br_x509_minimal_context *inner;
 	const char *name;
-	unsigned char *chain;           /* each certificate: 4-byte length, DER */
-	size_t len, cap;
-	int overflow;
+	struct bytes chain;     /* each certificate: 4-byte length, DER */
 };
 
 struct tls_slot {
@@ -3175,13 +3180,6 @@ der_uint(struct der *i)
 		i->len--;
 	}
 }
-
-/* A growing byte array, used only while trust anchors are loaded. */
-struct bytes {
-	unsigned char *p;
-	size_t len, cap;
-	int oom;
-};
 
 static void
 bytes_append(void *ctx, const void *src, size_t len)
@@ -3710,30 +3708,18 @@ lz_start_chain(const br_x509_class **ctx, const char *server_name)
 {
 	struct tls_lazy *lz = (struct tls_lazy *)ctx;
 	lz->name = server_name;
-	lz->len = 0;
-	lz->overflow = 0;
+	lz->chain.len = 0;
+	lz->chain.oom = 0;
 }
 
-/* Append to the held chain (at most 64 KiB). */
+/* Append to the held chain: at most 64 KiB, more fails the chain. */
 static void
 lz_put(struct tls_lazy *lz, const void *p, size_t n)
 {
-	if (lz->overflow || lz->len + n > 65536) {
-		lz->overflow = 1;
-		return;
-	}
-	if (lz->len + n > lz->cap) {
-		size_t cap = MAX(lz->cap * 2, MAX(lz->len + n, 4096));
-		unsigned char *c = realloc(lz->chain, cap);
-		if (!c) {
-			lz->overflow = 1;
-			return;
-		}
-		lz->chain = c;
-		lz->cap = cap;
-	}
-	memcpy(lz->chain + lz->len, p, n);
-	lz->len += n;
+	if (lz->chain.len + n > 65536)
+		lz->chain.oom = 1;
+	if (!lz->chain.oom)
+		bytes_append(&lz->chain, p, n);
 }
 
 static void
@@ -3757,6 +3743,22 @@ lz_end_cert(const br_x509_class **ctx)
 	(void)ctx;
 }
 
+/* The certificate of the held chain at *pos (its DER in *der, *n), and
+ * *pos moved past it; 0 at the end. */
+static int
+lz_next_cert(const struct bytes *ch, size_t *pos, const unsigned char **der,
+    size_t *n)
+{
+	if (*pos + 4 > ch->len)
+		return 0;
+	const unsigned char *p = ch->p + *pos;
+	*n = MIN((size_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3],
+	    ch->len - *pos - 4);
+	*der = p + 4;
+	*pos += 4 + *n;
+	return 1;
+}
+
 /* Decode the anchors the chain names as issuers, then check it. */
 static unsigned
 lz_end_chain(const br_x509_class **ctx)
@@ -3764,33 +3766,26 @@ lz_end_chain(const br_x509_class **ctx)
 	struct tls_lazy *lz = (struct tls_lazy *)ctx;
 	const br_x509_class **in = &lz->inner->vtable;
 	unsigned r = BR_ERR_X509_LIMIT_EXCEEDED;
-	if (!lz->overflow) {
-		for (size_t i = 0; i + 4 <= lz->len;) {
-			const unsigned char *p = lz->chain + i;
-			size_t n = MIN((size_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3],
-			    lz->len - i - 4);
+	const unsigned char *der;
+	size_t pos, n;
+	if (!lz->chain.oom) {
+		for (pos = 0; lz_next_cert(&lz->chain, &pos, &der, &n);) {
 			struct cert_parts cp;
-			if (cert_parse(p + 4, n, &cp) == 0)
+			if (cert_parse(der, n, &cp) == 0)
 				tls_bundle_fetch(&cp.issuer);
-			i += 4 + n;
 		}
 		lz->inner->trust_anchors = tls.ta;
 		lz->inner->trust_anchors_num = tls.nta;
 		(*in)->start_chain(in, lz->name);
-		for (size_t i = 0; i + 4 <= lz->len;) {
-			const unsigned char *p = lz->chain + i;
-			size_t n = MIN((size_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3],
-			    lz->len - i - 4);
+		for (pos = 0; lz_next_cert(&lz->chain, &pos, &der, &n);) {
 			(*in)->start_cert(in, (uint32_t)n);
-			(*in)->append(in, p + 4, n);
+			(*in)->append(in, der, n);
 			(*in)->end_cert(in);
-			i += 4 + n;
 		}
 		r = (*in)->end_chain(in);
 	}
-	free(lz->chain);
-	lz->chain = NULL;
-	lz->len = lz->cap = 0;
+	free(lz->chain.p);
+	memset(&lz->chain, 0, sizeof lz->chain);
 	return r;
 }
 
@@ -3905,7 +3900,7 @@ tls_start(struct upstream *u)
 	br_ssl_engine_set_buffer(&s->cc.eng, s->iobuf, sizeof s->iobuf, 1);
 	const br_x509_class **x509 = &s->xc.vtable;
 	if (tls.nidx) {
-		free(s->lz.chain); /* a handshake cut short */
+		free(s->lz.chain.p); /* a handshake cut short */
 		memset(&s->lz, 0, sizeof s->lz);
 		s->lz.vtable = &tls_lazy_vtable;
 		s->lz.inner = &s->xc;
