@@ -69,7 +69,7 @@ status=0
 built=""
 for t in $TARGETS; do
 	# shellcheck disable=SC2086
-	if $CC_FUZZ $FLAGS "test/fuzz/$t.c" "$BEARSSL_A" -o "build/$t" \
+	if $CC_FUZZ $FLAGS "test/fuzz/$t.c" apm-ext.c "$BEARSSL_A" -o "build/$t" \
 	    2> "$work/$t.build"; then
 		built="$built $t"
 	else

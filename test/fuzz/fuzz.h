@@ -3,7 +3,9 @@
  * crashes with a message, exact-size heap copies (so ASan sees a read past
  * any length we hand a parser) and an input-derived cut point.
  *
- * Each target first includes ../../apm-ext.c (built with -DAPM_EXT_TEST),
+ * Each target first includes ../../apm-ext.h (apm-ext.c, built with
+ * -DAPM_EXT_TEST and the same flags, is linked beside it: the targets call
+ * only the parsers apm-ext.h declares),
  * then this file.
  */
 #ifndef FUZZ_H
@@ -13,6 +15,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#ifndef MIN
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#endif
 
 #define FUZZ_ASSERT(c)                                                        \
 	do {                                                                  \

@@ -6,7 +6,7 @@
  * split in two anywhere, or byte by byte gives the same decoded bytes,
  * result and rest; a decoded body re-framed as one chunk decodes to itself.
  */
-#include "../../apm-ext.c"
+#include "../../apm-ext.h"
 #include "fuzz.h"
 
 struct result {

@@ -9,7 +9,7 @@
  * survives apm_json_escape and a second parse; apm_json_int agrees with
  * apm_json_double; apm_json_get finds every plain key.
  */
-#include "../../apm-ext.c"
+#include "../../apm-ext.h"
 #include "fuzz.h"
 
 #define CAP 512

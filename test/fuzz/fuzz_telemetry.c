@@ -9,10 +9,11 @@
  * request id; a parsed time is a real calendar date and agrees with
  * timegm(3).
  */
-#include "../../apm-ext.c"
+#include "../../apm-ext.h"
 #include "fuzz.h"
 
-static struct apm_json_tok t[TEL_TOKENS];
+#define TOKENS 2048 /* as many as the extension gives one record */
+static struct apm_json_tok t[TOKENS];
 
 static void
 check_record(const char *js, size_t size, const struct apm_json_tok *rt,
@@ -118,7 +119,7 @@ int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	const char *js = (const char *)data;
-	int n = apm_json_parse(js, size, t, TEL_TOKENS, NULL, NULL);
+	int n = apm_json_parse(js, size, t, TOKENS, NULL, NULL);
 	if (n > 0) {
 		check_record(js, size, t, n);
 		/* a batch: each element on its own, as tel_body hands them */

@@ -8,7 +8,7 @@
  * surrounding blanks and letter case; booleans are 0 or 1; integers agree
  * with a 128-bit reference for several bounds.
  */
-#include "../../apm-ext.c"
+#include "../../apm-ext.h"
 #include "fuzz.h"
 
 static void
