@@ -1371,6 +1371,33 @@ apm_backoff_ms(unsigned n, uint32_t rnd)
 	return base + base * jitter / 10000;
 }
 
+/* Consecutive failures of one kind of call (deliveries to the APM server,
+ * AWS calls) and when the next attempt may start. */
+struct backoff {
+	unsigned failures;
+	int64_t retry_at;       /* no attempt starts before this (monotonic ms) */
+};
+
+/* One more failure: the next attempt waits apm_backoff_ms, its jitter
+ * drawn from *rnd. Returns that wait. */
+static int64_t
+backoff_fail(struct backoff *b, uint32_t *rnd)
+{
+	b->failures++;
+	*rnd = *rnd * 1103515245u + 12345u;
+	int64_t delay = apm_backoff_ms(b->failures, *rnd >> 8);
+	b->retry_at = now_ms() + delay;
+	return delay;
+}
+
+/* A success: the next attempt may start at once. */
+static void
+backoff_reset(struct backoff *b)
+{
+	b->failures = 0;
+	b->retry_at = 0;
+}
+
 /* == 7. AWS Signature Version 4 and base64 ==
  * Pure: canonical request, string to sign and Authorization value, over
  * BearSSL's SHA-256 and HMAC. Used for Secrets Manager and ACM calls.
@@ -2256,9 +2283,8 @@ static struct {
 	char done_pending[128]; /* runtimeDone seen before its INVOKE: request id */
 	char done_pending_status[32];
 	int listen_fd[NUM_LISTENERS]; /* enum listener */
-	unsigned failures;      /* consecutive delivery failures */
-	int64_t retry_at;       /* no delivery starts before this */
-	uint32_t rnd;
+	struct backoff fwd;     /* deliveries to the APM server */
+	uint32_t rnd;           /* backoff jitter (deliveries and AWS calls) */
 	volatile sig_atomic_t got_term;
 	int warned_no_server;
 	unsigned warned_grpc;   /* HTTP/2 on the OTLP port, said once */
@@ -2293,15 +2319,38 @@ static struct {
 	const char *id[AWS_NCALLS];     /* secret id or certificate ARN */
 	int done[AWS_NCALLS];
 	int current;                    /* call in flight, -1 none */
-	unsigned failures;
-	int64_t retry_at;
+	struct backoff backoff;
 	const char *key_id, *secret, *session, *region;
 	char token[1024], apikey[1024]; /* fetched secrets; never logged */
 	struct endpoint sm, acm;
 	struct apm_json_tok toks[TEL_TOKENS]; /* of an answer */
 } aws; /* current = -1 is set in main */
 
-static int aws_pending(void);
+/* What the secrets state says to the forwarder and the loop. */
+
+static int
+aws_acm_wanted(void)
+{
+	return aws.id[AWS_ACM] != NULL;
+}
+
+/* A call is still to be made: deliveries wait for it. */
+static int
+aws_pending(void)
+{
+	for (int i = 0; i < AWS_NCALLS; i++)
+		if (aws.id[i] && !aws.done[i])
+			return 1;
+	return 0;
+}
+
+/* Secrets are wanted and their first attempt has not ended yet. */
+static int
+aws_first_call_pending(void)
+{
+	return aws.key_id && aws.backoff.failures == 0 && aws_pending();
+}
+
 
 /* == 10. Payload queue ==
  * Agent bodies are stored in chains of fixed blocks, appended as they arrive
@@ -2353,13 +2402,14 @@ queue_oldest_droppable(struct queue *q)
 }
 
 /*
- * Make room while the APM server is failing: drop the oldest complete
- * payload. While it is accepting data we never drop: the caller waits.
+ * Make room when may_drop (the APM server is failing, or the auth its
+ * deliveries need is still to come): drop the oldest complete payload.
+ * Otherwise we never drop: the caller waits.
  */
 static int
-queue_make_room(struct queue *q)
+queue_make_room(struct queue *q, int may_drop)
 {
-	if (g.failures == 0 && !aws_pending())
+	if (!may_drop)
 		return -1;
 	int s = queue_oldest_droppable(q);
 	if (s < 0)
@@ -2373,12 +2423,13 @@ queue_make_room(struct queue *q)
 	return 0;
 }
 
-/* A new open payload; returns its slot or -1 (full: back-pressure). */
+/* A new open payload; returns its slot or -1 (full: back-pressure). With
+ * may_drop, a full queue drops its oldest complete payload instead. */
 static int
 queue_open(struct queue *q, const char *encoding, const char *user_agent,
-    int own)
+    int own, int may_drop)
 {
-	if (q->used >= q->npayloads && queue_make_room(q) < 0)
+	if (q->used >= q->npayloads && queue_make_room(q, may_drop) < 0)
 		return -1;
 	for (unsigned i = 0; i < q->npayloads; i++) {
 		struct payload *p = &q->p[i];
@@ -2398,9 +2449,11 @@ queue_open(struct queue *q, const char *encoding, const char *user_agent,
 	return -1;
 }
 
-/* Append; returns the bytes taken (fewer when blocks run out). */
+/* Append; returns the bytes taken (fewer when blocks run out, unless
+ * may_drop lets the oldest complete payload make room). */
 static size_t
-queue_append(struct queue *q, int slot, const char *data, size_t n)
+queue_append(struct queue *q, int slot, const char *data, size_t n,
+    int may_drop)
 {
 	struct payload *p = &q->p[slot];
 	size_t done = 0;
@@ -2408,7 +2461,7 @@ queue_append(struct queue *q, int slot, const char *data, size_t n)
 		size_t fill = (size_t)(p->len % BLOCK_SIZE);
 		if (p->last < 0 || (fill == 0 && p->len > 0)) {
 			int b = queue_block_alloc(q);
-			if (b < 0 && queue_make_room(q) == 0)
+			if (b < 0 && queue_make_room(q, may_drop) == 0)
 				b = queue_block_alloc(q);
 			if (b < 0)
 				break;
@@ -4148,18 +4201,24 @@ upstream_connect(struct upstream *u)
 static void
 fwd_backoff(const char *why)
 {
-	g.failures++;
-	g.rnd = g.rnd * 1103515245u + 12345u;
-	int64_t delay = apm_backoff_ms(g.failures, g.rnd >> 8);
-	g.retry_at = now_ms() + delay;
-	if (g.failures == 1 || g.failures % 10 == 0)
+	int64_t delay = backoff_fail(&g.fwd, &g.rnd);
+	if (g.fwd.failures == 1 || g.fwd.failures % 10 == 0)
 		log_warn("delivery to the APM server failed (%s); failure %u, "
-		    "retrying in %lld ms", why, g.failures, (long long)delay);
+		    "retrying in %lld ms", why, g.fwd.failures, (long long)delay);
 	else
 		log_debug("delivery failed (%s); failure %u, retry in %lld ms",
-		    why, g.failures, (long long)delay);
-	if (g.failures >= 3)
+		    why, g.fwd.failures, (long long)delay);
+	if (g.fwd.failures >= 3)
 		g.apm.resolved = 0; /* the address may have moved */
+}
+
+/* A full queue may drop its oldest complete payload: the APM server is
+ * failing, or the auth its deliveries need is still to come. While it
+ * accepts data, the agents wait instead (back-pressure). */
+static int
+fwd_may_drop(void)
+{
+	return g.fwd.failures > 0 || aws_pending();
 }
 
 /*
@@ -4176,11 +4235,10 @@ fwd_settle(struct upstream *u, int ok, int retryable, const char *why)
 	if (ok) {
 		g.q.delivered++;
 		g.q.delivered_bytes += p->len;
-		if (g.failures)
+		if (g.fwd.failures)
 			log_info("APM server accepts data again after %u failures",
-			    g.failures);
-		g.failures = 0;
-		g.retry_at = 0;
+			    g.fwd.failures);
+		backoff_reset(&g.fwd);
 		log_debug("delivered %llu bytes", (unsigned long long)p->len);
 		queue_free(&g.q, s);
 		return;
@@ -4538,7 +4596,7 @@ static void
 fwd_schedule(int auth_pending)
 {
 	int64_t now = now_ms();
-	if (!g.cfg.has_server || now < g.retry_at || auth_pending ||
+	if (!g.cfg.has_server || now < g.fwd.retry_at || auth_pending ||
 	    !endpoint_ready(&g.apm, g.cfg.forwarder_timeout_ms))
 		return;
 	int busy = 0;
@@ -4546,7 +4604,7 @@ fwd_schedule(int auth_pending)
 		busy += g.up[i].job == JOB_PAYLOAD;
 	/* While the server fails, one probe at a time: parallel attempts would
 	 * each count as a failure and race the backoff to its cap. */
-	int limit = g.failures ? 1 : MAX_UPSTREAM - 1;
+	int limit = g.fwd.failures ? 1 : MAX_UPSTREAM - 1;
 	while (busy < limit) {
 		int best = -1;
 		for (unsigned i = 0; i < g.q.npayloads; i++) {
@@ -5230,7 +5288,8 @@ agent_push(struct agent *a)
 		return 0;
 	}
 	if (a->payload < 0) {
-		a->payload = queue_open(&g.q, a->encoding, a->user_agent, 0);
+		a->payload = queue_open(&g.q, a->encoding, a->user_agent, 0,
+		    fwd_may_drop());
 		if (a->payload < 0)
 			return -1;
 		struct payload *p = &g.q.p[a->payload];
@@ -5240,7 +5299,8 @@ agent_push(struct agent *a)
 		    (!a->encoding[0] || strcmp(a->encoding, "identity") == 0))
 			tel_agent_metadata(c->rx, c->body.have);
 	}
-	size_t n = queue_append(&g.q, a->payload, c->rx, c->body.have);
+	size_t n = queue_append(&g.q, a->payload, c->rx, c->body.have,
+	    fwd_may_drop());
 	rx_consume(c, n);
 	if (c->body.have && agent_unjam_queue() && a->payload >= 0)
 		return agent_push(a);
@@ -5787,29 +5847,6 @@ broken:
  */
 
 static int
-aws_acm_wanted(void)
-{
-	return aws.id[AWS_ACM] != NULL;
-}
-
-/* A call is still to be made: deliveries wait for it. */
-static int
-aws_pending(void)
-{
-	for (int i = 0; i < AWS_NCALLS; i++)
-		if (aws.id[i] && !aws.done[i])
-			return 1;
-	return 0;
-}
-
-/* Secrets are wanted and their first attempt has not ended yet. */
-static int
-aws_first_call_pending(void)
-{
-	return aws.key_id && aws.failures == 0 && aws_pending();
-}
-
-static int
 aws_endpoint(struct endpoint *ep, const char *var, const char *service)
 {
 	char dflt[256];
@@ -5951,11 +5988,8 @@ aws_failed(const char *why)
 {
 	int k = aws.current >= 0 ? aws.current : 0;
 	aws.current = -1;
-	aws.failures++;
-	g.rnd = g.rnd * 1103515245u + 12345u;
-	int64_t delay = apm_backoff_ms(aws.failures, g.rnd >> 8);
-	aws.retry_at = now_ms() + delay; /* the first retry at once */
-	if (aws.failures == 1 || aws.failures % 10 == 0)
+	int64_t delay = backoff_fail(&aws.backoff, &g.rnd); /* the first: 0 */
+	if (aws.backoff.failures == 1 || aws.backoff.failures % 10 == 0)
 		log_error("%s for \"%.128s\" failed: %s; delivery waits, retrying in "
 		    "%lld ms", aws_call_names[k], aws.id[k], why, (long long)delay);
 }
@@ -6034,8 +6068,7 @@ aws_answer(struct upstream *u)
 	}
 	aws.done[k] = 1;
 	aws.current = -1;
-	aws.failures = 0;
-	aws.retry_at = 0;
+	backoff_reset(&aws.backoff);
 }
 
 /* JOB_AWS's end: the answer to call aws.current, or its failure. */
@@ -6054,7 +6087,7 @@ aws_schedule(void)
 {
 	struct upstream *u = &g.up[AWS_SLOT];
 	if (aws.current >= 0 || !aws_pending() || !aws.key_id ||
-	    now_ms() < aws.retry_at)
+	    now_ms() < aws.backoff.retry_at)
 		return;
 	int k = 0;
 	while (!aws.id[k] || aws.done[k])
@@ -6098,7 +6131,7 @@ aws_schedule(void)
 static int
 own_put(const char *s, size_t n)
 {
-	if (queue_append(&g.q, tel.own, s, n) == n)
+	if (queue_append(&g.q, tel.own, s, n, fwd_may_drop()) == n)
 		return 0;
 	tel.own_cut = 1;
 	return -1;
@@ -6166,7 +6199,7 @@ own_begin(void)
 	if (tel.own < 0) {
 		if (!g.cfg.has_server)
 			return -1;
-		tel.own = queue_open(&g.q, "", "", 1);
+		tel.own = queue_open(&g.q, "", "", 1, fwd_may_drop());
 		if (tel.own < 0) {
 			log_warn("queue full: platform events dropped");
 			return -1;
@@ -6651,7 +6684,7 @@ lambda_event(const struct apm_lambda_event *e, int ok)
 	if (e->type == APM_EV_SHUTDOWN) {
 		g.phase = PH_SHUTDOWN;
 		g.exit_at = now + left - SHUTDOWN_MARGIN_MS;
-		g.retry_at = 0; /* last chance: try at once */
+		g.fwd.retry_at = 0; /* last chance: try at once */
 		log_info("shutdown (%s), %lld ms left", e->shutdown_reason,
 		    (long long)left);
 		if (strcmp(e->shutdown_reason, "timeout") == 0 ||
@@ -6733,10 +6766,10 @@ loop_flushed(void)
 static int
 loop_failing(void)
 {
-	if (g.failures > 0)
+	if (g.fwd.failures > 0)
 		return 1;
 	return aws_pending() && (!aws.key_id ||
-	    (aws.failures > 0 && aws.current < 0));
+	    (aws.backoff.failures > 0 && aws.current < 0));
 }
 
 /* Decide about /next and exit; returns the next deadline to wake for. */
@@ -6748,7 +6781,7 @@ loop_lambda_tick(int64_t now)
 		int report_wait = tel_report_pending() &&
 		    now < g.shutdown_at + REPORT_WAIT_MS;
 		if ((loop_idle() && !report_wait) || now >= g.exit_at ||
-		    !g.cfg.has_server || g.retry_at > g.exit_at) {
+		    !g.cfg.has_server || g.fwd.retry_at > g.exit_at) {
 			fwd_held(&cnt, &bytes);
 			if (cnt)
 				log_error("exiting with %llu payloads (%llu bytes) "
@@ -6784,7 +6817,7 @@ loop_lambda_tick(int64_t now)
 		if (!loop_idle())
 			log_info("calling /event/next with %u payloads held (%s)",
 			    g.q.used, loop_flushed() ? "agent request still open at "
-			    "the deadline" : failing ? (g.failures ? "APM server failing" :
+			    "the deadline" : failing ? (g.fwd.failures ? "APM server failing" :
 			    "secrets unavailable") :
 			    now >= g.inv.deadline - DEADLINE_MARGIN_MS ?
 			    "invocation deadline" : "forwarder timeout");
@@ -6831,11 +6864,11 @@ loop_resolved(struct endpoint *ep, int r, const char *why)
 	snprintf(msg, sizeof msg, "cannot resolve %.200s: %s", ep->url.host, why);
 	if (ep == &g.apm) {
 		fwd_backoff(msg);
-		ep->resolve_after = g.retry_at;
+		ep->resolve_after = g.fwd.retry_at;
 		proxy_fail_waiting();
 	} else {
 		aws_failed(msg);
-		ep->resolve_after = aws.retry_at;
+		ep->resolve_after = aws.backoff.retry_at;
 	}
 }
 
@@ -6892,11 +6925,11 @@ loop_timeouts(int64_t now)
 	upstream_timeouts(now);
 	int64_t wake = loop_lambda_tick(now);
 	wake = earliest(wake, tel_timeouts(now));
-	if (g.retry_at > now && !loop_idle())
-		wake = earliest(wake, g.retry_at);
+	if (g.fwd.retry_at > now && !loop_idle())
+		wake = earliest(wake, g.fwd.retry_at);
 	wake = earliest(wake, fwd_not_before(now));
-	if (aws_pending() && aws.current < 0 && aws.retry_at > now)
-		wake = earliest(wake, aws.retry_at);
+	if (aws_pending() && aws.current < 0 && aws.backoff.retry_at > now)
+		wake = earliest(wake, aws.backoff.retry_at);
 	return earliest(wake, resolver_timeouts(now));
 }
 

@@ -4194,8 +4194,8 @@ dump_state(void)
 	    "free; %llu delivered, %llu dropped, %llu rejected; failures %u, retry "
 	    "in %lld ms", q->used, q->npayloads, q->fresh, q->nblocks, q->free_top,
 	    (unsigned long long)q->delivered, (unsigned long long)q->dropped,
-	    (unsigned long long)q->rejected, g.failures,
-	    (long long)(g.retry_at - now_us / 1000));
+	    (unsigned long long)q->rejected, g.fwd.failures,
+	    (long long)(g.fwd.retry_at - now_us / 1000));
 	for (unsigned i = 0; i < q->npayloads; i++)
 		if (q->p[i].used)
 			trace("state", "payload %u: seq %llu, %llu bytes, %s%s%s%s", i,

@@ -14,6 +14,9 @@
  * Build and run: make build/unit && ./build/unit
  */
 #include "../apm-ext.c"
+
+/* The queue's may_drop, as the extension's callers compute it. */
+#define MAY_DROP fwd_may_drop()
 #undef main /* apm-ext.c renamed its main under APM_EXT_TEST; this is ours */
 
 #include <math.h>
@@ -2111,7 +2114,7 @@ queue_setup(void)
 	g.q.nblocks = 4;
 	g.q.p = qslots;
 	g.q.npayloads = 3;
-	g.failures = 0;
+	g.fwd.failures = 0;
 }
 
 /* The stored bytes of slot s equal want[0..n): walk it view by view. */
@@ -2140,7 +2143,7 @@ test_queue(void)
 	queue_setup();
 
 	ctx("queue_open");
-	int a = queue_open(&g.q, "gzip", "elasticapm-node/4.0", 0);
+	int a = queue_open(&g.q, "gzip", "elasticapm-node/4.0", 0, MAY_DROP);
 	CHECK_INT(a, 0);
 	CHECK_STR(g.q.p[a].encoding, "gzip");
 	CHECK_STR(g.q.p[a].user_agent, "elasticapm-node/4.0");
@@ -2152,7 +2155,7 @@ test_queue(void)
 	static const size_t pieces[] = { 1, 100, BLOCK_SIZE - 101, 1, 99,
 		BLOCK_SIZE };
 	for (size_t i = 0; i < sizeof pieces / sizeof *pieces; i++) {
-		CHECK_INT(queue_append(&g.q, a, pat + off, pieces[i]), pieces[i]);
+		CHECK_INT(queue_append(&g.q, a, pat + off, pieces[i], MAY_DROP), pieces[i]);
 		off += pieces[i];
 	}
 	queue_expect(a, pat, off);
@@ -2165,15 +2168,15 @@ test_queue(void)
 	    g.q.mem + (size_t)g.q.p[a].last * BLOCK_SIZE + 50);
 
 	ctx("queue: blocks run out (back-pressure while the server is fine)");
-	int b = queue_open(&g.q, "", "", 1);
+	int b = queue_open(&g.q, "", "", 1, MAY_DROP);
 	CHECK_INT(b, 1);
-	CHECK_INT(queue_append(&g.q, b, pat, 2 * BLOCK_SIZE), BLOCK_SIZE);
-	CHECK_INT(queue_append(&g.q, b, pat, 10), 0);
+	CHECK_INT(queue_append(&g.q, b, pat, 2 * BLOCK_SIZE, MAY_DROP), BLOCK_SIZE);
+	CHECK_INT(queue_append(&g.q, b, pat, 10, MAY_DROP), 0);
 	queue_expect(b, pat, BLOCK_SIZE);
-	int c = queue_open(&g.q, "", "", 0);
+	int c = queue_open(&g.q, "", "", 0, MAY_DROP);
 	CHECK_INT(c, 2);
-	CHECK_INT(queue_open(&g.q, "", "", 0), -1);     /* slots run out too */
-	CHECK_INT(queue_append(&g.q, c, "x", 1), 0);
+	CHECK_INT(queue_open(&g.q, "", "", 0, MAY_DROP), -1);     /* slots run out too */
+	CHECK_INT(queue_append(&g.q, c, "x", 1, MAY_DROP), 0);
 	CHECK_INT(g.q.dropped, 0);
 
 	ctx("queue_free recycles blocks, most recently freed first");
@@ -2182,32 +2185,32 @@ test_queue(void)
 	CHECK_INT(g.q.used, 2);
 	CHECK(!g.q.p[a].used);
 	CHECK_INT(g.q.free_top, 3);
-	CHECK_INT(queue_append(&g.q, c, pat + 5, 2 * BLOCK_SIZE + 3),
+	CHECK_INT(queue_append(&g.q, c, pat + 5, 2 * BLOCK_SIZE + 3, MAY_DROP),
 	    2 * BLOCK_SIZE + 3);
 	CHECK_INT(g.q.p[c].first, a_last);
 	queue_expect(c, pat + 5, 2 * BLOCK_SIZE + 3);
 	queue_expect(b, pat, BLOCK_SIZE);
-	int d = queue_open(&g.q, "deflate", "", 0);
+	int d = queue_open(&g.q, "deflate", "", 0, MAY_DROP);
 	CHECK_INT(d, 0);
 	CHECK(g.q.p[d].seq > g.q.p[c].seq);
 
 	/* While the APM server fails, a full queue drops its oldest complete
 	 * payload that is not being sent, never an open one. */
 	ctx("queue: dropping while the APM server fails");
-	g.failures = 1;
-	CHECK_INT(queue_append(&g.q, d, pat, 1), 0);    /* all open: no drop */
+	g.fwd.failures = 1;
+	CHECK_INT(queue_append(&g.q, d, pat, 1, MAY_DROP), 0);    /* all open: no drop */
 	CHECK_INT(g.q.dropped, 0);
 	g.q.p[b].open = 0;
 	g.q.p[c].open = 0;
 	g.q.p[b].inflight = 1;
-	CHECK_INT(queue_append(&g.q, d, pat, BLOCK_SIZE), BLOCK_SIZE);
+	CHECK_INT(queue_append(&g.q, d, pat, BLOCK_SIZE, MAY_DROP), BLOCK_SIZE);
 	CHECK_INT(g.q.dropped, 1);
 	CHECK(!g.q.p[c].used);                          /* c, not inflight b */
 	CHECK(g.q.p[b].used);
 	queue_expect(d, pat, BLOCK_SIZE);
 	g.q.p[b].inflight = 0;
-	CHECK_INT(queue_open(&g.q, "", "", 0), c);      /* c's slot again */
-	CHECK_INT(queue_open(&g.q, "", "", 0), b);      /* full: b dropped */
+	CHECK_INT(queue_open(&g.q, "", "", 0, MAY_DROP), c);      /* c's slot again */
+	CHECK_INT(queue_open(&g.q, "", "", 0, MAY_DROP), b);      /* full: b dropped */
 	CHECK_INT(g.q.dropped, 2);
 	CHECK_INT(g.q.used, 3);
 
@@ -2218,11 +2221,11 @@ test_queue(void)
 	g.q.p[b].open = 0;
 	g.q.p[c].open = 1;
 	uint64_t d_seq = g.q.p[d].seq, b_seq = g.q.p[b].seq;
-	CHECK_INT(queue_make_room(&g.q), 0);
+	CHECK_INT(queue_make_room(&g.q, MAY_DROP), 0);
 	CHECK_INT(g.q.dropped, 3);
 	CHECK(!g.q.p[d].used || g.q.p[d].seq != d_seq); /* d dropped */
 	CHECK(g.q.p[b].used && g.q.p[b].seq == b_seq);  /* b kept */
-	g.failures = 0;
+	g.fwd.failures = 0;
 	memset(&g.q, 0, sizeof g.q);
 }
 
