@@ -82,6 +82,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -955,6 +956,24 @@ def keepalive_pipelining(t):
     for i, tx in enumerate((tx1, tx2, tx3), 1):
         req = first_delivery(t.apm, tx)
         assert req is not None and req.t_end <= t_next, "request %d not delivered" % i
+
+
+@scenario()
+def flags_version_and_help(t):
+    """--version prints the version, --help (and -h) a short usage; both exit 0 (README)."""
+    outs = {}
+    for flag in ("--version", "--help", "-h"):
+        r = subprocess.run([t.binary, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=60)
+        assert r.returncode == 0, "%s: exit %s, want 0 (stderr %r)" % (
+            flag, r.returncode, r.stderr[-300:])
+        outs[flag] = r.stdout.decode("utf-8", "replace")
+    version = outs["--version"]
+    assert version.endswith("\n") and version.count("\n") == 1 and " " in version, \
+        "--version printed %r, want one line: name and version" % version
+    assert outs["--help"] == outs["-h"], "--help and -h differ"
+    assert outs["--help"].startswith(version.rstrip("\n") + ":") and \
+        "--version, --help" in outs["--help"], "--help printed %r" % outs["--help"][:300]
 
 
 @scenario(env={"ELASTIC_APM_LAMBDA_APM_SERVER": None})

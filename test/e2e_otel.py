@@ -999,12 +999,16 @@ def otel_refusals(t):
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
     for attempt in (1, 2):
         try:
-            status, _, _, closed = raw_exchange(port, preface)
+            status, _, rbody, closed = raw_exchange(port, preface)
         except OSError as e:
-            status, closed = None, "error %s" % e
+            status, rbody, closed = None, b"", "error %s" % e
         if not ((status is not None and 400 <= status < 500) or (status is None and closed)):
             problems.append("HTTP/2 preface %d: answered %s, closed %s; want a 4xx or the "
                             "connection closed" % (attempt, status, closed))
+        elif status is not None and (status != 400 or b"OTLP/HTTP" not in rbody):
+            # README: such a connection gets 400; its body says what to use
+            problems.append("HTTP/2 preface %d: answered %s %r, want 400 saying to use "
+                            "OTLP/HTTP" % (attempt, status, rbody[:200]))
     # still serving: a good export after all that
     st, _, _ = otlp_post(port, "traces", body, "application/x-protobuf")
     if st != 200:

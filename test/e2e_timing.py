@@ -34,7 +34,7 @@ import uuid
 
 from e2e import (scenario, agent_send, agent_flush, agent_payload, make_metadata,
                  make_transaction, http_request, ndjson, tx_of, tx_delivered, free_port,
-                 AGENT_UA)
+                 first_delivery, log_has, AgentStream, AGENT_UA)
 from fake_lambda import DEADLINE_MARGIN_MS
 
 FUNCTION_S = 0.8          # the handler's work before it returns (3 s timeout)
@@ -408,3 +408,34 @@ def timing_cut_body_agent_closes(t):
     t.shutdown_ok()
     assert tx_delivered(t.apm, tx), "the whole request after the cut one was not delivered"
     _check_no_partial(t)
+
+
+@scenario(env={"ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "1s"})
+def timing_agent_pauses_past_forwarder_timeout(t):
+    """An agent request pauses mid-body past the forwarder timeout: the upstream request
+    waits for it (the server is not the one late), one request, no timeout."""
+    t.start()
+    inv = t.lam.invoke()
+    lines, tx = agent_payload(inv, spans=60, pad=1000)
+    s = AgentStream(t.port, "identity")
+    s.write(lines[:50])  # over a queue block (32 KiB): forwarding starts, streamed
+    function_runs(1.6)  # the function works on, its agent's request open
+    s.write(lines[3:])
+    st = s.finish()
+    assert st == 202, "the paused request answered %s" % st
+    assert agent_flush(t.port) == 202
+    t.lam.runtime_done(inv)
+    t.lam.finish(inv)
+    req = first_delivery(t.apm, tx)
+    assert req is not None, "the paused payload was not delivered"
+    assert req.body == bytes(s.raw), "upstream body (%d bytes) differs from the agent's " \
+        "(%d bytes)" % (len(req.body), len(s.raw))
+    tid = tx_of(tx)["id"]
+    reqs = [r for r in t.apm.intake_requests()
+            if r.io_error is not None or r.status != 202 or
+            any(k == "transaction" and o.get("id") == tid for k, o in r.lines)]
+    assert len(reqs) == 1, "%d upstream intake requests for one agent request, want 1 " \
+        "(statuses %s, errors %s)" % (len(reqs), [r.status for r in reqs],
+                                      [r.io_error for r in reqs])
+    late = log_has(t.logs(), ("warn", "warning", "error"), "timed out")
+    assert not late, "the upstream request timed out while the agent paused: %r" % late[:2]

@@ -35,7 +35,7 @@ import time
 
 from e2e import (scenario, agent_send, agent_flush, agent_payload, first_delivery,
                  delivered_requests, tx_delivered, tx_of, check_forwarded, http_request,
-                 AGENT_TOKEN, AGENT_UA)
+                 make_metadata, make_transaction, make_span, AGENT_TOKEN, AGENT_UA)
 from fake_apm import make_test_ca, SERVER_INFO
 
 PLAIN = os.environ.get("E2E_TLS_PLAIN") == "1"
@@ -354,6 +354,11 @@ def tls_verify_off_delivery(t):
             VERIFY_VAR, len(warns), warns[:3])
         assert str(warns[0].get("level")).lower() in ("warn", "warning"), \
             "%s logged at level %r, want warn" % (VERIFY_VAR, warns[0].get("level"))
+        # nothing to verify, and no AWS call (no secrets) needs them: no trust
+        # anchors are loaded (the CA bundle is never read)
+        anchors = [r for r in t.logs() if "trust anchors from" in log_text(r)]
+        assert not anchors, "trust anchors loaded with verification off and no secrets: " \
+            "%r" % anchors[:2]
 
 
 @scenario(apm=TLSApm(token="s3cret"))
@@ -375,6 +380,29 @@ def tls_proxy_get_root(t):
     assert st == 200, "/config/v1/agents answered %s: %r" % (st, body[:200])
     assert any(r.path == "/config/v1/agents" for r in t.apm.requests), \
         "the APM server never saw /config/v1/agents"
+    assert_no_tls_errors(t)
+
+
+@scenario(apm=TLSApm(), env={"ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "5s"})
+def tls_payload_1mb(t):
+    """A 1 MB body (some 30 send buffers) goes over TLS whole and unchanged, before /next."""
+    t.start(env=ca_file_env())
+    inv = t.lam.invoke()
+    tx = make_transaction(request_id=inv.request_id, span_count=900)
+    lines = [make_metadata(), tx] + [make_span(tx, pad=1000) for _ in range(900)]
+    s = agent_send(t.port, lines, "identity", chunked=True)
+    assert len(s.raw) >= 1_000_000, "payload only %d bytes" % len(s.raw)
+    assert s == 202, "1 MB POST answered %s" % s.status
+    assert agent_flush(t.port) == 202
+    t.lam.runtime_done(inv)
+    t_next = t.lam.finish(inv, timeout=15)
+    req = first_delivery(t.apm, tx)
+    assert req is not None, "1 MB payload not delivered over TLS (APM server saw %d " \
+        "requests, TLS errors: %s)" % (len(t.apm.requests), t.apm.tls_errors[-3:])
+    assert req.t_end <= t_next, "/next %.3fs before the APM server answered" % (
+        req.t_end - t_next)
+    check_forwarded(req, s, "1 MB payload over TLS")
+    assert t.apm.count("span") == 900, "%d spans arrived, want 900" % t.apm.count("span")
     assert_no_tls_errors(t)
 
 

@@ -2,7 +2,8 @@
 """Mutation testing of apm-ext.c: do the fast tests notice a small change?
 
     python3 test/mutate.py [--seed S] [--n N] [--lines A-B] [--changed-since REV]
-                           [--ci] [--budget SECONDS] [--list] [--keep]
+                           [--ci] [--confirm] [--key KEY] [--budget SECONDS]
+                           [--list] [--keep]
 
 A seeded random sample of the lines of apm-ext.c gets one mutant each, made
 by one of these operators (at most one mutant a line):
@@ -20,8 +21,10 @@ under #ifdef APM_EXT_TEST, and declarations' array sizes.
 Each mutant is written to a scratch tree, build/mut/work/ (apm-ext.c is never
 touched: others build from it), and built: the release binary with musl-gcc
 (-O1 -static -s), test/unit.c and test/sigv4.c with the host cc (-O1,
-ASan+UBSan, like make's build/unit), test/sim.c when it exists. Warnings that are errors for the
-mutant: int-conversion, incompatible-pointer-types, return-type. Then:
+ASan+UBSan, like make's build/unit), test/sim.c when it exists and passes
+unmutated. Warnings that are errors for the mutant: int-conversion,
+incompatible-pointer-types, return-type, implicit-function-declaration.
+Then:
   invalid     it does not compile;
   same code   its release binary is byte for byte the original's: an
               equivalent mutant, left out of the rate;
@@ -39,8 +42,10 @@ must pass (else the run stops), and its times set each test's budget
 (3 x its time + 10 s; --budget caps the whole per-mutant run).
 
 Mutants known to be equivalent are listed in test/mutate-equivalent.txt, one
-a line: `operator :: detail :: line text :: reason` (the key the report
-prints for each survivor); the sampler skips them.
+a line: `operator :: detail :: function :: line text :: reason` (the first
+four fields are the key the report prints for each mutant: the operator, what
+it changed, the enclosing function and the line's text, whitespace squeezed);
+the sampler skips them.
 
 Options:
   --seed S          the sample's seed (default: from the clock; always printed)
@@ -49,12 +54,12 @@ Options:
   --changed-since REV  only lines changed since REV (git diff -U0 REV -- apm-ext.c,
                     working tree included)
   --ci              CI mode: n=8; half of the sample from the lines changed
-                    since --changed-since (default HEAD~1) when there are any,
-                    the rest from the whole file. A survivor in the changed
+                    since --changed-since (default HEAD~1) when there are any
+                    (none when git cannot tell: a shallow clone, a first
+                    commit), the rest from the whole file. A survivor in the changed
                     lines fails (exit 1); others are reported only. Last line:
-                    "N passed, N failed" (passed = killed + timed out +
-                    survivors elsewhere... no: passed = killed + timed out,
-                    failed = survivors in changed lines).
+                    "N passed, N failed": passed = killed + timed out,
+                    failed = survivors in the changed lines.
   --confirm         run each survivor of the fast tests against the whole e2e
                     suite as well (minutes each): tells a gap of the fast set
                     from a gap of the whole suite
@@ -94,8 +99,9 @@ WERR = ["-Werror=int-conversion", "-Werror=incompatible-pointer-types",
 # Fast, broad e2e scenarios (each a few tenths of a second to ~2 s with the
 # release binary): lifecycle in both strategies, encodings, shutdown,
 # telemetry and platform events, proxying, the receiver's refusals, faults of
-# the APM server, TLS, secrets. Exact names (e2e.py -k matches substrings;
-# the runner checks each name exists and ran).
+# the APM server, TLS, secrets, OTLP. Names of scenarios: each must exist (the
+# runner checks), and since e2e.py -k matches substrings, every scenario whose
+# name contains one of them runs too (the report prints how many in all).
 E2E_SET = [
     "init_register_subscribe",
     "sync_three_invocations",
@@ -108,6 +114,7 @@ E2E_SET = [
     "proxy_get_root",
     "register_transaction",
     "keepalive_pipelining",
+    "flags_version_and_help",
     "missing_server_url",
     "malformed_setting",
     "function_logs_forwarded",
@@ -117,7 +124,9 @@ E2E_SET = [
     "platform_logs_carry_trace_ids",
     "platform_telemetry_garbage",
     "platform_shutdown_report_never_comes",
+    "platform_shutdown_waits_for_last_report",
     "faults_down_two_invocations_then_up",
+    "timing_agent_pauses_past_forwarder_timeout",
     "faults_400_one_payload",
     "faults_429_then_ok",
     "hostile_garbage",
@@ -129,8 +138,14 @@ E2E_SET = [
     "audit_8_proxy_bodiless_answers",
     "tls_ca_file_delivery",
     "tls_keepalive_three_invocations",
+    "tls_verify_off_delivery",
+    "tls_payload_1mb",
     "secrets_token_every_delivery",
     "secrets_session_token_signed",
+    "secrets_binary",
+    "otel_raw_contract",
+    "otel_refusals",
+    "otel_port_off",
     "dns_name_resolved",
 ]
 
@@ -247,6 +262,24 @@ class Source:
                 self.starts.append(i + 1)
         self.nlines = len(self.starts)
         self.skip = self._skipped_lines()
+        self.func = self._functions()
+
+    def _functions(self):
+        """The function each line is in ("" at file scope): a definition has
+        its name at column 0 and its body between braces at column 0."""
+        func = [""] * (self.nlines + 2)
+        cur, pending = "", ""
+        for ln in range(1, self.nlines + 1):
+            t = self.line(ln)
+            mo = re.match(r"([A-Za-z_]\w*)\s*\(", t)
+            if mo and not cur:
+                pending = mo.group(1)
+            if t.startswith("{") and pending:
+                cur, pending = pending, ""
+            func[ln] = cur or pending
+            if t.startswith("}"):
+                cur = ""
+        return func
 
     def line_of(self, off):
         lo, hi = 0, len(self.starts) - 1
@@ -312,7 +345,8 @@ class Mutant:
         self.ln, self.op, self.detail = ln, op, detail
         self.edits = edits  # [(start, end, replacement)] on the original text
         self.text = " ".join(src.line(ln).split())
-        self.key = "%s :: %s :: %s" % (op, detail, self.text)
+        self.func = src.func[ln] or "-"
+        self.key = "%s :: %s :: %s :: %s" % (op, detail, self.func, self.text)
         self.status, self.by, self.secs = "", "", 0.0
         self.full_only = False
 
@@ -550,19 +584,25 @@ def load_equivalent():
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             parts = [p.strip() for p in line.split(" :: ")]
-            if len(parts) >= 4:
-                keys[" :: ".join(parts[:3])] = parts[3]
-            elif len(parts) == 3:
-                keys[" :: ".join(parts)] = ""
+            if len(parts) >= 5:
+                keys[" :: ".join(parts[:4])] = " :: ".join(parts[4:])
+            else:
+                print("mutate: %s: not `operator :: detail :: function :: line :: reason`: %s"
+                      % (os.path.relpath(EQUIV, ROOT), line.strip()))
     return keys
 
 
-def changed_lines(rev):
+def changed_lines(rev, lenient=False):
+    """Lines of apm-ext.c (working tree) changed since rev."""
     r = subprocess.run(["git", "diff", "-U0", rev, "--", "apm-ext.c"], cwd=ROOT,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True)
     if r.returncode != 0:
-        raise SystemExit("mutate: git diff %s failed: %s" % (rev, r.stderr.strip()))
+        msg = "mutate: git diff %s failed: %s" % (rev, (r.stderr.strip().splitlines() or [""])[-1])
+        if lenient:  # --ci in a shallow clone: sample the whole file
+            print(msg + "; no changed lines")
+            return set()
+        raise SystemExit(msg)
     out = set()
     for mo in re.finditer(r"^@@ -\S+ \+(\d+)(?:,(\d+))? @@", r.stdout, re.M):
         start, count = int(mo.group(1)), int(mo.group(2) or "1")
@@ -577,12 +617,19 @@ def sample(src, lines, n, rng, equiv, skipped_equiv):
     for ln in pool:
         if len(chosen) >= n:
             break
-        cands = [c for c in candidates(src, ln)]
-        known = [c for c in cands if c.key in equiv]
-        skipped_equiv.extend(known)
-        cands = [c for c in cands if c.key not in equiv]
-        if cands:
-            chosen.append(rng.choice(cands))
+        cands = candidates(src, ln)
+        if not cands:
+            continue
+        # draw among all candidates (the same draws whatever the list of
+        # equivalent ones holds), then step past known equivalent ones
+        k = rng.randrange(len(cands))
+        for j in range(len(cands)):
+            c = cands[(k + j) % len(cands)]
+            if c.key in equiv:
+                skipped_equiv.append(c)
+                continue
+            chosen.append(c)
+            break
     return chosen
 
 
@@ -787,7 +834,7 @@ def main(argv=None):
     changed = set()
     rev = args.changed_since or ("HEAD~1" if args.ci else None)
     if rev:
-        changed = changed_lines(rev)
+        changed = changed_lines(rev, lenient=args.ci)
     equiv = load_equivalent()
     skipped_equiv = []
     if args.key:
@@ -814,10 +861,13 @@ def main(argv=None):
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
     rep = open(REPORT, "w")
     eligible = sum(1 for l in lines if src.eligible(l))
-    say(rep, "mutate: seed %d, %d mutants over %d eligible lines of apm-ext.c%s%s"
-        % (seed, len(mutants), eligible,
-           " (lines %s)" % args.lines if args.lines else "",
-           " (changed since %s: %d lines)" % (rev, len(changed)) if rev else ""))
+    if args.key:
+        say(rep, "mutate: %d mutants by key" % len(mutants))
+    else:
+        say(rep, "mutate: seed %d, %d mutants over %d eligible lines of apm-ext.c%s%s"
+            % (seed, len(mutants), eligible,
+               " (lines %s)" % args.lines if args.lines else "",
+               " (changed since %s: %d lines)" % (rev, len(changed)) if rev else ""))
     if args.list:
         for m in mutants:
             say(rep, "%5d  %s" % (m.ln, m.key))

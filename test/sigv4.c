@@ -7,7 +7,10 @@
  *
  * 1. Always: the cases embedded below (needs nothing but this file). Their
  *    expected values are published facts: AWS's documentation example for
- *    IAM ListUsers, and cases of AWS's Signature Version 4 test suite.
+ *    IAM ListUsers, and cases of AWS's Signature Version 4 test suite; and
+ *    one case of ours, its canonical request only, by AWS's documented rule
+ *    that a query parameter without a value signs as "name=" (not in the
+ *    suite).
  * 2. When it is present: that whole test suite. It was published by AWS, and
  *    botocore ships it as tests/unit/auth/aws4_testsuite: one folder per
  *    case (some grouped in sub-folders), NAME/NAME.req (the request) with
@@ -334,6 +337,22 @@ static const struct sigv4_case embedded[] = {
 	    "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, "
 	    "SignedHeaders=host;x-amz-date;x-amz-security-token, "
 	    "Signature=85d96828115b5dc0cfc3bd16ad9e210dd772bbebba041836c64533a82be05ead" },
+	/* not in AWS's suite: query parameters without a value, with and
+	 * without '=' (S3's ?acl), sign as "name=" (the canonical request
+	 * only: AWS's rule for it is what is checked) */
+	{ "ours/query-params-without-value", NULL, NULL, NULL,
+	    "GET /?b=2&acl&c= HTTP/1.1\n"
+	    "Host:example.amazonaws.com\n"
+	    "X-Amz-Date:20150830T123600Z",
+	    "GET\n"
+	    "/\n"
+	    "acl=&b=2&c=\n"
+	    "host:example.amazonaws.com\n"
+	    "x-amz-date:20150830T123600Z\n"
+	    "\n"
+	    "host;x-amz-date\n"
+	    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+	    NULL, NULL },
 };
 
 struct tally {

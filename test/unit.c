@@ -985,6 +985,9 @@ static const struct json_case json_cases[] = {
 	  .ret = 11 },
 	{ __LINE__, "[[[[[[[[[[]]]]]]]]]]", .ret = 10 },
 	{ __LINE__, "{\"\":\"\"}", .ret = 3 },
+	/* white space on every side of ':' and ',' */
+	{ __LINE__, "{\"a\" :1}", .ret = 3 },
+	{ __LINE__, "{ \"a\"\t:\n1 ,\r\n\"b\" : [ 2 ] }", .ret = 6 },
 	/* not JSON */
 	{ __LINE__, "", .ret = APM_MALFORMED, .err = APM_E_BAD_JSON },
 	{ __LINE__, "  ", .ret = APM_MALFORMED, .err = APM_E_BAD_JSON },
@@ -2229,6 +2232,266 @@ test_queue(void)
 	memset(&g.q, 0, sizeof g.q);
 }
 
+/* The chain of slot s walked from first: its block count, and whether it
+ * ends (next -1) at p->last (-1 for no blocks). */
+static int
+queue_chain_ok(int s, int *blocks)
+{
+	const struct payload *p = &g.q.p[s];
+	int b = p->first, last = -1, n = 0;
+	while (b >= 0 && n <= 4) {
+		last = b;
+		b = g.q.next[b];
+		n++;
+	}
+	*blocks = n;
+	return b < 0 && last == p->last;
+}
+
+/*
+ * Our own payload's lines (platform events, function logs): a line that
+ * does not fit is taken back whole (own_line_end, queue_truncate), at every
+ * kind of mark: none, mid-block, on a block edge, just past one; the blocks
+ * past the mark go back to the free stack and the payload goes on growing
+ * from the mark. A line that fits stays.
+ */
+static void
+test_own_lines(void)
+{
+	static char pat[4 * BLOCK_SIZE], more[4 * BLOCK_SIZE + 1], want[4 * BLOCK_SIZE];
+	for (size_t i = 0; i < sizeof pat; i++) {
+		pat[i] = (char)('a' + i % 26);
+		more[i] = (char)('A' + (i * 7) % 26);
+	}
+	static const uint64_t marks[] = { 0, 1, 100, BLOCK_SIZE - 1, BLOCK_SIZE,
+		BLOCK_SIZE + 1, 2 * BLOCK_SIZE };
+	for (size_t i = 0; i < sizeof marks / sizeof *marks; i++) {
+		uint64_t mark = marks[i];
+		int blocks = 0, keep = (int)((mark + BLOCK_SIZE - 1) / BLOCK_SIZE);
+		ctx("own line cut, mark %llu", (unsigned long long)mark);
+		queue_setup();
+		tel.own = queue_open(&g.q, "", "", 1, MAY_DROP);
+		CHECK_INT(tel.own, 0);
+		if (tel.own < 0)
+			return;
+		CHECK_INT(own_put(pat, (size_t)mark), 0);
+		uint64_t dropped = tel.logs_dropped;
+		CHECK_INT(own_begin(), 0);
+		CHECK_INT(tel.own_mark, mark);
+		CHECK_INT(own_put(more, sizeof more), -1); /* over 4 blocks: never fits */
+		CHECK_INT(tel.own_cut, 1);
+		own_line_end();
+		CHECK_INT(tel.logs_dropped, dropped + 1);
+		queue_expect(tel.own, pat, (size_t)mark);
+		CHECK(queue_chain_ok(tel.own, &blocks));
+		CHECK_INT(blocks, keep);
+		CHECK_INT(g.q.free_top, 4 - keep);       /* the rest went back */
+		CHECK_INT(g.q.fresh, 4);
+
+		ctx("own line after a cut, mark %llu", (unsigned long long)mark);
+		size_t n = (size_t)(4 * BLOCK_SIZE - mark); /* exactly the room left */
+		CHECK_INT(own_begin(), 0);
+		CHECK_INT(own_put(more, n), 0);
+		own_line_end();
+		CHECK_INT(tel.logs_dropped, dropped + 1);
+		memcpy(want, pat, (size_t)mark);
+		memcpy(want + mark, more, n);
+		queue_expect(tel.own, want, sizeof want);
+		CHECK(queue_chain_ok(tel.own, &blocks));
+		CHECK_INT(blocks, 4);
+		CHECK_INT(g.q.free_top, 0);
+		own_end();
+		CHECK_INT(tel.own, -1);
+		CHECK_INT(g.q.p[0].open, 0);
+	}
+
+	ctx("own line that fits stays");
+	queue_setup();
+	tel.own = queue_open(&g.q, "", "", 1, MAY_DROP);
+	CHECK_INT(own_put(pat, 100), 0);
+	uint64_t dropped = tel.logs_dropped;
+	CHECK_INT(own_begin(), 0);
+	CHECK_INT(own_put(more, 50), 0);
+	CHECK_INT(tel.own_cut, 0);
+	own_line_end();
+	CHECK_INT(tel.logs_dropped, dropped);
+	memcpy(want, pat, 100);
+	memcpy(want + 100, more, 50);
+	queue_expect(tel.own, want, 150);
+	own_line_end(); /* no payload open: nothing happens */
+	tel.own = -1;
+	own_line_end();
+	CHECK_INT(tel.logs_dropped, dropped);
+
+	ctx("queue_truncate to its length or beyond: nothing changes");
+	queue_setup();
+	int s = queue_open(&g.q, "", "", 1, MAY_DROP);
+	CHECK_INT(queue_append(&g.q, s, pat, BLOCK_SIZE + 10, MAY_DROP), BLOCK_SIZE + 10);
+	int last = g.q.p[s].last;
+	queue_truncate(&g.q, s, BLOCK_SIZE + 10);
+	queue_truncate(&g.q, s, BLOCK_SIZE + 11);
+	queue_expect(s, pat, BLOCK_SIZE + 10);
+	CHECK_INT(g.q.p[s].last, last);
+	CHECK_INT(g.q.free_top, 0);
+	queue_truncate(&g.q, s, BLOCK_SIZE + 9);
+	queue_expect(s, pat, BLOCK_SIZE + 9);
+	CHECK_INT(g.q.p[s].last, last);
+
+	/* Escaped text goes in 682-byte pieces (6 x 682 < 4096): one that
+	 * needs many pieces, each expanded by escapes, comes out as escaping
+	 * it whole would. */
+	ctx("own_put_escaped over many pieces");
+	static char raw[3000], esc[6 * sizeof raw];
+	for (size_t i = 0; i < sizeof raw; i++)
+		raw[i] = i % 7 == 0 ? '"' : i % 11 == 0 ? '\n' : i % 13 == 0 ?
+		    '\x01' : (char)('a' + i % 26);
+	int w = apm_json_escape(raw, sizeof raw, esc, sizeof esc);
+	CHECK(w > (int)sizeof raw);
+	queue_setup();
+	tel.own = queue_open(&g.q, "", "", 1, MAY_DROP);
+	CHECK_INT(own_put_escaped(raw, sizeof raw), 0);
+	CHECK_INT(tel.own_cut, 0);
+	if (w > 0)
+		queue_expect(tel.own, esc, (size_t)w);
+	CHECK_INT(own_put_escaped("", 0), 0);
+	ctx("own_put_escaped into a full queue");
+	CHECK_INT(own_put(pat, 4 * BLOCK_SIZE - (size_t)w - 10), 0);
+	CHECK_INT(own_put_escaped(raw, sizeof raw), -1);
+	CHECK_INT(tel.own_cut, 1);
+	tel.own = -1;
+	memset(&g.q, 0, sizeof g.q);
+}
+
+/* At SHUTDOWN the extension waits for the last invocation's platform.report
+ * only while it has not come (tel_report_pending): tracked at INVOKE,
+ * cleared by the report (tel_report marks it before anything else, also
+ * without an APM server to send it to). */
+static void
+test_report_pending(void)
+{
+	ctx("tel_report_pending");
+	memset(tel.recent, 0, sizeof tel.recent);
+	tel.subscribed = 1;
+	g.inv.number = 1;
+	snprintf(g.inv.request_id, sizeof g.inv.request_id, "unit-rid-1");
+	g.inv.t_invoke = now_ms();
+	g.inv.deadline = g.inv.t_invoke + 3000;
+	CHECK_INT(tel_report_pending(), 0);     /* never tracked: nothing to wait for */
+	tel_inv_track();
+	CHECK_INT(tel_report_pending(), 1);
+	tel.subscribed = 0;
+	CHECK_INT(tel_report_pending(), 0);     /* no telemetry: no report coming */
+	tel.subscribed = 1;
+	g.inv.number = 0;
+	CHECK_INT(tel_report_pending(), 0);     /* no invocation yet */
+	g.inv.number = 1;
+	struct apm_tel_record r;
+	memset(&r, 0, sizeof r);
+	snprintf(r.request_id, sizeof r.request_id, "unit-rid-2");
+	tel_report(&r);                         /* another invocation's */
+	CHECK_INT(tel_report_pending(), 1);
+	snprintf(r.request_id, sizeof r.request_id, "unit-rid-1");
+	tel_report(&r);
+	CHECK_INT(tel_report_pending(), 0);
+	memset(tel.recent, 0, sizeof tel.recent);
+	memset(&g.inv, 0, sizeof g.inv);
+	tel.subscribed = 0;
+}
+
+/* The registered transaction sent for an invocation that ended badly goes
+ * in whole or not at all: in a queue without room for it, our payload keeps
+ * its metadata line and no piece of the transaction line. */
+static void
+test_proxy_transaction_no_room(void)
+{
+	static char reg[BLOCK_SIZE + 4096], name[BLOCK_SIZE];
+	static char fill[4 * BLOCK_SIZE];
+	memset(name, 'n', sizeof name - 1);   /* a line longer than a block */
+	int len = snprintf(reg, sizeof reg, "{\"metadata\":{\"service\":{\"name\":\"f\"}}}\n"
+	    "{\"transaction\":{\"id\":\"0123456789abcdef\",\"trace_id\":"
+	    "\"0123456789abcdef0123456789abcdef\",\"name\":\"%s\",\"type\":\"request\","
+	    "\"timestamp\":1,\"sampled\":true,\"span_count\":{\"started\":0}}}\n", name);
+	const size_t meta = (size_t)(strchr(reg, '\n') - reg) + 1;
+	memset(fill, 'x', sizeof fill);
+	for (int room = 0; room < 2; room++) {
+		ctx("tel_proxy_transaction, %s", room ? "room for it" : "no room for it");
+		queue_setup();
+		/* another payload holds 3 of the 4 blocks (one block left: the
+		 * line does not fit), or 2 (it does) */
+		int other = queue_open(&g.q, "", "", 0, MAY_DROP);
+		size_t held = (size_t)(room ? 2 : 3) * BLOCK_SIZE;
+		CHECK_INT(queue_append(&g.q, other, fill, held, MAY_DROP), held);
+		g.cfg.has_server = 1;
+		g.reg.body = reg;
+		g.reg.len = (size_t)len;
+		snprintf(g.reg.request_id, sizeof g.reg.request_id, "unit-rid-tx");
+		snprintf(g.inv.request_id, sizeof g.inv.request_id, "unit-rid-tx");
+		g.inv.agent_flushed = 0;
+		tel.proxy_sent = 0;
+		tel.own = -1;
+		uint64_t dropped = tel.logs_dropped;
+		tel_proxy_transaction("timeout");
+		int own = -1;
+		for (int i = 0; i < 3; i++)
+			if (g.q.p[i].used && g.q.p[i].own)
+				own = i;
+		CHECK(own >= 0);
+		if (own < 0)
+			break;
+		CHECK_INT(g.q.p[own].open, 0);          /* closed: ready to send */
+		if (!room) {
+			queue_expect(own, reg, meta);   /* the metadata line alone */
+			CHECK_INT(tel.logs_dropped, dropped + 1);
+		} else {
+			uint64_t n = g.q.p[own].len;
+			struct apm_str last = queue_view(&g.q, own, n - 1);
+			CHECK(n > (uint64_t)len - 100 && last.len == 1 && last.ptr[0] == '\n');
+			CHECK_INT(tel.logs_dropped, dropped);
+		}
+	}
+	g.reg.body = NULL;
+	g.reg.len = 0;
+	g.cfg.has_server = 0;
+	memset(&g.inv, 0, sizeof g.inv);
+	tel.own = -1;
+	tel.proxy_sent = 0;
+	memset(&g.q, 0, sizeof g.q);
+}
+
+/* tx_put and tx_printf fill tx up to its last byte, never past it
+ * (tx_printf keeps a byte for vsnprintf's NUL). */
+static void
+test_tx_room(void)
+{
+	char buf[16];
+	struct conn c;
+	memset(&c, 0, sizeof c);
+	c.tx = buf;
+	c.tx_cap = 8;
+	ctx("tx_put: exactly the room left");
+	CHECK_INT(tx_put(&c, "12345", 5), 0);
+	CHECK_INT(tx_put(&c, "678", 3), 0);
+	CHECK_INT(c.tx_len, 8);
+	CHECK_MEM(c.tx, c.tx_len, "12345678", 8);
+	CHECK_INT(tx_put(&c, "", 0), 0);
+	CHECK_INT(tx_put(&c, "9", 1), -1);
+	CHECK_INT(c.tx_len, 8);
+	c.tx_len = 3;
+	CHECK_INT(tx_put(&c, "abcdef", 6), -1);
+	CHECK_INT(c.tx_len, 3);
+	CHECK_INT(tx_put(&c, "abcde", 5), 0);
+	CHECK_MEM(c.tx, c.tx_len, "123abcde", 8);
+	ctx("tx_printf: the room left less one");
+	c.tx_len = 0;
+	CHECK_INT(tx_printf(&c, "%s", "1234567"), 0);
+	CHECK_INT(c.tx_len, 7);
+	CHECK_INT(tx_printf(&c, "%s", "x"), -1);
+	CHECK_INT(c.tx_len, 7);
+	c.tx_len = 0;
+	CHECK_INT(tx_printf(&c, "%d", 12345678), -1);
+	CHECK_INT(c.tx_len, 0);
+}
+
 /* base64 against a plain encoder: random bytes of every length up to 300,
  * line breaks every 64 or 76 digits (PEM, MIME) or none, padding or not. */
 static void
@@ -2421,6 +2684,125 @@ test_pem_streaming(const char *path, const char *pem, size_t len)
 	}
 }
 
+/* The words for BearSSL's error codes at the edges of the alert ranges: a
+ * received fatal alert is 256 + its description (a fatal close_notify, 0,
+ * gives 256 itself), a sent one 512 + it. */
+static void
+test_tls_reason(void)
+{
+	static const char recv[] = "the server sent a fatal TLS alert";
+	static const char sent[] = "we sent a fatal TLS alert (bad server handshake)";
+	static const char other[] = "TLS failure";
+	ctx("tls_reason");
+	CHECK_STR(tls_reason(BR_ERR_RECV_FATAL_ALERT), recv);
+	CHECK_STR(tls_reason(BR_ERR_RECV_FATAL_ALERT + 40), recv);
+	CHECK_STR(tls_reason(BR_ERR_SEND_FATAL_ALERT - 1), recv);
+	CHECK_STR(tls_reason(BR_ERR_SEND_FATAL_ALERT), sent);
+	CHECK_STR(tls_reason(BR_ERR_SEND_FATAL_ALERT + 80), sent);
+	CHECK_STR(tls_reason(BR_ERR_RECV_FATAL_ALERT - 1), other);
+	CHECK_STR(tls_reason(BR_ERR_BAD_MAC), other);
+	CHECK_STR(tls_reason(BR_ERR_IO), "connection failed during the TLS exchange");
+	CHECK_STR(tls_reason(BR_ERR_X509_NOT_TRUSTED),
+	    "the server certificate is not signed by a trusted CA (unknown CA)");
+}
+
+/* A scratch PEM file of junk bytes of 'x' then text; its path in tmp. */
+static int
+pem_file(char *tmp, size_t pad, const char *text, size_t len)
+{
+	int fd = mkstemp(tmp);
+	CHECK(fd >= 0);
+	if (fd < 0)
+		return -1;
+	char *junk = malloc(pad + 1);
+	memset(junk, 'x', pad);
+	CHECK(write(fd, junk, pad) == (ssize_t)pad);
+	CHECK(write(fd, text, len) == (ssize_t)len);
+	close(fd);
+	free(junk);
+	return 0;
+}
+
+/*
+ * tls_pem_blocks' count of bytes used up, at the edges: a text without a
+ * BEGIN line keeps its last 28 bytes (a BEGIN line may have begun there);
+ * a block that has begun and not ended keeps it from its BEGIN line; a
+ * whole block is used up to the end of its END line. And a file whose
+ * BEGIN line is cut by the 32 KiB read at every place still gives its
+ * certificate. cert: one whole block of the system bundle.
+ */
+static void
+test_pem_blocks(const char *cert, size_t clen)
+{
+	static char text[65536];
+	static const char begin[] = "-----BEGIN CERTIFICATE-----";
+	size_t added = 0, bad = 0, before;
+	CHECK(clen + 200 < sizeof text);
+	if (clen + 200 >= sizeof text)
+		return;
+	memset(text, 'x', sizeof text);
+	ctx("tls_pem_blocks: no BEGIN line");
+	static const size_t plain[][2] = { { 0, 0 }, { 1, 0 }, { 27, 0 }, { 28, 0 },
+		{ 29, 1 }, { 100, 72 }, { 40000, 40000 - 28 } };
+	for (size_t i = 0; i < sizeof plain / sizeof *plain; i++)
+		CHECK_INT(tls_pem_blocks(text, plain[i][0], &added, &bad), plain[i][1]);
+	memcpy(text + 60, begin, 20); /* the start of one, cut */
+	CHECK_INT(tls_pem_blocks(text, 80, &added, &bad), 52);
+	CHECK_INT(added + bad, 0);
+
+	ctx("tls_pem_blocks: a whole block");
+	before = tls.nta;
+	memcpy(text, cert, clen);
+	CHECK_INT(tls_pem_blocks(text, clen, &added, &bad), clen);
+	CHECK_INT(added, 1);
+	CHECK_INT(bad, 0);
+	CHECK_INT(tls.nta - before, 1);
+	memset(text + clen, 'x', 100);
+	CHECK_INT(tls_pem_blocks(text, clen + 5, &added, &bad), clen);
+	CHECK_INT(tls_pem_blocks(text, clen + 100, &added, &bad), clen + 100 - 28);
+	CHECK_INT(added, 3);
+
+	ctx("tls_pem_blocks: a block begun, not ended");
+	added = bad = 0;
+	memcpy(text, "junk\n", 5);
+	memcpy(text + 5, cert, clen);
+	for (size_t cut = 5 + 27; cut < 5 + clen; cut += 97)
+		CHECK_INT(tls_pem_blocks(text, cut, &added, &bad), 5);
+	CHECK_INT(tls_pem_blocks(text, 5 + clen - 1, &added, &bad), 5);
+	CHECK_INT(added + bad, 0);
+
+	ctx("tls_pem_blocks: BEGIN and END lines with a dash short");
+	memcpy(text, cert, clen);
+	text[26] = '\n'; /* "-----BEGIN CERTIFICATE----\n": no BEGIN line */
+	CHECK_INT(tls_pem_blocks(text, clen, &added, &bad), clen - 28);
+	memcpy(text, cert, clen);
+	text[clen - 1] = '\n'; /* "-----END CERTIFICATE----\n": never ends */
+	CHECK_INT(tls_pem_blocks(text, clen, &added, &bad), 0);
+	CHECK_INT(added + bad, 0);
+
+	ctx("tls_pem_blocks: an empty block");
+	static const char empty[] = "-----BEGIN CERTIFICATE-----\n"
+	    "-----END CERTIFICATE-----\n";
+	CHECK_INT(tls_pem_blocks(empty, sizeof empty - 1, &added, &bad),
+	    sizeof empty - 2);
+	CHECK_INT(added, 0);
+	CHECK_INT(bad, 1);
+
+	/* the BEGIN line cut by the first 32 KiB read, k of its bytes before */
+	static const size_t ks[] = { 1, 2, 10, 25, 26, 27 };
+	for (size_t i = 0; i < sizeof ks / sizeof *ks; i++) {
+		ctx("tls_load_file: BEGIN line cut at the piece boundary, %zu bytes "
+		    "before it", ks[i]);
+		char tmp[] = "/tmp/apm-ext-unit-pem-XXXXXX";
+		if (pem_file(tmp, 32768 - ks[i], cert, clen) < 0)
+			return;
+		before = tls.nta;
+		tls_load_file(tmp, "cut");
+		CHECK_INT(tls.nta - before, 1);
+		unlink(tmp);
+	}
+}
+
 static void
 test_trust_anchors(void)
 {
@@ -2462,6 +2844,11 @@ test_trust_anchors(void)
 		}
 	}
 	CHECK(compared > 50);
+	const char *cb = strstr(pem, "-----BEGIN CERTIFICATE-----");
+	const char *ce = cb ? strstr(cb, "-----END CERTIFICATE-----") : NULL;
+	CHECK(ce != NULL);
+	if (ce)
+		test_pem_blocks(cb, (size_t)(ce - cb) + 25);
 	for (size_t i = 0; i < 2; i++)
 		if (access(bundles[i], R_OK) == 0) {
 			test_pem_streaming(bundles[i], pem, len);
@@ -2497,9 +2884,14 @@ main(void)
 	test_tel_records();
 	test_time();
 	test_queue();
+	test_own_lines();
+	test_report_pending();
+	test_proxy_transaction_no_room();
+	test_tx_room();
 	test_audit_helpers();
 	test_base64_roundtrip();
 	test_trust_anchors();
+	test_tls_reason();
 
 	if (n_fail > MAX_PRINTED)
 		printf("(%lu more failures not shown)\n", n_fail - MAX_PRINTED);
