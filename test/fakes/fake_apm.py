@@ -33,7 +33,6 @@ import argparse
 import base64
 import binascii
 import gzip
-import http.server
 import json
 import os
 import re
@@ -51,6 +50,7 @@ from urllib.parse import urlsplit, parse_qs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jsonschema_mini  # noqa: E402
+import http_scaffold  # noqa: E402
 
 KINDS = ("metadata", "transaction", "span", "error", "metricset", "log")
 SCHEMA_KINDS = ("metadata", "transaction", "span", "error", "metricset")  # log: no schema file
@@ -1097,15 +1097,14 @@ class Request:
             self.status, len(self.lines), len(self.errors))
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(http_scaffold.Handler):
     server_version = "FakeAPM/1.0"
 
     # ---- connection management
     def setup(self):
         fake = self.server.fake
         try:  # answers go out at once (no Nagle delay between head and body)
-            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.no_delay()
         except OSError:
             pass
         self.conn_id = fake._register_conn(self.request)
@@ -1324,22 +1323,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         segment), as a Go server writes it: a client that waits for the body after the head
         never meets a delayed ACK. always_type: Content-Type even with an empty body (an
         OTLP protobuf success). Retry-After (FakeAPM.retry_after) on 429 and 503."""
-        reason = self.responses.get(status, ("",))[0]
-        head = ["HTTP/1.1 %d %s" % (status, reason),
-                "Server: " + self.version_string(),
-                "Date: " + self.date_time_string()]
+        head = [("Server", self.version_string()), ("Date", self.date_time_string())]
         if body or always_type:
-            head.append("Content-Type: " + content_type)
+            head.append(("Content-Type", content_type))
         retry_after = self.server.fake.retry_after
         if retry_after is not None and status in (429, 503):
-            head.append("Retry-After: %s" % retry_after)
-        head.append("Content-Length: %d" % len(body))
-        if self.close_connection:
-            head.append("Connection: close")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        if self.command != "HEAD":
-            data += body
-        self.connection.sendall(data)
+            head.append(("Retry-After", retry_after))
+        self.send_whole(status, head, body, send_body=self.command != "HEAD")
 
     def send_error(self, code, message=None, explain=None):
         """http.server's answer to a request it cannot parse, also in one write."""
@@ -1353,20 +1343,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(http_scaffold.Server):
     block_on_close = False
-    allow_reuse_address = True
 
     def __init__(self, addr, fake, ssl_context, family):
-        self.address_family = family
-        self.fake, self.ssl_context = fake, ssl_context
-        super().__init__(addr, _Handler)
-
-    def handle_error(self, request, client_address):
-        e = sys.exc_info()[1]
-        if not isinstance(e, (OSError, ssl.SSLError)):
-            traceback.print_exc()
+        self.ssl_context = ssl_context
+        super().__init__(addr, _Handler, fake, family)
 
 
 class FakeAPM:

@@ -50,7 +50,6 @@ import base64
 import datetime
 import hashlib
 import hmac
-import http.server
 import json
 import re
 import socket
@@ -60,6 +59,8 @@ import threading
 import time
 import uuid
 from urllib.parse import quote, unquote_to_bytes
+
+import http_scaffold
 
 ACCOUNT_ID = "123456789012"
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -445,8 +446,7 @@ class Call:
             " injected %r" % (self.injected,) if self.injected is not None else "")
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(http_scaffold.Handler):
     server_version = "FakeAWS/1.0"
     sys_version = ""
     timeout = 60  # an idle keep-alive connection is closed after this
@@ -477,9 +477,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self.request.close()
-
-    def log_message(self, fmt, *args):  # quiet
-        pass
 
     def _read_body(self):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -535,15 +532,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         call.t_end = time.monotonic()
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(http_scaffold.Server):
     block_on_close = False
-    allow_reuse_address = True
 
     def __init__(self, addr, fake, family):
-        self.address_family = family
-        self.fake = fake
-        super().__init__(addr, _Handler)
+        super().__init__(addr, _Handler, fake, family)
 
     def get_request(self):
         sock, addr = super().get_request()

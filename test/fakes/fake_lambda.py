@@ -31,7 +31,6 @@ Times named t_* are time.monotonic() values; deadlineMs values are epoch ms.
 import collections
 import datetime
 import http.client
-import http.server
 import json
 import os
 import select
@@ -45,6 +44,8 @@ import threading
 import time
 import urllib.parse
 import uuid
+
+import http_scaffold
 
 __all__ = ["FakeLambda", "Invocation"]
 
@@ -151,40 +152,29 @@ def _read_body(handler):
     return handler.rfile.read(n) if n else b""
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(http_scaffold.Handler):
     """Answers like Lambda's Go net/http server: TCP_NODELAY on the accepted
     socket and every response, head and body, in one write (one sendall), so
     that an extension sees the whole answer in the first segment it reads and
     never waits on a Nagle / delayed-ACK pause between head and body."""
-    protocol_version = "HTTP/1.1"
     server_version = "FakeLambda/1.0"
     sys_version = ""
 
     def setup(self):
         super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, fmt, *args):  # quiet
-        pass
+        self.no_delay()
 
     def _send(self, status, body=b"", headers=None, ctype="application/json"):
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
         elif isinstance(body, str):
             body = body.encode()
-        reason = self.responses.get(status, ("",))[0]
-        head = ["HTTP/1.1 %d %s" % (status, reason)]
+        head = []
         if body or ctype:
-            head.append("Content-Type: %s" % ctype)
-        head.append("Date: %s" % self.date_time_string())
-        for k, v in (headers or {}).items():
-            head.append("%s: %s" % (k, v))
-        head.append("Content-Length: %d" % len(body))
-        if self.close_connection:
-            head.append("Connection: close")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        self.wfile.flush()              # nothing buffered: we bypass it
-        self.connection.sendall(data)   # head and body: one write
+            head.append(("Content-Type", ctype))
+        head.append(("Date", self.date_time_string()))
+        head += list((headers or {}).items())
+        self.send_whole(status, head, body)
 
     def _dispatch(self, method):
         fl = self.server.fake
@@ -213,16 +203,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Server(http_scaffold.Server):
+    # (a process that dies, a crashed runtime or a killed extension, resets
+    # its connections: http_scaffold.Server prints no traceback for those)
     request_queue_size = 64
-
-    def handle_error(self, request, client_address):
-        # A process that dies (a crashed runtime, a killed extension) resets
-        # its connections: not worth a traceback on the test's output.
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
 
 
 def _client_gone(sock):
@@ -1293,12 +1277,7 @@ def _selftest():
     # telemetry listener that fails twice, then accepts
     got, answers = [], [500, 500]
 
-    class L(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
-
+    class L(http_scaffold.Handler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
             st = answers.pop(0) if answers else 200
