@@ -45,18 +45,18 @@ apm-ext: apm-ext.c apm-ext.h
 	$(OBJCOPY) $(POSTLINK) $@
 	@echo "apm-ext: $$(stat -c %s $@) bytes"
 
-build/unit: test/unit.c apm-ext.c apm-ext.h
+build/unit: test/unit/unit.c apm-ext.c apm-ext.h
 	@mkdir -p build
-	$(HOST_CC) $(TEST_FLAGS) -o $@ test/unit.c $(BEARSSL_A)
+	$(HOST_CC) $(TEST_FLAGS) -o $@ test/unit/unit.c $(BEARSSL_A)
 
-build/sigv4: test/sigv4.c apm-ext.c apm-ext.h
+build/sigv4: test/unit/sigv4.c apm-ext.c apm-ext.h
 	@mkdir -p build
-	$(HOST_CC) $(TEST_FLAGS) -o $@ test/sigv4.c apm-ext.c $(BEARSSL_A)
+	$(HOST_CC) $(TEST_FLAGS) -o $@ test/unit/sigv4.c apm-ext.c $(BEARSSL_A)
 
-# The seeded simulation of the whole loop (test/sim.c), with sanitizers.
-build/sim: test/sim.c apm-ext.c apm-ext.h
+# The seeded simulation of the whole loop (test/sim/sim.c), with sanitizers.
+build/sim: test/sim/sim.c apm-ext.c apm-ext.h
 	@mkdir -p build
-	$(HOST_CC) $(TEST_FLAGS) -o $@ test/sim.c $(BEARSSL_A)
+	$(HOST_CC) $(TEST_FLAGS) -o $@ test/sim/sim.c $(BEARSSL_A)
 
 # The real binary built by the host compiler with sanitizers, for e2e runs.
 build/apm-ext-asan: apm-ext.c apm-ext.h
@@ -67,7 +67,7 @@ unit: build/unit
 	./build/unit
 
 e2e: apm-ext
-	python3 test/e2e.py --binary ./apm-ext
+	python3 test/e2e/e2e.py --binary ./apm-ext
 
 # make test: the last line of its output is the totals ("N passed, N failed",
 # see test/run-all.sh), on failure too, and make then exits 2. GNU make prints
@@ -99,29 +99,29 @@ sim: build/sim
 
 # Line and branch coverage of apm-ext.c (unit, SigV4, simulator, e2e)
 coverage:
-	@sh test/coverage.sh
+	@sh test/quality/coverage.sh
 
 # make mutate N=...: a seeded sample of mutants of apm-ext.c against the fast tests
 mutate: build/sim
-	python3 test/mutate.py --n $(N)
+	python3 test/quality/mutate.py --n $(N)
 
 bench: apm-ext
-	python3 test/bench.py --binary ./apm-ext
+	python3 test/bench/bench.py --binary ./apm-ext
 
 fuzz:
-	@sh test/fuzz.sh $(FUZZ_SECONDS)
+	@sh test/fuzz/fuzz.sh $(FUZZ_SECONDS)
 
 layer:
 	@sh layer/build.sh
 
 demo: apm-ext
-	@sh test/demo.sh
+	@sh test/e2e/demo.sh
 
 sandbox: layer
-	@sh test/sandbox.sh
+	@sh test/e2e/sandbox.sh
 
 syscalls: apm-ext
-	python3 test/coldstart_syscalls.py --binary ./apm-ext
+	python3 test/e2e/coldstart_syscalls.py --binary ./apm-ext
 
 clean:
 	rm -rf build apm-ext layer/*.zip

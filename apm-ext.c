@@ -120,7 +120,7 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 /*
  * The system calls of the event loop and its clocks, in one table: a test
  * build replaces them to inject faults or to run the whole loop over
- * in-memory sockets and a virtual clock (test/sim.c). Files read once at
+ * in-memory sockets and a virtual clock (test/sim/sim.c). Files read once at
  * start (CA bundles), the log write and the resolver process use the
  * system directly.
  */

@@ -16,8 +16,8 @@
 #  - no such line: "0 1 0", whatever the exit status. A suite that crashed
 #    before its summary failed; so did one that exited 0 without a summary
 #    (it stopped early, or does not count what it checks). Steps that print
-#    no summary by design (CI gates: layer/build.sh --verify, test/fuzz.sh,
-#    test/bench.py) are run by .ci/run through its `gate` function, which
+#    no summary by design (CI gates: layer/build.sh --verify, test/fuzz/fuzz.sh,
+#    test/bench/bench.py) are run by .ci/run through its `gate` function, which
 #    adds "1 passed, 0 failed" or "0 passed, 1 failed" for their exit status;
 #  - a summary but a non-zero exit status with 0 failed (a crash after the
 #    summary, a sanitizer report at exit): failed = 1;

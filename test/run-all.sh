@@ -143,14 +143,14 @@ $line"
 suite unit ./build/unit
 suite sigv4 ./build/sigv4
 suite sim ./build/sim --quick
-suite fake_apm python3 test/test_fake_apm.py -v
-[ -f test/test_fake_aws.py ] && suite fake_aws python3 test/test_fake_aws.py -v
+suite fake_apm python3 test/fakes/test_fake_apm.py -v
+[ -f test/fakes/test_fake_aws.py ] && suite fake_aws python3 test/fakes/test_fake_aws.py -v
 # shellcheck disable=SC2086 # E2E_ARGS: one word per argument
-suite e2e python3 test/e2e.py --binary ./apm-ext ${E2E_ARGS:-}
+suite e2e python3 test/e2e/e2e.py --binary ./apm-ext ${E2E_ARGS:-}
 # shellcheck disable=SC2086
 suite e2e_asan env ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	python3 test/e2e.py --binary ./build/apm-ext-asan ${E2E_ARGS:-}
+	python3 test/e2e/e2e.py --binary ./build/apm-ext-asan ${E2E_ARGS:-}
 
 total="$pass passed, $fail failed"
 [ "$skip" -ne 0 ] && total="$total, $skip skipped"

@@ -1,6 +1,6 @@
 /*
  * Lambda handlers for apm-ext's end-to-end tests with the real Elastic APM
- * Node.js agent (test/e2e_agent.py, test/demo.py). Run by test/node/runtime.js
+ * Node.js agent (test/e2e/e2e_agent.py, test/e2e/demo.py). Run by test/node/runtime.js
  * with NODE_OPTIONS=-r elastic-apm-node/start, which wraps the export named by
  * _HANDLER (e.g. _HANDLER=handler.main).
  *

@@ -3,7 +3,7 @@
  * A minimal AWS Lambda runtime for Node.js (stdlib only), for apm-ext's
  * end-to-end tests and demo: it plays the part of AWS's own Node runtime
  * (aws-lambda-nodejs-runtime-interface-client) in front of the fake control
- * plane (test/fake_lambda.py).
+ * plane (test/fakes/fake_lambda.py).
  *
  *   AWS_LAMBDA_RUNTIME_API=127.0.0.1:9001 _HANDLER=handler.main \
  *   LAMBDA_TASK_ROOT=test/node NODE_PATH=test/node/node_modules \

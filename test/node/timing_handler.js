@@ -1,5 +1,5 @@
 /*
- * A handler for the timing scenarios of test/e2e_agent.py
+ * A handler for the timing scenarios of test/e2e/e2e_agent.py
  * (agent_node_timing_late_telemetry): handler.js's work, with one
  * distinctive function log line printed at its start and one just before it
  * returns.

@@ -1,6 +1,6 @@
 /*
  * One function, two instrumentations: the Elastic APM Node.js agent and the
- * OpenTelemetry SDK in the same runtime, for test/e2e_otel.py's
+ * OpenTelemetry SDK in the same runtime, for test/e2e/e2e_otel.py's
  * otel_and_elastic_agent_together. Run by test/node/runtime.js with
  * NODE_OPTIONS="-r elastic-apm-node/start -r test/otel/otel-init.js",
  * APM_TEST_OTEL_LAMBDA=off, _HANDLER=both.main.

@@ -1,6 +1,6 @@
 /*
  * A Lambda handler instrumented with the OpenTelemetry JS SDK, for apm-ext's
- * end-to-end tests (test/e2e_otel.py) and demo (make demo OTEL=1). Run by
+ * end-to-end tests (test/e2e/e2e_otel.py) and demo (make demo OTEL=1). Run by
  * test/node/runtime.js with NODE_OPTIONS="-r test/otel/otel-init.js", whose
  * AwsLambdaInstrumentation wraps the export named by _HANDLER (handler.main):
  * it starts the invocation's SERVER span around the handler and force-flushes

@@ -1,6 +1,6 @@
 /*
  * Real OTLP export bodies from the pinned OpenTelemetry JS SDK, for
- * test/test_fake_apm.py (the fake APM server's protobuf and JSON readers
+ * test/fakes/test_fake_apm.py (the fake APM server's protobuf and JSON readers
  * against the SDK's own serializers):
  *
  *   node test/otel/sdk-bodies.js   ->  one JSON object on stdout:
