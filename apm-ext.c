@@ -4282,8 +4282,9 @@ fwd_payload_done(struct upstream *u, int answered, const char *why)
 	for (size_t i = 0; i < n; i++)
 		text[i] = (c->rx[i] >= 0x20 && c->rx[i] < 0x7f) ? c->rx[i] : ' ';
 	text[n] = 0;
-	if (g.cfg.auth[0])
-		str_redact(text, strchr(g.cfg.auth, ' ') + 1);
+	const char *secret = strchr(g.cfg.auth, ' '); /* "Bearer x", "ApiKey x" */
+	if (secret)
+		str_redact(text, secret + 1);
 	snprintf(reason, sizeof reason, "HTTP %d %s", u->status, text);
 	int ok = u->status >= 200 && u->status < 300;
 	int otlp = p->kind != PL_INTAKE;
