@@ -586,7 +586,9 @@ def bundle_anchor_kept(t):
         delivered(t, tx, sent, t_flush, t_next, "invocation 3 (full handshake, server "
                   "restarted)")
         st3 = fresh.session_stats()
-        assert st3["accept_good"] >= 1 and st3["hits"] == 0, "invocation 3 was not a full " \
+        # at least one full handshake at the restarted server (a later connection, e.g.
+        # a second slot, may resume the session that handshake made)
+        assert st3["accept_good"] - st3["hits"] >= 1, "invocation 3 was not a full " \
             "handshake: %s" % st3
         assert not t.apm.tls_errors, "handshakes failed at the server: %s" % t.apm.tls_errors
         after = bed.opens()
