@@ -2197,7 +2197,6 @@ struct invocation {
 	uint64_t number;        /* invocations so far */
 	char request_id[128];
 	char arn[256];
-	char trace[256];
 	int64_t t_invoke;       /* monotonic ms */
 	int64_t deadline;       /* monotonic ms */
 	int ended;              /* ?flushed=true, runtimeDone or deadline */
@@ -6704,7 +6703,6 @@ lambda_event(const struct apm_lambda_event *e, int ok)
 	g.inv.number++;
 	snprintf(g.inv.request_id, sizeof g.inv.request_id, "%s", e->request_id);
 	snprintf(g.inv.arn, sizeof g.inv.arn, "%s", e->function_arn);
-	snprintf(g.inv.trace, sizeof g.inv.trace, "%s", e->trace);
 	g.inv.t_invoke = now;
 	g.inv.deadline = now + left;
 	/* Thawed: timers that ran on through the freeze start again. */
