@@ -553,6 +553,13 @@ def init_register_subscribe(t):
         lam.telemetry_port, t.tport)
     assert lam.t_register - lam.t_exec < 1.0, "register took %.3fs" % (
         lam.t_register - lam.t_exec)
+    # an http APM server: no trust anchors are loaded, the CA bundle is never
+    # read (tls_load runs for https only; its lines name "trust anchors" or the
+    # "CA bundle", at debug when it loads, at error when it finds none)
+    t.shutdown_ok()
+    tls_lines = [json.dumps(r) for r in t.logs()]
+    tls_lines = [r for r in tls_lines if "trust anchors" in r or "CA bundle" in r]
+    assert not tls_lines, "trust anchors loaded for an http APM server: %s" % tls_lines[:3]
 
 
 @scenario(telemetry=False)
@@ -1051,6 +1058,9 @@ def function_logs_forwarded(t):
     t.shutdown_ok()
     logs = [o for o in t.apm.events("log") if "hello from the function" in json.dumps(o)]
     assert logs, "function log line not forwarded (log events seen: %d)" % t.apm.count("log")
+    # a function log line is not a platform.logsDropped record
+    dropped = log_has(t.logs(), ("warn", "warning", "error"), "dropped telemetry")
+    assert not dropped, "a function log line was taken for dropped records: %s" % dropped[:2]
 
 
 @scenario()

@@ -26,8 +26,11 @@ timestamps can be compared exactly.
 """
 
 import datetime
+import fcntl
 import json
+import select
 import socket
+import struct
 import threading
 import time
 
@@ -651,6 +654,121 @@ def platform_telemetry_garbage(t):
     assert len(ms1) == 1 and ms1[0].get("timestamp") == when * 1000, \
         "metricset after the garbage: %r" % ms1
     assert len(metricsets_for(t.apm, inv2.request_id)) == 1
+
+
+TEL_BODY_MAX = 2 * MiB   # apm-ext.c: a telemetry POST's body, at most
+SIOCOUTQNSD = 0x894B     # Linux ioctl: bytes of a socket's send queue not sent yet
+
+
+def function_body(message, size=None):
+    """A telemetry body holding one function record (`message`), padded with
+    blanks inside the array to exactly `size` bytes."""
+    body = json.dumps([{"time": iso_ms(record_ms()), "type": "function",
+                        "record": message}]).encode()
+    return body if size is None else body[:-1] + b" " * (size - len(body)) + b"]"
+
+
+def unsent(sock):
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4))[0]
+
+
+def tel_exchange(t, pieces, what, closes=True):
+    """Raw bytes to the telemetry listener: each of `pieces` (head, framing,
+    data) in one send() that begins only once everything before it has left
+    this socket, so that each piece reaches the listener whole (one segment).
+    Returns (status, headers, whether the listener closed the connection after
+    its answer: read only when `closes`, else None)."""
+    s = tel_connect(t)
+    f = s.makefile("rb")
+    try:
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            p = select.poll()
+            p.register(s, select.POLLIN)
+            for piece in pieces:
+                end = time.monotonic() + 10
+                while unsent(s) and time.monotonic() < end:
+                    if p.poll(5):        # an answer (or a close) already: stop sending
+                        break
+                else:
+                    s.sendall(piece)
+                    continue
+                break
+        except (BrokenPipeError, ConnectionResetError):
+            pass                          # refused early: the answer tells
+        try:
+            st, headers, _ = read_response(f)
+        except (AssertionError, OSError) as e:
+            raise AssertionError("%s: no answer (%s)" % (what, e))
+        if not closes:
+            return st, headers, None
+        try:
+            closed = f.read(1) == b""     # EOF, or the timeout of tel_connect
+        except socket.timeout:
+            closed = False
+        except OSError:
+            closed = True
+        return st, headers, closed
+    finally:
+        f.close()
+        s.close()
+
+
+@scenario()
+def platform_telemetry_refused_posts(t):
+    """Refused telemetry requests are answered, closed, and their records never
+    applied: a PUT with a valid batch -> 400; a GET -> 400; bad chunked framing
+    after a whole chunk -> 400; a chunked body one byte over 2 MiB (its last
+    byte and the end of the body in one segment) -> 413. A chunked body of
+    exactly 2 MiB is taken (200), its record applied."""
+    t.start()
+    inv = t.lam.invoke(timeout_ms=10000)
+    t.lam.wait_telemetry_idle()           # the platform's batch is in: one client at a time
+    refused = []
+    # not a POST: with a valid batch as its body, and without a body
+    put = function_body("record of a PUT")
+    refused.append("record of a PUT")
+    for method, body in (("PUT", put), ("GET", None)):
+        head = tel_head(t, len(body) if body else None)
+        head = method.encode() + head[len(b"POST"):]
+        st, h, closed = tel_exchange(t, [head + (body or b"")], method)
+        assert st == 400, "a %s answered %r, want 400" % (method, st)
+        assert closed and h.get("connection", "").lower() == "close", \
+            "a %s: answered 400 but the connection stays open (%r)" % (method, h)
+    # bad framing: a whole chunk holding a valid batch, then a size line "zz"
+    bad = function_body("record before bad chunked framing")
+    refused.append("record before bad chunked framing")
+    st, h, closed = tel_exchange(
+        t, [tel_head(t, chunked=True), b"%x\r\n" % len(bad) + bad + b"\r\nzz\r\n"],
+        "bad chunked framing")
+    assert st == 400, "a valid chunk then bad framing answered %r, want 400" % st
+    assert closed and h.get("connection", "").lower() == "close", \
+        "bad chunked framing: answered 400 but the connection stays open (%r)" % h
+    ext_alive(t, "bad chunked framing")
+    # one byte over: TEL_BODY_MAX bytes in one chunk, then the last byte with
+    # the end of the body
+    over = function_body("record of a chunked body one byte over 2 MiB", TEL_BODY_MAX + 1)
+    refused.append("record of a chunked body one byte over 2 MiB")
+    st, h, closed = tel_exchange(
+        t, [tel_head(t, chunked=True), b"%x\r\n" % TEL_BODY_MAX + over[:TEL_BODY_MAX] + b"\r\n",
+            b"1\r\n" + over[TEL_BODY_MAX:] + b"\r\n0\r\n\r\n"], "2 MiB + 1 chunked")
+    assert st == 413, "a chunked body of 2 MiB + 1 byte answered %r, want 413" % st
+    assert closed, "2 MiB + 1 chunked: answered 413 but the connection stays open"
+    ext_alive(t, "a chunked body one byte over 2 MiB")
+    # exactly the limit: taken
+    at = function_body("record of a chunked body of exactly 2 MiB", TEL_BODY_MAX)
+    st, _, _ = tel_exchange(
+        t, [tel_head(t, chunked=True), b"%x\r\n" % TEL_BODY_MAX + at + b"\r\n0\r\n\r\n"],
+        "2 MiB chunked", closes=False)
+    assert st == 200, "a chunked body of exactly 2 MiB answered %r, want 200" % st
+    t.lam.runtime_done(inv)
+    t.lam.finish(inv)
+    t.shutdown_ok()
+    msgs = [o.get("message") for o in t.apm.events("log")]
+    assert "record of a chunked body of exactly 2 MiB" in msgs, \
+        "the record of the 2 MiB body was not forwarded (log events: %r)" % msgs[:5]
+    for m in refused:
+        assert m not in msgs, "a refused request's record was applied: %r" % m
 
 
 @scenario()

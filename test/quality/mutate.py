@@ -124,6 +124,8 @@ E2E_SET = [
     "platform_proxy_tx_crash_once",
     "platform_logs_carry_trace_ids",
     "platform_telemetry_garbage",
+    "platform_telemetry_refused_posts",
+    "platform_own_metadata_from_agent_payload",
     "platform_shutdown_report_never_comes",
     "platform_shutdown_waits_for_last_report",
     "faults_down_two_invocations_then_up",

@@ -2492,6 +2492,82 @@ test_tx_room(void)
 	CHECK_INT(c.tx_len, 0);
 }
 
+/* A kept-alive agent connection's next request starts a fresh progress
+ * window: agent_head sets window_start and window_total = 0 (body.total
+ * restarts at 0 with the new body). Were the previous request's window_total
+ * kept (5000 here), body.total - window_total would wrap around and a body
+ * trickling fewer than BODY_MIN_BYTES per receiver timeout would escape the
+ * check for a whole extra window. Times are explicit (agent_timeouts' now). */
+static void
+test_agent_body_window(void)
+{
+	static struct agent ag;
+	static char rx[RX_BUF], tx[1024];
+	static const char head[] = "POST /intake/v2/events HTTP/1.1\r\n"
+	    "Host: 127.0.0.1\r\nContent-Type: application/x-ndjson\r\n"
+	    "Content-Length: 1000\r\n\r\n";
+	const int64_t timeout = 3000;
+	int64_t saved_timeout = g.cfg.receiver_timeout_ms;
+	size_t saved_max = g.cfg.max_body;
+	g.cfg.receiver_timeout_ms = timeout;
+	g.cfg.max_body = 1 << 20;
+	/* 10 body bytes in the first window, then 10 or BODY_MIN_BYTES more */
+	for (int enough = 0; enough < 2; enough++) {
+		ctx("agent_timeouts after a kept-alive request, %s new bytes",
+		    enough ? "BODY_MIN_BYTES" : "too few");
+		struct agent *a = &ag;
+		memset(a, 0, sizeof *a);
+		a->c.fd = -1;
+		a->c.rx = rx;
+		a->c.rx_cap = sizeof rx;
+		a->c.tx = tx;
+		a->c.tx_cap = sizeof tx;
+		a->payload = -1;
+		a->keep_alive = 1;
+		a->requests = 1;
+		/* what the previous request on this connection left: its last
+		 * window began at body.total 5000 */
+		a->state = AG_HEAD;
+		a->window_start = 1;
+		a->window_total = 5000;
+		memcpy(rx, head, sizeof head - 1);
+		memset(rx + sizeof head - 1, 'x', 10);
+		a->c.rx_len = sizeof head - 1 + 10;
+		agent_head(a);
+		CHECK_INT(a->state, AG_BODY);
+		CHECK_INT(a->window_total, 0);
+		CHECK_INT(body_step(&a->c.body, a->c.rx, &a->c.rx_len, 0), 0);
+		CHECK_INT(a->c.body.total, 10);
+		int64_t w0 = a->window_start;
+		/* just before the window ends: nothing to judge yet */
+		a->c.last_active = w0 + timeout - 1;
+		agent_timeouts(a, w0 + timeout - 1);
+		CHECK_INT(a->state, AG_BODY);
+		CHECK_INT(a->c.tx_len, 0);
+		/* more bytes arrive, the last just now: the connection is not
+		 * idle, only the window's progress decides */
+		size_t more = enough ? BODY_MIN_BYTES : 10;
+		memset(a->c.rx + a->c.rx_len, 'y', more);
+		a->c.rx_len += more;
+		CHECK_INT(body_step(&a->c.body, a->c.rx, &a->c.rx_len, 0), 0);
+		a->c.last_active = w0 + timeout;
+		agent_timeouts(a, w0 + timeout);
+		if (enough) {
+			CHECK_INT(a->state, AG_BODY);
+			CHECK_INT(a->c.tx_len, 0);
+			CHECK_INT(a->window_start, w0 + timeout); /* a new window */
+			CHECK_INT(a->window_total, 10 + BODY_MIN_BYTES);
+		} else {
+			CHECK_INT(a->state, AG_RESPOND);
+			CHECK(a->c.tx_len > 12 &&
+			    memcmp(a->c.tx, "HTTP/1.1 408", 12) == 0);
+			CHECK_INT(a->c.close_after, 1);
+		}
+	}
+	g.cfg.receiver_timeout_ms = saved_timeout;
+	g.cfg.max_body = saved_max;
+}
+
 /* base64 against a plain encoder: random bytes of every length up to 300,
  * line breaks every 64 or 76 digits (PEM, MIME) or none, padding or not. */
 static void
@@ -2888,6 +2964,7 @@ main(void)
 	test_report_pending();
 	test_proxy_transaction_no_room();
 	test_tx_room();
+	test_agent_body_window();
 	test_audit_helpers();
 	test_base64_roundtrip();
 	test_trust_anchors();
