@@ -628,6 +628,25 @@ main(int argc, char **argv)
 	else
 		t.failed++, printf("FAIL base64 garbage accepted\n");
 
+	/* the signing key "AWS4" + secret has room for 255 bytes: a secret of
+	 * 251 signs, one of 252 is refused (never signed truncated) */
+	for (size_t len = 251; len <= 252; len++) {
+		char secret[300], authz[2048];
+		memset(secret, 'k', len);
+		secret[len] = 0;
+		struct apm_sigv4 s = { .method = "POST", .path = "/", .query = "",
+			.headers = NULL, .num_headers = 0, .payload = "", .payload_len = 0,
+			.region = "us-east-1", .service = "secretsmanager",
+			.amz_date = AMZ_DATE, .access_key = ACCESS_KEY,
+			.secret_key = secret, .session_token = NULL };
+		int r = apm_sigv4_authorization(&s, authz, sizeof authz);
+		if (len == 251 ? r > 0 : r == -1)
+			t.passed++;
+		else
+			t.failed++, printf("FAIL a %zu-byte secret key: %s\n", len,
+			    r < 0 ? "refused" : "signed");
+	}
+
 	const char *dir = suite_dir(buf, sizeof buf);
 	if (is_dir(dir)) {
 		int cases = walk(dir, "", &t);
