@@ -2288,7 +2288,7 @@ static struct {
 	int warned_no_server;
 	unsigned warned_grpc;   /* HTTP/2 on the OTLP port, said once */
 	struct registration reg;
-	uint64_t evicted, over_limit, accepts;
+	uint64_t evicted, accepts;
 	uint64_t progress;      /* bumped when a job ends: schedule again */
 } g;
 
@@ -4896,7 +4896,6 @@ agent_respond_otlp(struct agent *a)
 static void
 agent_reject(struct agent *a, int status, const char *why)
 {
-	g.over_limit++;
 	log_warn("agent request refused with %d: %s", status, why);
 	agent_abort_payload(a, why);
 	agent_respond(a, status, why, 1);
@@ -5090,7 +5089,6 @@ agent_head(struct agent *a)
 				    "only OTLP/HTTP is supported (set "
 				    "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)",
 				    g.cfg.otlp_port);
-			g.over_limit++; /* said once above: no line per attempt */
 			agent_respond(a, 400, "OTLP over gRPC (HTTP/2) is not supported: "
 			    "use OTLP/HTTP", 1);
 			c->rx_len = 0;
@@ -5547,7 +5545,6 @@ agent_accept(int lfd, int otlp)
 				slot = agent_slowest_body();
 			if (slot < 0) {
 				io.close(fd);
-				g.over_limit++;
 				continue;
 			}
 			g.evicted++;
