@@ -537,6 +537,9 @@ static const struct http_case resp_cases[] = {
 	/* responses do not skip leading empty lines */
 	{ __LINE__, "\r\nHTTP/1.1 200 OK\r\n\r\n", .ret = APM_MALFORMED,
 	  .err = APM_E_BAD_START_LINE },
+	/* the version and the status are separated by one space, nothing else */
+	{ __LINE__, "HTTP/1.1x200 OK\r\n\r\n", .ret = APM_MALFORMED,
+	  .err = APM_E_BAD_START_LINE },
 	{ __LINE__, "HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
 	  .ret = APM_MALFORMED, .err = APM_E_BAD_HEADER },
 };
