@@ -150,6 +150,7 @@ E2E_SET = [
     "otel_refusals",
     "otel_port_off",
     "dns_name_resolved",
+    "audit_9_token_crlf_rejected",
 ]
 
 KEYWORDS = {"if", "while", "for", "switch", "return", "sizeof", "do", "else",

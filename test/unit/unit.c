@@ -2944,6 +2944,47 @@ test_trust_anchors(void)
 		CHECK(der_san_has_ip(junk, k, (const unsigned char *)"\x7f\0\0\1", 4) == 0);
 }
 
+/* == AWS request ==
+ * The secret id is escaped into a 1024-byte buffer that keeps room for its
+ * terminating NUL: an id of 1023 bytes goes out, one of 1024 is refused
+ * (never written past the buffer; ASan would see it).
+ */
+static void
+test_aws_request_id_limit(void)
+{
+	static char rx[1024], tx[TX_BUF], id[1100];
+	struct upstream *u = &g.up[AWS_SLOT];
+	memset(u, 0, sizeof *u);
+	u->c.fd = -1;
+	u->c.rx = rx;
+	u->c.rx_cap = sizeof rx;
+	u->c.tx = tx;
+	u->c.tx_cap = sizeof tx;
+	u->ep = &aws.sm;
+	snprintf(aws.sm.url.host, sizeof aws.sm.url.host,
+	    "secretsmanager.us-east-1.amazonaws.com");
+	aws.sm.url.tls = 1;
+	aws.sm.url.port = 443;
+	aws.key_id = "AKIDEXAMPLE";
+	aws.secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+	aws.session = NULL;
+	aws.region = "us-east-1";
+	for (size_t len = 1023; len <= 1024; len++) {
+		memset(id, 'a', len);
+		id[len] = 0;
+		aws.id[AWS_SM_TOKEN] = id;
+		ctx("aws_request: a secret id of %zu bytes", len);
+		CHECK_INT(aws_request(u, AWS_SM_TOKEN), len == 1023 ? 0 : -1);
+		if (len == 1023)
+			CHECK(memmem(tx, u->c.tx_len, id, len) != NULL);
+	}
+	aws.id[AWS_SM_TOKEN] = NULL;
+	aws.key_id = aws.secret = aws.region = NULL;
+	memset(&aws.sm, 0, sizeof aws.sm);
+	memset(u, 0, sizeof *u);
+	u->c.fd = -1;
+}
+
 int
 main(void)
 {
@@ -2972,6 +3013,7 @@ main(void)
 	test_base64_roundtrip();
 	test_trust_anchors();
 	test_tls_reason();
+	test_aws_request_id_limit();
 
 	if (n_fail > MAX_PRINTED)
 		printf("(%lu more failures not shown)\n", n_fail - MAX_PRINTED);
