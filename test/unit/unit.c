@@ -2985,6 +2985,62 @@ test_aws_request_id_limit(void)
 	u->c.fd = -1;
 }
 
+/* == Telemetry accept ==
+ * Both telemetry slots busy: a new connection takes the idlest one's place,
+ * whichever slot it is in (io.accept4 and io.close stubbed).
+ */
+static int stub_accepts, stub_closed;
+
+static int
+stub_accept4(int fd, struct sockaddr *sa, socklen_t *len, int flags)
+{
+	(void)fd, (void)sa, (void)len, (void)flags;
+	if (stub_accepts-- > 0)
+		return 100;
+	errno = EAGAIN;
+	return -1;
+}
+
+static int
+stub_close(int fd)
+{
+	stub_closed = fd;
+	return 0;
+}
+
+static void
+test_tel_accept_evicts_idlest(void)
+{
+	static char rx[2][256], tx[2][256];
+	struct apm_io saved = io;
+	io.accept4 = stub_accept4;
+	io.close = stub_close;
+	for (int idlest = 0; idlest < 2; idlest++) {
+		for (int i = 0; i < MAX_TEL_CONNS; i++) {
+			struct conn *c = &tel.conns[i].c;
+			memset(&tel.conns[i], 0, sizeof tel.conns[i]);
+			c->rx = rx[i];
+			c->rx_cap = sizeof rx[i];
+			c->tx = tx[i];
+			c->tx_cap = sizeof tx[i];
+			c->fd = 10 + i;
+			c->last_active = now_ms() - (i == idlest ? 5000 : 10);
+		}
+		stub_accepts = 1;
+		stub_closed = -1;
+		ctx("tel_accept, both slots busy, slot %d the idlest", idlest);
+		tel_accept(3);
+		CHECK_INT(stub_closed, 10 + idlest);
+		CHECK_INT(tel.conns[idlest].c.fd, 100);
+		CHECK_INT(tel.conns[1 - idlest].c.fd, 11 - idlest);
+	}
+	io = saved;
+	for (int i = 0; i < MAX_TEL_CONNS; i++) {
+		memset(&tel.conns[i], 0, sizeof tel.conns[i]);
+		tel.conns[i].c.fd = -1;
+	}
+}
+
 int
 main(void)
 {
@@ -3014,6 +3070,7 @@ main(void)
 	test_trust_anchors();
 	test_tls_reason();
 	test_aws_request_id_limit();
+	test_tel_accept_evicts_idlest();
 
 	if (n_fail > MAX_PRINTED)
 		printf("(%lu more failures not shown)\n", n_fail - MAX_PRINTED);
