@@ -151,6 +151,7 @@ E2E_SET = [
     "otel_port_off",
     "dns_name_resolved",
     "audit_9_token_crlf_rejected",
+    "dns_slow_answer",
 ]
 
 KEYWORDS = {"if", "while", "for", "switch", "return", "sizeof", "do", "else",
