@@ -5052,16 +5052,16 @@ static const struct agent_route_def agent_routes[] = {
 static void
 agent_route(struct agent *a, const struct apm_http_msg *m, struct apm_str *q)
 {
-	const struct agent_route_def *d = agent_routes;
-	for (;; d++) {
+	const struct agent_route_def *d;
+	int method = 0;
+	for (d = agent_routes;; d++) { /* each port's part ends with a catch-all */
 		if (d->otlp != a->otlp)
 			continue;
-		int path = !d->path || path_is(m->target, d->path, q);
-		int method = !d->method || apm_str_ieq(m->method, d->method);
-		if (path && (method || d->other_method))
+		method = !d->method || apm_str_ieq(m->method, d->method);
+		if ((!d->path || path_is(m->target, d->path, q)) &&
+		    (method || d->other_method))
 			break;
 	}
-	int method = !d->method || apm_str_ieq(m->method, d->method);
 	a->route = method ? d->route : RT_REJECT;
 	a->status = method ? d->status : d->other_method;
 	a->kind = d->kind;
