@@ -45,7 +45,9 @@ Mutants known to be equivalent are listed in test/quality/mutate-equivalent.txt,
 a line: `operator :: detail :: function :: line text :: reason` (the first
 four fields are the key the report prints for each mutant: the operator, what
 it changed, the enclosing function and the line's text, whitespace squeezed);
-the sampler skips them.
+the sampler skips them. Where the same text appears on several lines of one
+function (`return;` eight times in agent_head), the function carries the
+line's rank among them: `agent_head[3]`, so that a key names one line.
 
 Options:
   --seed S          the sample's seed (default: from the clock; always printed)
@@ -268,6 +270,20 @@ class Source:
         self.nlines = len(self.starts)
         self.skip = self._skipped_lines()
         self.func = self._functions()
+        self.occurrence = self._occurrences()
+
+    def _occurrences(self):
+        """For a line whose text (whitespace squeezed) appears more than once
+        in its function: its rank among them, from 1; else 0."""
+        seen, rank = {}, [0] * (self.nlines + 2)
+        for ln in range(1, self.nlines + 1):
+            k = (self.func[ln], " ".join(self.line(ln).split()))
+            seen.setdefault(k, []).append(ln)
+        for lines in seen.values():
+            if len(lines) > 1:
+                for i, ln in enumerate(lines):
+                    rank[ln] = i + 1
+        return rank
 
     def _functions(self):
         """The function each line is in ("" at file scope): a definition has
@@ -351,6 +367,8 @@ class Mutant:
         self.edits = edits  # [(start, end, replacement)] on the original text
         self.text = " ".join(src.line(ln).split())
         self.func = src.func[ln] or "-"
+        if src.occurrence[ln]:  # one of several identical lines: which one
+            self.func += "[%d]" % src.occurrence[ln]
         self.key = "%s :: %s :: %s :: %s" % (op, detail, self.func, self.text)
         self.status, self.by, self.secs = "", "", 0.0
         self.full_only = False
@@ -844,6 +862,11 @@ def main(argv=None):
     if rev:
         changed = changed_lines(rev, lenient=args.ci)
     equiv = load_equivalent()
+    every = {" ".join(c.key.split()) for ln in range(1, src.nlines + 1)
+             if src.eligible(ln) for c in candidates(src, ln)}
+    for k in sorted(k for k in equiv if " ".join(k.split()) not in every):
+        print("mutate: %s names no mutant of apm-ext.c now (update or delete it): %s"
+              % (os.path.relpath(EQUIV, ROOT), k))
     skipped_equiv = []
     if args.key:
         want = {" ".join(k.split()) for k in args.key}
