@@ -1652,22 +1652,36 @@ sigv4_signed_headers(struct sbuf *b, const struct apm_sigv4 *s,
     const struct sigv4_hdrs *h)
 {
 	int tok = s->session_token != NULL;
+	const char *sep = "";
 	for (int i = 0; i < h->n; i++) {
 		if (i > 0 && strcmp(h->name[i], h->name[i - 1]) == 0)
 			continue;
 		if (tok && strcmp(h->name[i], "x-amz-security-token") > 0) {
-			sb_puts(b, b->len && b->p[b->len - 1] != '\n' ? ";" : "");
+			sb_puts(b, sep);
 			sb_puts(b, "x-amz-security-token");
+			sep = ";";
 			tok = 0;
 		}
-		if (b->len && b->p[b->len - 1] != '\n')
-			sb_puts(b, ";");
+		sb_puts(b, sep);
 		sb_puts(b, h->name[i]);
+		sep = ";";
 	}
 	if (tok) {
-		sb_puts(b, b->len && b->p[b->len - 1] != '\n' ? ";" : "");
+		sb_puts(b, sep);
 		sb_puts(b, "x-amz-security-token");
 	}
+}
+
+/* The credential scope: "YYYYMMDD/region/service/aws4_request". */
+static void
+sigv4_scope(struct sbuf *b, const struct apm_sigv4 *s)
+{
+	sb_put(b, s->amz_date, 8);
+	sb_puts(b, "/");
+	sb_puts(b, s->region);
+	sb_puts(b, "/");
+	sb_puts(b, s->service);
+	sb_puts(b, "/aws4_request");
 }
 
 int
@@ -1728,12 +1742,8 @@ apm_sigv4_string_to_sign(const struct apm_sigv4 *s, char *out, size_t cap)
 	sb_puts(&b, "AWS4-HMAC-SHA256\n");
 	sb_puts(&b, s->amz_date);
 	sb_puts(&b, "\n");
-	sb_put(&b, s->amz_date, 8);
-	sb_puts(&b, "/");
-	sb_puts(&b, s->region);
-	sb_puts(&b, "/");
-	sb_puts(&b, s->service);
-	sb_puts(&b, "/aws4_request\n");
+	sigv4_scope(&b, s);
+	sb_puts(&b, "\n");
 	sb_puts(&b, hash);
 	return sb_done(&b);
 }
@@ -1760,18 +1770,9 @@ apm_sigv4_authorization(const struct apm_sigv4 *s, char *out, size_t cap)
 	sb_puts(&b, "AWS4-HMAC-SHA256 Credential=");
 	sb_puts(&b, s->access_key);
 	sb_puts(&b, "/");
-	sb_put(&b, s->amz_date, 8);
-	sb_puts(&b, "/");
-	sb_puts(&b, s->region);
-	sb_puts(&b, "/");
-	sb_puts(&b, s->service);
-	sb_puts(&b, "/aws4_request, SignedHeaders=");
-	size_t before = b.len;
+	sigv4_scope(&b, s);
+	sb_puts(&b, ", SignedHeaders=");
 	sigv4_signed_headers(&b, s, &h);
-	if (b.len > before && b.p[before] == ';') { /* no leading separator */
-		memmove(b.p + before, b.p + before + 1, b.len - before);
-		b.len--;
-	}
 	sb_puts(&b, ", Signature=");
 	sb_puts(&b, sig);
 	return sb_done(&b);
