@@ -37,6 +37,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -295,6 +296,15 @@ class FakeLambda:
         self._ext_queue = collections.deque()
         self._ext_delayed = 0           # INVOKEs held back by invoke(ext_delay=)
         self._ext_current = None        # invocation whose INVOKE the last /next got
+        # Misbehaviours at start-up (None: answer as Lambda does). register_fault:
+        # "close" (read the request, close without a word), "garbage" (a line
+        # that is no HTTP status line), "status" (500 with Lambda's error body),
+        # "no_id" (200 without Lambda-Extension-Identifier), "long_id" (200 with
+        # an identifier of 200 characters), "reset_after" (200 as usual, then the
+        # connection reset: SO_LINGER 0). subscribe_fault: "close" (read the PUT,
+        # close without answering; recorded in subscribe_attempts as status None).
+        self.register_fault = None
+        self.subscribe_fault = None
 
         # runtime state
         self.runtime_proc = None
@@ -1014,7 +1024,28 @@ class FakeLambda:
             return h._send(202, {"status": "OK"})
         return self._err(h, 404, "InvalidRequest", "no such API: %s %s" % (method, path))
 
+    def _register_misbehave(self, h, fault):
+        """Answer register as register_fault says; True when it answered (or not)."""
+        if fault == "close":
+            h.close_connection = True
+        elif fault == "garbage":
+            h.close_connection = True
+            h.connection.sendall(b"this is not HTTP\r\n\r\n")
+        elif fault == "status":
+            h._send(500, {"errorMessage": "injected failure",
+                          "errorType": "Extension.Unknown"})
+        elif fault in ("no_id", "long_id"):
+            hdr = {"Lambda-Extension-Identifier": "x" * 200} if fault == "long_id" else {}
+            h._send(200, {"functionName": FUNCTION_NAME,
+                          "functionVersion": FUNCTION_VERSION, "handler": HANDLER}, hdr)
+        else:
+            return False
+        return True
+
     def _register(self, h, body):
+        if self.register_fault and self.register_fault != "reset_after":
+            if self._register_misbehave(h, self.register_fault):
+                return
         name = h.headers.get("Lambda-Extension-Name")
         if not name:
             return self._err(h, 400, "InvalidRequest", "missing Lambda-Extension-Name header")
@@ -1046,6 +1077,11 @@ class FakeLambda:
         if "accountId" in (h.headers.get("Lambda-Extension-Accept-Feature") or ""):
             resp["accountId"] = ACCOUNT_ID
         h._send(200, resp, {"Lambda-Extension-Identifier": self.ext_id})
+        if self.register_fault == "reset_after":
+            h.close_connection = True
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+            h.connection.close()    # an RST, not a FIN
 
     def _check_deadline_locked(self, t_next):
         """The /next at t_next ends the invocation the previous /next got:
@@ -1115,6 +1151,12 @@ class FakeLambda:
 
     def _subscribe(self, h, body):
         if not self._check_id(h):
+            return
+        if self.subscribe_fault == "close":
+            with self._cv:
+                self.subscribe_attempts.append((None, body))
+                self._cv.notify_all()
+            h.close_connection = True
             return
         if not self.telemetry:
             with self._cv:
