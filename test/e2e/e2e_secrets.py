@@ -753,3 +753,144 @@ def secrets_proxy_waits_for_the_secret(t):
     assert gets and gets[0].headers.get("Authorization") == "Bearer " + TOKEN, \
         "the proxied GET / carried %r" % (gets[0].headers.get("Authorization") if gets else None)
     finish(t, creds, [aws], ids=[TOKEN_ID])
+
+
+# --------------------------------------------------------------- settings and local failures
+
+def _error_line(t, *words):
+    """The error lines whose msg holds every one of words."""
+    return [r for r in t.logs() if str(r.get("level", "")).lower() in ("error", "critical")
+            and all(w in str(r.get("msg", "")) for w in words)]
+
+
+def _no_auth_invocations(t, what, n=2):
+    """n invocations: each released within the bound, nothing reaches the APM server."""
+    for i in range(n):
+        inv, tx, t_flush, t_next = invocation(t)
+        assert_released(t_flush, t_next, "%s, invocation %d" % (what, i))
+        assert_alive(t, "%s, invocation %d" % (what, i))
+        assert_nothing_sent(t, "%s, invocation %d" % (what, i))
+
+
+@scenario(apm=ApmArgs(token=TOKEN), env=FWD_ENV)
+def secrets_endpoint_not_http(t):
+    """ELASTIC_APM_LAMBDA_SECRETSMANAGER_ENDPOINT=ftp://...: one error naming it, no AWS
+    call, nothing sent without the secret, not held, exit 0."""
+    creds = Creds()
+    aws = new_aws(t, creds, {TOKEN_ID: TOKEN})
+    env = dict(aws_env(creds, aws, token=TOKEN_ID), **FWD_ENV)
+    env["ELASTIC_APM_LAMBDA_SECRETSMANAGER_ENDPOINT"] = "ftp://secrets.example.test"
+    t.start(env)
+    _no_auth_invocations(t, "endpoint not http")
+    assert len(_error_line(t, 'ELASTIC_APM_LAMBDA_SECRETSMANAGER_ENDPOINT='
+                           '"ftp://secrets.example.test" is not an http(s) URL')) == 1, \
+        "no error line naming the endpoint: %r" % [r.get("msg") for r in t.logs()][:5]
+    assert not aws.connections and not aws.calls, "AWS contacted: %s" % aws.summary()
+    finish(t, creds, [aws], ids=[TOKEN_ID])
+    assert_nothing_sent(t, "endpoint not http, after shutdown")
+
+
+@scenario(apm=ApmArgs(token=TOKEN))
+def secrets_blank_settings_ignored(t):
+    """Empty API-key id, ACM ARN and AWS_SESSION_TOKEN count as unset: one GetSecretValue,
+    signed without a security token; delivered with the secret token."""
+    creds = Creds(session_token=None)
+    aws = new_aws(t, creds, {TOKEN_ID: TOKEN})
+    env = aws_env(creds, aws, token=TOKEN_ID, api_key="", acm="")
+    env["AWS_SESSION_TOKEN"] = ""
+    t.start(env)
+    inv, tx, t_flush, t_next = invocation(t)
+    assert_delivered_before_next(t, tx, t_next, "blank settings", aws)
+    assert_auth_everywhere(t, "Bearer " + TOKEN)
+    calls = aws.calls
+    assert [c.op for c in calls] == ["GetSecretValue"], "want one GetSecretValue (the " \
+        "blank ids asked for nothing): %s" % aws.summary()
+    assert calls[0].header("X-Amz-Security-Token") is None, \
+        "an empty AWS_SESSION_TOKEN was sent as X-Amz-Security-Token"
+    finish(t, creds, [aws], ids=[TOKEN_ID])
+
+
+@scenario(apm=ApmArgs(token=TOKEN))
+def secrets_trailing_white_space_trimmed(t):
+    """A SecretString ending in " \\r\\n": the token goes out without it."""
+    creds = Creds()
+    aws = new_aws(t, creds, {TOKEN_ID: TOKEN + " \r\n"})
+    t.start(aws_env(creds, aws, token=TOKEN_ID))
+    inv, tx, t_flush, t_next = invocation(t)
+    assert_delivered_before_next(t, tx, t_next, "padded secret", aws)
+    assert_auth_everywhere(t, "Bearer " + TOKEN)
+    finish(t, creds, [aws], ids=[TOKEN_ID])
+
+
+@scenario(apm=ApmArgs(tls=True), env=FWD_ENV)
+def secrets_acm_no_certificate(t):
+    """ACM answers 200 with no PEM in Certificate: 'no certificate in the answer'; the
+    HTTPS APM server stays untrusted; not held; exit 0."""
+    creds = Creds()
+    aws = new_aws(t, creds, certs_={CERT_ARN: ("not a certificate", None)})
+    t.start(aws_env(creds, aws, acm=CERT_ARN))
+    for i in range(2):
+        inv, tx, t_flush, t_next = invocation(t)
+        assert_released(t_flush, t_next, "invocation %d" % i)
+        assert_alive(t, "invocation %d" % i)
+        aws.wait_calls(1, ACM, timeout=1, ok=True)
+    assert not t.apm.requests, "the APM server got requests: %s" % t.apm.requests[:3]
+    assert _error_line(t, "ACM GetCertificate", "no certificate in the answer"), \
+        "no error line for a certificate-less answer: %r" % [r.get("msg") for r in t.logs()]
+    finish(t, creds, [aws], arns=[CERT_ARN])
+
+
+@scenario(apm=ApmArgs(token=TOKEN), env=FWD_ENV)
+def secrets_request_unsignable(t):
+    """An AWS_ACCESS_KEY_ID too long for the Authorization header: the call is never made
+    (logged as failed, retried with backoff); nothing sent; not held; exit 0."""
+    creds = Creds()
+    creds.access_key = "AKIA" + "X" * 480
+    aws = new_aws(t, creds, {TOKEN_ID: TOKEN})
+    t.start(dict(aws_env(creds, aws, token=TOKEN_ID), **FWD_ENV))
+    _no_auth_invocations(t, "unsignable request")
+    assert _error_line(t, "Secrets Manager GetSecretValue (secret token)", "cannot connect"), \
+        "no error line for the call: %r" % [r.get("msg") for r in t.logs()][:5]
+    assert not aws.connections, "connected to AWS with a request that cannot be signed"
+    finish(t, creds, [aws], ids=[TOKEN_ID])
+
+
+@scenario(apm=ApmArgs(token=TOKEN), env=FWD_ENV)
+def secrets_second_request_too_large(t):
+    """Token fetched; the API key's id (1100 characters) does not fit a request on the
+    kept connection: 'request too large', retried with backoff, not held, exit 0.
+    (The line names the token's call today: aws_schedule calls aws_failed before it
+    sets aws.current; reported in issue #17's notes, checked loosely here.)"""
+    creds = Creds()
+    long_id = "apm/" + "k" * 1100
+    aws = new_aws(t, creds, {TOKEN_ID: TOKEN})
+    t.start(dict(aws_env(creds, aws, token=TOKEN_ID, api_key=long_id), **FWD_ENV))
+    aws.wait_calls(1, SM, timeout=5, ok=True)
+    _no_auth_invocations(t, "second request too large")
+    assert _error_line(t, "Secrets Manager GetSecretValue", "request too large"), \
+        "no error line for the oversized call: %r" % [r.get("msg") for r in t.logs()][:5]
+    assert len(aws.calls) == 1, "want only the token's call at AWS: %s" % aws.summary()
+    finish(t, creds, [aws], ids=[TOKEN_ID])
+
+
+@scenario(apm=ApmArgs(token=TOKEN), env=FWD_ENV)
+def secrets_endpoint_unresolvable(t):
+    """The AWS endpoint's name gets NXDOMAIN: the call fails 'cannot resolve <name>',
+    retried with backoff; nothing sent; not held; exit 0."""
+    from e2e_dns import DnsBed
+    name = "secrets.example.test"
+    creds = Creds()
+    with DnsBed(t, {"other.example.test": ["127.0.0.1"]}) as bed:
+        env = dict(aws_env(creds, None, token=TOKEN_ID), **FWD_ENV)
+        env["ELASTIC_APM_LAMBDA_AWS_ENDPOINT"] = "https://%s:443" % name
+        t.binary, real = bed.wrapper, t.binary
+        try:
+            t.start(env)
+        finally:
+            t.binary = real
+        _no_auth_invocations(t, "AWS endpoint unresolvable")
+        assert _error_line(t, "Secrets Manager GetSecretValue (secret token)",
+                           "cannot resolve " + name), \
+            "no error line naming %s: %r" % (name, [r.get("msg") for r in t.logs()][:5])
+        assert bed.name_queries(name), "the fake DNS was never asked for %s" % name
+        finish(t, creds, [])

@@ -318,3 +318,42 @@ def startup_sigterm_flushes_and_exits(t):
     assert code == 0, "exit %s after SIGTERM, want 0" % code
     assert lines_at(t.logs(), ("info",), "SIGTERM"), "no line about SIGTERM"
     assert first_delivery(t.apm, tx) is not None, "held data not delivered on SIGTERM"
+
+
+# --------------------------------------------------------------- memory
+
+@scenario(auto_shutdown=False, env={"APM_EXT_QUEUE_BYTES": str(1 << 32)})
+def startup_arena_refused(t):
+    """The buffers' mapping refused (a 4 GiB queue under a 1 GiB address-space limit):
+    one error naming the size, exit 1, after register (init does not hang)."""
+    import resource
+    import tempfile
+    with open(t.binary, "rb") as f:
+        image = f.read()
+    if b"AddressSanitizer" in image or os.environ.get("APM_E2E_UNDER_VALGRIND") or \
+            image[:2] == b"#!":
+        raise Skip("an address-space limit needs the plain binary (ASan and valgrind "
+                   "reserve more than the limit themselves)")
+    d = tempfile.mkdtemp(prefix="e2e-arena-")
+    link = os.path.join(d, "apm-lambda-extension")
+    os.symlink(os.path.abspath(t.binary), link)
+    env = t.lam._merge(t.lam._lambda_env(), base_env(t, t.sc.env))
+    limit = 1 << 30
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        r = subprocess.run([link], env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           preexec_fn=cap, timeout=EXIT_TIMEOUT)
+    finally:
+        os.unlink(link)
+        os.rmdir(d)
+    logs = [json.loads(ln) for ln in r.stderr.decode().splitlines() if ln.strip()]
+    assert r.returncode == 1, "exit %s with the arena refused, want 1 (log %r)" % (
+        r.returncode, logs[-3:])
+    hit = assert_one_error(logs, "cannot reserve")
+    size = int(hit["msg"].split()[2])
+    assert size > 1 << 32, "the reservation named %d bytes, want the 4 GiB queue and more" \
+        % size
+    assert t.lam.t_register is not None, "exited before registering"
