@@ -29,11 +29,12 @@ import os
 import select
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 import time
 
-from e2e import (scenario, agent_send, agent_flush, agent_payload, first_delivery,
+from e2e import (scenario, Skip, agent_send, agent_flush, agent_payload, first_delivery,
                  delivered_requests, tx_delivered, tx_of, check_forwarded, http_request,
                  make_metadata, make_transaction, make_span, AGENT_TOKEN, AGENT_UA)
 from fake_apm import make_test_ca, SERVER_INFO
@@ -555,3 +556,216 @@ def tls_stall_mid_handshake(t):
         t.shutdown_ok()
     finally:
         srv.close()
+
+
+# --------------------------------------------------------------- broken handshakes
+
+class BreakServer:
+    """Accepts TCP on 127.0.0.1, reads the whole ClientHello, then breaks the
+    handshake as `mode` says: "close" (a FIN: closed cleanly), "reset" (an RST:
+    SO_LINGER 0), "flight_reset" (answers with the server's first flight,
+    made by Python's ssl on memory BIOs with certs()' cert, then an RST before
+    the client's reply). .conns counts the ClientHellos answered so."""
+
+    def __init__(self, mode):
+        self.mode, self.conns, self._closed = mode, 0, False
+        self._cv = threading.Condition()
+        self._ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._ls.bind(("127.0.0.1", 0))
+        self._ls.listen(16)
+        self._ls.settimeout(0.1)
+        self.port = self._ls.getsockname()[1]
+        self._ctx = None
+        if mode == "flight_reset":
+            import ssl
+            self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._ctx.load_cert_chain(certs()["cert"], certs()["key"])
+        self._thread = threading.Thread(target=self._run, daemon=True, name="break-server")
+        self._thread.start()
+
+    def _run(self):
+        while not self._closed:
+            try:
+                c, _ = self._ls.accept()
+            except OSError:
+                continue
+            try:
+                self._serve(c)
+            except OSError:
+                pass
+            finally:
+                c.close()
+
+    def _serve(self, c):
+        c.settimeout(5)
+        data = bytearray()
+        while parse_client_hello(data) is None:
+            d = c.recv(65536)
+            if not d:
+                return
+            data += d
+        if self.mode == "flight_reset":
+            import ssl
+            inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+            obj = self._ctx.wrap_bio(inb, outb, server_side=True)
+            inb.write(bytes(data))
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            c.sendall(outb.read())
+        if self.mode in ("reset", "flight_reset"):
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with self._cv:
+            self.conns += 1
+            self._cv.notify_all()
+
+    def wait_conns(self, n, timeout=3):
+        end = time.monotonic() + timeout
+        with self._cv:
+            while self.conns < n:
+                left = end - time.monotonic()
+                assert left > 0, "the breaking server saw %d ClientHellos, want %d" % (
+                    self.conns, n)
+                self._cv.wait(left)
+
+    def close(self):
+        self._closed = True
+        self._thread.join(2)
+        self._ls.close()
+
+
+def broken_handshake(t, mode, reason):
+    """The server breaks every handshake (mode): invocations released within the
+    forwarder timeout, handshakes retried with backoff, `reason` logged, exit 0."""
+    if PLAIN:
+        raise Skip("a broken TLS handshake needs the https build (E2E_TLS_PLAIN=1)")
+    srv = BreakServer(mode)
+    try:
+        t.start(env=dict(ca_file_env(), ELASTIC_APM_LAMBDA_APM_SERVER="https://localhost:%d"
+                         % srv.port, ELASTIC_APM_DATA_FORWARDER_TIMEOUT="1s"))
+        for i in range(2):
+            inv, tx, _, t_flush, t_next = invocation(t)
+            assert_released(t_flush, t_next, "invocation %d" % i)
+            if i == 0:
+                srv.wait_conns(1)
+        wait_logs(t, lambda rs: [r for r in warn_or_error(rs)
+                                 if reason.lower() in log_text(r)],
+                  "a warn/error line with %r" % reason)
+        t.shutdown_ok()
+        assert 2 <= srv.conns <= MAX_ATTEMPTS, "%d handshakes in ~3s (want retries, " \
+            "with backoff)" % srv.conns
+        assert not t.apm.requests, "data went elsewhere: %s" % t.apm.requests[:2]
+    finally:
+        srv.close()
+
+
+@scenario()
+def tls_server_closes_in_handshake(t):
+    """The server closes (FIN) after the ClientHello: 'closed the connection during the
+    handshake' logged; retried with backoff; not held; exit 0."""
+    broken_handshake(t, "close", "closed the connection during the handshake")
+
+
+@scenario()
+def tls_server_resets_in_handshake(t):
+    """The server resets after the ClientHello: 'Connection reset by peer' logged;
+    retried with backoff; not held; exit 0."""
+    broken_handshake(t, "reset", "connection reset by peer")
+
+
+@scenario()
+def tls_server_resets_after_its_flight(t):
+    """The server sends its first flight, then resets before the client's reply: the
+    reset logged; retried with backoff; not held; exit 0."""
+    broken_handshake(t, "flight_reset", "connection reset by peer")
+
+
+@scenario(apm=TLSApm())
+def tls_ipv6_literal_url(t):
+    """https://[::1]:PORT: verified against the certificate's IP SAN ::1; delivered."""
+    if PLAIN:
+        raise Skip("the IPv6 address check is TLS-only")
+    if len(t.apm._servers) < 2:
+        raise Skip("no ::1 here: the fake APM server listens on 127.0.0.1 only")
+    t.start(env=dict(ca_file_env(),
+                     ELASTIC_APM_LAMBDA_APM_SERVER="https://[::1]:%d" % t.apm.port))
+    inv, tx, sent, t_flush, t_next = invocation(t)
+    req = assert_delivered_before_next(t, tx, t_flush, t_next, "invocation")
+    check_forwarded(req, sent)
+    assert_no_tls_errors(t)
+
+
+@scenario(apm=TLSApm(cert="wronghost_cert"))
+def tls_refused_wrong_ipv6(t):
+    """https://[::1], cert (trusted CA) for otherhost.example only: refused, mismatch logged."""
+    if PLAIN:
+        raise Skip("the IPv6 address check is TLS-only")
+    if len(t.apm._servers) < 2:
+        raise Skip("no ::1 here: the fake APM server listens on 127.0.0.1 only")
+    refused(t, dict(ca_file_env(), ELASTIC_APM_LAMBDA_APM_SERVER="https://[::1]:%d"
+                    % t.apm.port), ("name", "address", "match"), "certificate not for ::1")
+
+
+@scenario(apm=TLSApm(), env={"ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "5s"})
+def tls_payload_small_window(t):
+    """A 1 MB body to a server with a tiny receive window (the extension's sends would
+    block): it goes whole and unchanged, before /next."""
+    for srv in t.apm._servers:
+        srv.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    t.start(env=ca_file_env())
+    inv = t.lam.invoke()
+    tx = make_transaction(request_id=inv.request_id, span_count=900)
+    lines = [make_metadata(), tx] + [make_span(tx, pad=1000) for _ in range(900)]
+    s = agent_send(t.port, lines, "identity", chunked=True)
+    assert s == 202, "1 MB POST answered %s" % s.status
+    assert agent_flush(t.port) == 202
+    t.lam.runtime_done(inv)
+    t_next = t.lam.finish(inv, timeout=15)
+    req = first_delivery(t.apm, tx)
+    assert req is not None and req.t_end <= t_next, "1 MB payload not delivered before " \
+        "/next through a small window (TLS errors: %s)" % t.apm.tls_errors[-3:]
+    check_forwarded(req, s, "1 MB payload, small window")
+    assert_no_tls_errors(t)
+
+
+@scenario(apm=TLSApm())
+def tls_no_trust_anchors(t):
+    """No system bundle and no CA variable: one error says nothing can be verified; the
+    https server is never contacted; invocations released; exit 0."""
+    if PLAIN:
+        raise Skip("trust anchors are TLS-only")
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("mount"):
+        raise Skip("hiding the system bundle needs root, unshare and mount")
+    if os.environ.get("APM_E2E_UNDER_VALGRIND"):
+        raise Skip("the binary is started here, not through the valgrind wrapper")
+    d = tempfile.mkdtemp(prefix="e2e-noanchors-")
+    try:
+        empty = os.path.join(d, "empty")
+        os.mkdir(empty)
+        link = os.path.join(d, "apm-lambda-extension")
+        os.symlink(os.path.abspath(t.binary), link)
+        wrapper = os.path.join(d, "wrapper")
+        inner = ('for c in /etc/ssl/certs /etc/pki/tls/certs; do if [ -d "$c" ]; then '
+                 'mount --bind "$1" "$c" || exit 97; fi; done; '
+                 '[ ! -e /etc/ssl/certs/ca-certificates.crt ] || exit 98; exec "$2"')
+        with open(wrapper, "w") as f:
+            f.write("#!/bin/sh\nexec unshare -m sh -c '%s' sh %s %s\n" % (inner, empty, link))
+        os.chmod(wrapper, 0o755)
+        t.binary, real = wrapper, t.binary
+        try:
+            t.start(env={CA_FILE_VAR: None, CA_PEM_VAR: None,
+                         "ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "1s"})
+        finally:
+            t.binary = real
+        for i in range(2):
+            inv, tx, _, t_flush, t_next = invocation(t)
+            assert_released(t_flush, t_next, "invocation %d" % i)
+        t.shutdown_ok()
+        errs = [r for r in warn_or_error(t.logs()) if "no trust anchors" in log_text(r)]
+        assert len(errs) == 1, "want one 'no trust anchors' line, got %d: %r" % (
+            len(errs), [r.get("msg") for r in warn_or_error(t.logs())][:4])
+        assert not t.apm.requests and not t.apm.tls_errors, \
+            "the https server was contacted with nothing to verify it by"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
