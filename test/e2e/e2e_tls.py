@@ -769,3 +769,35 @@ def tls_no_trust_anchors(t):
             "the https server was contacted with nothing to verify it by"
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@scenario(apm=TLSApm(), env={"ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "1s"})
+def tls_server_stops_reading(t):
+    """The server reads a 6 MB request's head, then nothing (the extension's sends back
+    up, over TLS): the invocation is released at the forwarder timeout; once the
+    server reads again the payload is delivered, whole, by shutdown."""
+    gate = threading.Event()
+    t.apm.body_gate = gate
+    try:
+        t.start(env=ca_file_env())
+        inv = t.lam.invoke()
+        tx = make_transaction(request_id=inv.request_id, span_count=5400)
+        lines = [make_metadata(), tx] + [make_span(tx, pad=1000) for _ in range(5400)]
+        s = agent_send(t.port, lines, "identity", chunked=True)
+        assert len(s.raw) >= 6_000_000, "payload only %d bytes" % len(s.raw)
+        assert s == 202, "6 MB POST answered %s" % s.status
+        t_flush = time.monotonic()
+        assert agent_flush(t.port) == 202
+        t.lam.runtime_done(inv)
+        t_next = t.lam.finish(inv, timeout=15)
+        assert_released(t_flush, t_next, "server not reading")
+        assert t.apm.requests, "the request's head never reached the server"
+        assert first_delivery(t.apm, tx) is None, "delivered while the server did not read"
+    finally:
+        gate.set()
+    t.shutdown_ok(deadline_ms=10000)
+    req = first_delivery(t.apm, tx)
+    assert req is not None, "6 MB payload not delivered once the server read again " \
+        "(requests: %s)" % [(r.status, r.io_error) for r in t.apm.requests]
+    check_forwarded(req, s, "6 MB payload after the server stalled")
+    assert len(delivered_requests(t.apm, tx)) == 1, "delivered more than once"

@@ -1222,6 +1222,9 @@ class _Handler(http_scaffold.Handler):
         return data
 
     def _serve(self, fake, req):
+        gate = fake.body_gate
+        if gate is not None:   # stop reading: the client's sends back up
+            gate.wait(60)
         try:
             req.body = self._read_body(req)
         except (ValueError, OSError) as e:
@@ -1369,6 +1372,9 @@ class FakeAPM:
     delay_for: None, or f(request) -> seconds to wait before answering it (after the
     body is in; 0 or None: at once), e.g. to hold one signal's answers.
     drop_connections(): close every open client connection now.
+    body_gate: None (default), or a threading.Event: a request's body is not read
+    (its head is, and recorded) until the event is set, so that the client's
+    sends back up into full socket buffers.
     retry_after: None, or the Retry-After value sent with every 429 and 503 answer.
     otlp_partial: None, or (rejected, message): OTLP 200 answers then carry a
     partial_success saying that many items were rejected.
@@ -1415,6 +1421,7 @@ class FakeAPM:
         self.retry_after = None    # Retry-After value on 429 / 503 answers
         self.otlp_partial = None   # (rejected, message): partial_success in OTLP 200s
         self.delay_for = None      # f(request) -> seconds before answering it
+        self.body_gate = None      # threading.Event: bodies are read once it is set
         self._server, self._servers = None, []
         self._life = threading.Lock()  # serialises start/stop
         self.port = port

@@ -210,6 +210,24 @@ class _Server(http_scaffold.Server):
     request_queue_size = 64
 
 
+def _wait_stopped(proc, timeout=5.0):
+    """Wait until proc is in the stopped state (after a SIGSTOP): only visible by
+    polling /proc/<pid>/stat."""
+    if proc is None:
+        return
+    end = time.monotonic() + timeout
+    pause = threading.Event()
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            with open("/proc/%d/stat" % proc.pid) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+        except (OSError, IndexError):
+            return
+        pause.wait(0.005)
+    raise AssertionError("extension %d not stopped %.0fs after SIGSTOP" % (proc.pid, timeout))
+
+
 def _client_gone(sock):
     """True when the peer of a parked long poll has closed its end."""
     try:
@@ -1076,12 +1094,22 @@ class FakeLambda:
                 "handler": HANDLER}
         if "accountId" in (h.headers.get("Lambda-Extension-Accept-Feature") or ""):
             resp["accountId"] = ACCOUNT_ID
-        h._send(200, resp, {"Lambda-Extension-Identifier": self.ext_id})
-        if self.register_fault == "reset_after":
+        if self.register_fault != "reset_after":
+            h._send(200, resp, {"Lambda-Extension-Identifier": self.ext_id})
+            return
+        # the answer and the RST both arrive while the extension is stopped, so
+        # that its next write on this connection (the subscription) meets the reset
+        proc = self.ext_proc
+        self._signal(proc, signal.SIGSTOP)
+        _wait_stopped(proc)
+        try:
+            h._send(200, resp, {"Lambda-Extension-Identifier": self.ext_id})
             h.close_connection = True
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                     struct.pack("ii", 1, 0))
             h.connection.close()    # an RST, not a FIN
+        finally:
+            self._signal(proc, signal.SIGCONT)
 
     def _check_deadline_locked(self, t_next):
         """The /next at t_next ends the invocation the previous /next got:
