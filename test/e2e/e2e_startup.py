@@ -330,7 +330,7 @@ def startup_arena_refused(t):
     import tempfile
     with open(t.binary, "rb") as f:
         image = f.read()
-    if b"AddressSanitizer" in image or os.environ.get("APM_E2E_UNDER_VALGRIND") or \
+    if b"__asan_" in image or os.environ.get("APM_E2E_UNDER_VALGRIND") or \
             image[:2] == b"#!":
         raise Skip("an address-space limit needs the plain binary (ASan and valgrind "
                    "reserve more than the limit themselves)")
