@@ -2334,14 +2334,21 @@ aws_acm_wanted(void)
 	return aws.id[AWS_ACM] != NULL;
 }
 
+/* The first call still to make (the one aws_schedule starts next), or -1. */
+static int
+aws_next_call(void)
+{
+	for (int k = 0; k < AWS_NCALLS; k++)
+		if (aws.id[k] && !aws.done[k])
+			return k;
+	return -1;
+}
+
 /* A call is still to be made: deliveries wait for it. */
 static int
 aws_pending(void)
 {
-	for (int i = 0; i < AWS_NCALLS; i++)
-		if (aws.id[i] && !aws.done[i])
-			return 1;
-	return 0;
+	return aws_next_call() >= 0;
 }
 
 /* Secrets are wanted and their first attempt has not ended yet. */
@@ -5980,11 +5987,15 @@ aws_request(struct upstream *u, int k)
 	return bad ? -1 : 0;
 }
 
-/* Call aws.current failed: retry with backoff (the first retry at once). */
+/* Call aws.current, or the next call while it has not begun (its endpoint
+ * does not resolve, its request cannot be made) failed: retry with backoff
+ * (the first retry at once). */
 static void
 aws_failed(const char *why)
 {
-	int k = aws.current >= 0 ? aws.current : 0;
+	int k = aws.current >= 0 ? aws.current : aws_next_call();
+	if (NEVER(k < 0)) /* nothing pending: nothing was called */
+		return;
 	aws.current = -1;
 	int64_t delay = backoff_fail(&aws.backoff, &g.rnd); /* the first: 0 */
 	if (aws.backoff.failures == 1 || aws.backoff.failures % 10 == 0)
@@ -6087,10 +6098,9 @@ aws_schedule(void)
 	if (aws.current >= 0 || !aws_pending() || !aws.key_id ||
 	    now_ms() < aws.backoff.retry_at)
 		return;
-	int k = 0;
-	while (!aws.id[k] || aws.done[k])
-		k++;
+	int k = aws_next_call();
 	struct endpoint *ep = k == AWS_ACM ? &aws.acm : &aws.sm;
+	const char *too_long = "the request is too long to sign or send";
 	if (!endpoint_ready(ep, g.cfg.forwarder_timeout_ms))
 		return;
 	if (u->c.fd >= 0 && u->state == UP_IDLE && u->ep == ep) {
@@ -6098,13 +6108,17 @@ aws_schedule(void)
 	} else {
 		upstream_close(u);
 		u->ep = ep;
-		if (aws_request(u, k) < 0 || upstream_connect(u) < 0) {
+		if (aws_request(u, k) < 0) {
+			aws_failed(too_long);
+			return;
+		}
+		if (upstream_connect(u) < 0) {
 			aws_failed("cannot connect");
 			return;
 		}
 	}
 	if (u->state == UP_BUSY && aws_request(u, k) < 0) {
-		aws_failed("request too large");
+		aws_failed(too_long);
 		return;
 	}
 	aws.current = k;

@@ -843,13 +843,15 @@ def secrets_acm_no_certificate(t):
 @scenario(apm=ApmArgs(token=TOKEN), env=FWD_ENV)
 def secrets_request_unsignable(t):
     """An AWS_ACCESS_KEY_ID too long for the Authorization header: the call is never made
-    (logged as failed, retried with backoff); nothing sent; not held; exit 0."""
+    (logged as a request too long to sign, not as a connection failure; retried with
+    backoff); nothing sent; not held; exit 0."""
     creds = Creds()
     creds.access_key = "AKIA" + "X" * 480
     aws = new_aws(t, creds, {TOKEN_ID: TOKEN})
     t.start(dict(aws_env(creds, aws, token=TOKEN_ID), **FWD_ENV))
     _no_auth_invocations(t, "unsignable request")
-    assert _error_line(t, "Secrets Manager GetSecretValue (secret token)", "cannot connect"), \
+    assert _error_line(t, "Secrets Manager GetSecretValue (secret token)",
+                       "the request is too long to sign or send"), \
         "no error line for the call: %r" % [r.get("msg") for r in t.logs()][:5]
     assert not aws.connections, "connected to AWS with a request that cannot be signed"
     finish(t, creds, [aws], ids=[TOKEN_ID])
@@ -858,16 +860,16 @@ def secrets_request_unsignable(t):
 @scenario(apm=ApmArgs(token=TOKEN), env=FWD_ENV)
 def secrets_second_request_too_large(t):
     """Token fetched; the API key's id (1100 characters) does not fit a request on the
-    kept connection: 'request too large', retried with backoff, not held, exit 0.
-    (The line names the token's call today: aws_schedule calls aws_failed before it
-    sets aws.current; reported in issue #17's notes, checked loosely here.)"""
+    kept connection: the error line names the API key's call (not the token's, which
+    succeeded) and the request too long; retried with backoff, not held, exit 0."""
     creds = Creds()
     long_id = "apm/" + "k" * 1100
     aws = new_aws(t, creds, {TOKEN_ID: TOKEN})
     t.start(dict(aws_env(creds, aws, token=TOKEN_ID, api_key=long_id), **FWD_ENV))
     aws.wait_calls(1, SM, timeout=5, ok=True)
     _no_auth_invocations(t, "second request too large")
-    assert _error_line(t, "Secrets Manager GetSecretValue", "request too large"), \
+    assert _error_line(t, "Secrets Manager GetSecretValue (API key)",
+                       "the request is too long to sign or send"), \
         "no error line for the oversized call: %r" % [r.get("msg") for r in t.logs()][:5]
     assert len(aws.calls) == 1, "want only the token's call at AWS: %s" % aws.summary()
     finish(t, creds, [aws], ids=[TOKEN_ID])
