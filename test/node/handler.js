@@ -25,23 +25,17 @@
  *   flush    for "sleep", "crash", "throw": apm.flush() first (default true),
  *            so the spans made so far reach the extension before the end
  *   exit     for "crash": the exit code (default 1)
+ * How an invocation ends, by action, is test/node/actions.js, which both
+ * test functions share.
  */
 'use strict';
 
 const crypto = require('crypto');
-const fs = require('fs');
+const { invoke, writeRecords, sleep } = require('./actions');
 const apm = require('elastic-apm-node');
 
-const RECORD = process.env.APM_TEST_RECORD;
 
-function writeRecords(lines) {
-  if (RECORD && lines.length) {
-    fs.appendFileSync(RECORD, lines.map((o) => JSON.stringify(o) + '\n').join(''));
-  }
-  lines.length = 0;
-}
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const tick = () => new Promise((resolve) => setImmediate(resolve));
 
 /** Wait while the agent's event queue is long, so that it drops nothing. */
@@ -126,56 +120,13 @@ async function doWork(event, context, out) {
   return trans;
 }
 
-async function flushFirst(event) {
-  if (event.flush === false) return;
-  await apm.flush();
+/** Hand the agent's buffered events to the extension now. */
+function flush() {
+  return apm.flush();
 }
 
 async function main(event, context) {
-  const out = [];
-  const rid = context.awsRequestId;
-  const action = event.action || 'spans';
-  try {
-    await doWork(event, context, out);
-    switch (action) {
-      case 'spans':
-        out.push({ rid, kind: 'phase', phase: 'returning' });
-        return { ok: true, requestId: rid };
-      case 'fail': {
-        const message = 'handler failed on purpose in ' + rid;
-        out.push({ rid, kind: 'expect_error', message });
-        out.push({ rid, kind: 'phase', phase: 'returning' });
-        throw new Error(message);
-      }
-      case 'sleep':
-        await flushFirst(event);
-        out.push({ rid, kind: 'phase', phase: 'sleeping',
-          remaining_ms: context.getRemainingTimeInMillis() });
-        writeRecords(out);
-        await sleep(event.sleep_ms || 60000);
-        return { ok: true, slept: true };
-      case 'crash':
-        await flushFirst(event);
-        out.push({ rid, kind: 'phase', phase: 'crashing' });
-        writeRecords(out);
-        process.exit(event.exit === undefined ? 1 : event.exit);
-        break;
-      case 'throw': {
-        await flushFirst(event);
-        const message = 'uncaught exception on purpose in ' + rid;
-        out.push({ rid, kind: 'expect_error', message, unhandled: true });
-        out.push({ rid, kind: 'phase', phase: 'crashing' });
-        writeRecords(out);
-        setTimeout(() => { throw new Error(message); }, 1);
-        await sleep(60000);
-        return { ok: false };
-      }
-      default:
-        throw new Error('unknown action ' + action);
-    }
-  } finally {
-    writeRecords(out);
-  }
+  return invoke(event, context, doWork, flush);
 }
 
 /** The same work, callback style: (event, context, callback). */

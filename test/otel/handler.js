@@ -27,16 +27,17 @@
  *   sleep_ms how long "sleep" sleeps (default 60000: past any deadline)
  *   flush    for "sleep", "crash", "throw": flush the SDK first (default true)
  *   exit     for "crash": the exit code (default 1)
+ * How an invocation ends, by action, is test/node/actions.js, which both
+ * test functions share.
  */
 'use strict';
 
 const crypto = require('crypto');
-const fs = require('fs');
+const { invoke, sleep } = require('../node/actions');
 const api = require('@opentelemetry/api');
 const { logs, SeverityNumber } = require('@opentelemetry/api-logs');
 const otel = require('./otel-init');
 
-const RECORD = process.env.APM_TEST_RECORD;
 const tracer = api.trace.getTracer('apm-ext-test-handler', '1.0.0');
 const meter = api.metrics.getMeter('apm-ext-test-handler', '1.0.0');
 const logger = logs.getLogger('apm-ext-test-handler', '1.0.0');
@@ -45,14 +46,7 @@ const counter = meter.createCounter('apm_ext_test.invocations', {
 const duration = meter.createHistogram('apm_ext_test.work_ms', { unit: 'ms' });
 let invocations = 0;
 
-function writeRecords(lines) {
-  if (RECORD && lines.length) {
-    fs.appendFileSync(RECORD, lines.map((o) => JSON.stringify(o) + '\n').join(''));
-  }
-  lines.length = 0;
-}
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 function startSpan(rid, out, name, parentSpan) {
   const ctx = api.trace.setSpan(api.context.active(), parentSpan);
@@ -117,57 +111,14 @@ async function doWork(event, context, out) {
   if (nlogs) await otel.flushLogs();
 }
 
-async function flushFirst(event, rid, out) {
-  if (event.flush === false) return;
+/** Export what the SDK holds now (traces, metrics, logs). */
+async function flush(event, rid, out) {
   await otel.flushAll();
   out.push({ rid, kind: 'phase', phase: 'flushed' });
 }
 
 async function main(event, context) {
-  const out = [];
-  const rid = context.awsRequestId;
-  const action = event.action || 'spans';
-  try {
-    await doWork(event, context, out);
-    switch (action) {
-      case 'spans':
-        out.push({ rid, kind: 'phase', phase: 'returning' });
-        return { ok: true, requestId: rid };
-      case 'fail': {
-        const message = 'handler failed on purpose in ' + rid;
-        out.push({ rid, kind: 'expect_error', message });
-        out.push({ rid, kind: 'phase', phase: 'returning' });
-        throw new Error(message);
-      }
-      case 'sleep':
-        await flushFirst(event, rid, out);
-        out.push({ rid, kind: 'phase', phase: 'sleeping',
-          remaining_ms: context.getRemainingTimeInMillis() });
-        writeRecords(out);
-        await sleep(event.sleep_ms || 60000);
-        return { ok: true, slept: true };
-      case 'crash':
-        await flushFirst(event, rid, out);
-        out.push({ rid, kind: 'phase', phase: 'crashing' });
-        writeRecords(out);
-        process.exit(event.exit === undefined ? 1 : event.exit);
-        break;
-      case 'throw': {
-        await flushFirst(event, rid, out);
-        const message = 'uncaught exception on purpose in ' + rid;
-        out.push({ rid, kind: 'expect_error', message, unhandled: true });
-        out.push({ rid, kind: 'phase', phase: 'crashing' });
-        writeRecords(out);
-        setTimeout(() => { throw new Error(message); }, 1);
-        await sleep(60000);
-        return { ok: false };
-      }
-      default:
-        throw new Error('unknown action ' + action);
-    }
-  } finally {
-    writeRecords(out);
-  }
+  return invoke(event, context, doWork, flush);
 }
 
 module.exports = { main };
