@@ -154,6 +154,18 @@ E2E_SET = [
     "dns_name_resolved",
     "audit_9_token_crlf_rejected",
     "dns_slow_answer",
+    "startup_runtime_api_missing_or_malformed",
+    "startup_register_garbage",
+    "startup_register_status",
+    "startup_register_no_id",
+    "startup_register_connection_reset",
+    "startup_subscribe_connection_closed",
+    "startup_log_level_warning_bad_strategy",
+    "startup_intake_port_taken_v4",
+    "startup_sigterm_flushes_and_exits",
+    "secrets_request_unsignable",
+    "secrets_second_request_too_large",
+    "tls_server_closes_in_handshake",
 ]
 
 KEYWORDS = {"if", "while", "for", "switch", "return", "sizeof", "do", "else",
