@@ -739,6 +739,9 @@ static const struct chunk_case chunk_cases[] = {
 	{ __LINE__, "5;name=value\r\nhello\r\n0;last=\"yes\"\r\n\r\n",
 	  .data = "hello" },
 	{ __LINE__, "5 ;a=b\r\nhello\r\n0\t;c\r\n\r\n", .data = "hello" },
+	/* an extension line ended by a bare LF */
+	{ __LINE__, "5;a=b\nhello\n0;c\n\n", .data = "hello" },
+	{ __LINE__, "3;x\nabc\r\n0;y\r\n\r\nGET", .data = "abc", .rest = "GET" },
 	/* trailers (skipped) */
 	{ __LINE__, "5\r\nhello\r\n0\r\nX-Trailer: 1\r\nY: 2\r\n\r\n",
 	  .data = "hello" },
@@ -1232,6 +1235,16 @@ test_json_limits(void)
 	}
 	ctx("capacity: counting only");
 	CHECK_INT(apm_json_parse(doc, sizeof doc - 1, NULL, 0, NULL, &err), 6);
+
+	/* token offsets are 32-bit: a text of 4 GiB or more is refused before
+	 * a byte of it is read (the one byte given here would be read first) */
+	ctx("a text of UINT32_MAX bytes");
+	const char *one = at_guard("1", 1);
+	CHECK_INT(apm_json_parse(one, UINT32_MAX, t, 8, NULL, &err), APM_MALFORMED);
+	CHECK_INT(err, APM_E_JSON_TOO_LARGE);
+	CHECK_INT(apm_json_parse(one, (size_t)UINT32_MAX + 5, NULL, 0, NULL, &err),
+	    APM_MALFORMED);
+	CHECK_INT(err, APM_E_JSON_TOO_LARGE);
 }
 
 /* A value followed by more text: rejected unless end is asked for. */
@@ -1333,6 +1346,9 @@ test_json_str(void)
 	ctx("apm_json_str: not a string, no room");
 	struct apm_json_tok num = { APM_JSON_NUMBER, 0, 1, 0 };
 	CHECK_INT(apm_json_str("1", &num, out, sizeof out), -1);
+	/* a token the parser did not make: an escape JSON does not have */
+	struct apm_json_tok bad = { APM_JSON_STRING, 1, 5, 0 };
+	CHECK_INT(apm_json_str("\"a\\qb\"", &bad, out, sizeof out), -1);
 	CHECK_INT(json_unescape("\"a\"", 3, out, 0), -1);
 	CHECK_INT(json_unescape("\"\"", 2, out, 1), 0);
 }
@@ -1391,6 +1407,38 @@ test_json_numbers(void)
 		CHECK_INT(apm_json_double(b, &t[0], &d), 0);
 		CHECK_DBL(d, dbls[i].v);
 	}
+
+	/* past 19 significant digits (the rest only scale), past the
+	 * exponents of one exact step (|e| > 22), and out of double's range:
+	 * infinity above, zero below */
+	static const struct { const char *in; double v; } far[] = {
+		{ "12345678901234567890123", 1.2345678901234567e22 },
+		{ "0.000000000000000000001234567890123456789012", 1.2345678901234568e-21 },
+		{ "-1234567890123456789012.5e3", -1.2345678901234568e24 },
+		{ "1e30", 1e30 }, { "25e-30", 2.5e-29 }, { "1e-300", 1e-300 },
+		{ "1e300", 1e300 }, { "-4.5e-200", -4.5e-200 },
+		{ "1e400", INFINITY }, { "-1e400", -INFINITY },
+		{ "1e99999999", INFINITY }, { "1e-400", 0 }, { "-1e-400", 0 },
+		{ "0e400", 0 }, { "0e-400", 0 },
+	};
+	for (size_t i = 0; i < sizeof far / sizeof *far; i++) {
+		ctx("apm_json_double %s", far[i].in);
+		size_t n = strlen(far[i].in);
+		const char *b = at_guard(far[i].in, n);
+		CHECK_INT(apm_json_parse(b, n, t, 2, NULL, NULL), 1);
+		double d = -1;
+		CHECK_INT(apm_json_double(b, &t[0], &d), 0);
+		if (isinf(far[i].v))
+			CHECK(d == far[i].v);
+		else
+			check(d == far[i].v || fabs(d - far[i].v) <=
+			    fabs(far[i].v) * 1e-15, __FILE__, __LINE__,
+			    "%.17g, want %.17g", d, far[i].v);
+	}
+	ctx("apm_json_int of an infinite value");
+	CHECK_INT(apm_json_parse("1e400", 5, t, 2, NULL, NULL), 1);
+	int64_t big = 7;
+	CHECK_INT(apm_json_int("1e400", &t[0], &big), -1);
 
 	ctx("numbers: a string token is not a number");
 	CHECK_INT(apm_json_parse("\"12\"", 4, t, 2, NULL, NULL), 1);
