@@ -143,6 +143,63 @@ in_child(int (*fn)(void))
 	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
+/*
+ * What apm-ext writes to a file descriptor (2: its log; 1: --version),
+ * captured: from capture_begin(fd) the descriptor points at a scratch file;
+ * capture_end() puts it back and returns what was written, NUL-ended. For
+ * the log, capture_begin also lowers the threshold and capture_end makes
+ * it quiet again.
+ */
+static struct {
+	int fd, saved, file;
+	char text[16384];
+} capt = { -1, -1, -1, "" };
+
+static void
+capture_begin(int fd, int level)
+{
+	char tmp[] = "/tmp/apm-ext-unit-capture-XXXXXX";
+	fflush(stdout);
+	capt.fd = fd;
+	capt.file = mkstemp(tmp);
+	capt.saved = dup(fd);
+	if (capt.file < 0 || capt.saved < 0 || dup2(capt.file, fd) < 0) {
+		perror("capture");
+		exit(2);
+	}
+	unlink(tmp);
+	if (fd == 2)
+		log_threshold = level;
+}
+
+static const char *
+capture_end(void)
+{
+	log_threshold = LOG_OFF;
+	fflush(stdout);
+	dup2(capt.saved, capt.fd);
+	close(capt.saved);
+	ssize_t n = pread(capt.file, capt.text, sizeof capt.text - 1, 0);
+	capt.text[n > 0 ? n : 0] = 0;
+	close(capt.file);
+	return capt.text;
+}
+
+/* Lines of text holding want, counted. */
+static int
+lines_with(const char *text, const char *want)
+{
+	int n = 0;
+	for (const char *p = text; (p = strstr(p, want)) != NULL; p++) {
+		n++;
+		const char *nl = strchr(p, '\n');
+		if (!nl)
+			break;
+		p = nl;
+	}
+	return n;
+}
+
 /* Deterministic pseudo-random numbers for generated cases. */
 static uint32_t rnd_state = 12345;
 static uint32_t
@@ -3089,6 +3146,233 @@ test_tel_accept_evicts_idlest(void)
 	}
 }
 
+/* == Log, settings and start-up ==
+ * The log line is one JSON object whatever the message; a setting that does
+ * not parse keeps its default and says so once, naming the setting, the
+ * value and the default; AWS_LAMBDA_RUNTIME_API takes a host (an IPv6
+ * address in brackets) and a port; --version and --help answer before
+ * anything runs.
+ */
+
+/* The one log line in text: its "level" and "msg" (unescaped) in level and
+ * msg; 0, or -1 when text is not exactly one JSON object and a newline. */
+static int
+log_line_parse(const char *text, char *level, char *msg, size_t cap)
+{
+	struct apm_json_tok t[16];
+	size_t n = strlen(text);
+	if (n == 0 || text[n - 1] != '\n' || memchr(text, '\n', n - 1))
+		return -1;
+	int k = apm_json_parse(text, n - 1, t, 16, NULL, NULL);
+	int il = k > 0 ? apm_json_get(text, t, k, 0, "level") : -1;
+	int im = k > 0 ? apm_json_get(text, t, k, 0, "msg") : -1;
+	if (il < 0 || im < 0 || apm_json_str(text, &t[il], level, 16) < 0 ||
+	    apm_json_str(text, &t[im], msg, cap) < 0)
+		return -1;
+	return 0;
+}
+
+static void
+test_log_line(void)
+{
+	char level[16], msg[1100];
+	ctx("log_at: one JSON line, the message escaped, below the threshold none");
+	capture_begin(2, LOG_INFO);
+	log_info("queue \"full\": %d\tpayloads", 3);
+	log_debug("not shown");
+	const char *t = capture_end();
+	CHECK_INT(log_line_parse(t, level, msg, sizeof msg), 0);
+	CHECK_STR(level, "info");
+	CHECK_STR(msg, "queue \"full\": 3\tpayloads");
+
+	/* 999 control characters escape to 5994 bytes, over the line's room:
+	 * the message is left out whole and the line stays one JSON object */
+	ctx("log_at: a message too long once escaped");
+	memset(msg, '\x01', 999);
+	msg[999] = 0;
+	capture_begin(2, LOG_INFO);
+	log_warn("%s", msg);
+	t = capture_end();
+	CHECK_INT(log_line_parse(t, level, msg, sizeof msg), 0);
+	CHECK_STR(level, "warn");
+	CHECK_STR(msg, "");
+	/* under the room: kept whole */
+	memset(msg, '\x01', 300);
+	msg[300] = 0;
+	capture_begin(2, LOG_INFO);
+	log_warn("%s", msg);
+	t = capture_end();
+	char back[1100];
+	CHECK_INT(log_line_parse(t, level, back, sizeof back), 0);
+	CHECK_INT(strlen(back), 300);
+}
+
+/* Set (value non-NULL) or unset an environment variable. */
+static void
+env_put(const char *name, const char *value)
+{
+	if (value)
+		setenv(name, value, 1);
+	else
+		unsetenv(name);
+}
+
+static void
+test_cfg(void)
+{
+	static const char flag[] = "APM_EXT_UNIT_FLAG";
+	static const struct { const char *v; int dflt, want, warned; } bools[] = {
+		{ NULL, 1, 1, 0 }, { "", 0, 0, 0 }, { "false", 1, 0, 0 },
+		{ "TRUE", 0, 1, 0 }, { "maybe", 1, 1, 1 }, { "maybe", 0, 0, 1 },
+		{ "10", 1, 1, 1 },
+	};
+	for (size_t i = 0; i < sizeof bools / sizeof *bools; i++) {
+		ctx("cfg_bool %s=\"%s\", default %d", flag,
+		    bools[i].v ? bools[i].v : "(unset)", bools[i].dflt);
+		env_put(flag, bools[i].v);
+		capture_begin(2, LOG_WARN);
+		CHECK_INT(cfg_bool(flag, bools[i].dflt), bools[i].want);
+		const char *t = capture_end();
+		char want[160];
+		snprintf(want, sizeof want, "%s=\\\"%s\\\" is not valid; using the "
+		    "default %s", flag, bools[i].v, bools[i].dflt ? "true" : "false");
+		CHECK_INT(lines_with(t, want), bools[i].warned);
+		CHECK_INT(lines_with(t, "\"level\":\"warn\""), bools[i].warned);
+	}
+
+	static const char port[] = "ELASTIC_APM_DATA_RECEIVER_SERVER_PORT";
+	static const struct { const char *v; uint64_t want; int warned; } uints[] = {
+		{ NULL, 8200, 0 }, { "", 8200, 0 }, { "443", 443, 0 },
+		{ "1", 1, 0 }, { "65535", 65535, 0 }, { "0", 8200, 1 },
+		{ "65536", 8200, 1 }, { "80x", 8200, 1 }, { "-1", 8200, 1 },
+	};
+	for (size_t i = 0; i < sizeof uints / sizeof *uints; i++) {
+		ctx("cfg_uint %s=\"%s\" in [1, 65535]", port,
+		    uints[i].v ? uints[i].v : "(unset)");
+		env_put(port, uints[i].v);
+		capture_begin(2, LOG_WARN);
+		CHECK_INT(cfg_uint(port, 8200, 1, 65535), uints[i].want);
+		const char *t = capture_end();
+		char want[160];
+		snprintf(want, sizeof want, "%s=\\\"%s\\\" is not valid; using the "
+		    "default 8200", port, uints[i].v);
+		CHECK_INT(lines_with(t, want), uints[i].warned);
+		CHECK_INT(lines_with(t, "\"level\":\"warn\""), uints[i].warned);
+	}
+	unsetenv(port);
+
+	/* the duration setting first; else the older one in seconds, a whole
+	 * number or (as Go's agents accept) a duration */
+	static const char dur[] = "ELASTIC_APM_DATA_RECEIVER_TIMEOUT";
+	static const char secs[] = "ELASTIC_APM_DATA_RECEIVER_TIMEOUT_SECONDS";
+	static const struct { const char *d, *s; int64_t want; const char *warned; }
+	    durs[] = {
+		{ NULL, NULL, 15000, NULL },
+		{ "", "", 15000, NULL },
+		{ NULL, "2", 2000, NULL },
+		{ NULL, "86400", 86400000, NULL },
+		{ NULL, "1.5", 1500, NULL },
+		{ NULL, "250ms", 250, NULL },
+		{ NULL, "1m", 60000, NULL },
+		{ "", "3", 3000, NULL },
+		{ "2s", "9", 2000, NULL },
+		{ NULL, "0", 15000, secs },
+		{ NULL, "0ms", 15000, secs },
+		{ NULL, "soon", 15000, secs },
+		{ "0s", "9", 15000, dur },
+		{ "later", NULL, 15000, dur },
+	};
+	for (size_t i = 0; i < sizeof durs / sizeof *durs; i++) {
+		ctx("cfg_duration %s=\"%s\" %s=\"%s\"", dur,
+		    durs[i].d ? durs[i].d : "(unset)", secs,
+		    durs[i].s ? durs[i].s : "(unset)");
+		env_put(dur, durs[i].d);
+		env_put(secs, durs[i].s);
+		capture_begin(2, LOG_WARN);
+		CHECK_INT(cfg_duration(dur, secs, 15000), durs[i].want);
+		const char *t = capture_end();
+		CHECK_INT(lines_with(t, "\"level\":\"warn\""), durs[i].warned != NULL);
+		if (durs[i].warned) {
+			char want[200];
+			snprintf(want, sizeof want, "\"msg\":\"%s=\\\"%s\\\" is not "
+			    "valid; using the default 15000ms\"", durs[i].warned,
+			    durs[i].warned == dur ? durs[i].d : durs[i].s);
+			CHECK_INT(lines_with(t, want), 1);
+		}
+	}
+	unsetenv(dur);
+	unsetenv(secs);
+	unsetenv(flag);
+}
+
+static void
+test_lambda_addr(void)
+{
+	struct sockaddr_in *in4 = (struct sockaddr_in *)&g.lam.addr;
+	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&g.lam.addr;
+
+	ctx("lambda_addr: IPv4 host and port");
+	CHECK_INT(lambda_addr("127.0.0.1:9001"), 0);
+	CHECK_INT(in4->sin_family, AF_INET);
+	CHECK_INT(ntohs(in4->sin_port), 9001);
+	CHECK_INT(ntohl(in4->sin_addr.s_addr), INADDR_LOOPBACK);
+	CHECK_STR(g.lam.host, "127.0.0.1:9001");
+
+	ctx("lambda_addr: an IPv6 address in brackets");
+	CHECK_INT(lambda_addr("[::1]:9002"), 0);
+	CHECK_INT(in6->sin6_family, AF_INET6);
+	CHECK_INT(ntohs(in6->sin6_port), 9002);
+	CHECK(memcmp(&in6->sin6_addr, &in6addr_loopback, 16) == 0);
+	CHECK_STR(g.lam.host, "[::1]:9002");
+	CHECK_INT(g.lam.addrlen, sizeof(struct sockaddr_in6));
+
+	/* no port, a port out of range or not a number, a host too long */
+	static char longhost[200];
+	memset(longhost, '1', 140);
+	strcpy(longhost + 140, ":9001");
+	const char *bad[] = { "127.0.0.1", "127.0.0.1:", "127.0.0.1:65536",
+		"127.0.0.1:90a1", "127.0.0.1:-1", "", longhost };
+	for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+		ctx("lambda_addr \"%.40s\" refused", bad[i]);
+		snprintf(g.lam.host, sizeof g.lam.host, "before");
+		CHECK_INT(lambda_addr(bad[i]), -1);
+		CHECK_STR(g.lam.host, "before");
+	}
+	memset(&g.lam.addr, 0, sizeof g.lam.addr);
+	g.lam.addrlen = 0;
+	g.lam.host[0] = 0;
+}
+
+static void
+test_main_flags(void)
+{
+	static char prog[] = "apm-ext", version[] = "--version", help[] = "--help",
+	    h[] = "-h", other[] = "--verbose";
+	char *none[] = { prog, NULL };
+	char *v[] = { prog, version, NULL }, *hl[] = { prog, help, NULL },
+	    *hs[] = { prog, h, NULL }, *o[] = { prog, other, NULL };
+
+	ctx("main_flags: no flag, or one it does not know: the extension runs");
+	capture_begin(1, 0);
+	CHECK_INT(main_flags(1, none), 0);
+	CHECK_INT(main_flags(0, none), 0);
+	CHECK_INT(main_flags(2, o), 0);
+	CHECK_STR(capture_end(), "");
+
+	ctx("main_flags --version");
+	capture_begin(1, 0);
+	CHECK_INT(main_flags(2, v), 1);
+	CHECK_STR(capture_end(), APM_EXT_NAME " " APM_EXT_VERSION "\n");
+
+	ctx("main_flags --help, -h");
+	capture_begin(1, 0);
+	CHECK_INT(main_flags(2, hl), 1);
+	CHECK_INT(main_flags(2, hs), 1);
+	const char *t = capture_end();
+	CHECK_INT(lines_with(t, "Flags: --version, --help."), 2);
+	CHECK(strncmp(t, APM_EXT_NAME " " APM_EXT_VERSION ": ", strlen(APM_EXT_NAME) + 1) == 0);
+}
+
 int
 main(void)
 {
@@ -3119,6 +3403,10 @@ main(void)
 	test_tls_reason();
 	test_aws_request_id_limit();
 	test_tel_accept_evicts_idlest();
+	test_log_line();
+	test_cfg();
+	test_lambda_addr();
+	test_main_flags();
 
 	if (n_fail > MAX_PRINTED)
 		printf("(%lu more failures not shown)\n", n_fail - MAX_PRINTED);
