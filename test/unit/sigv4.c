@@ -22,6 +22,10 @@
  *    repository root). A folder that does not exist counts as absent: one
  *    line says so and the suite counts as one skipped item.
  *
+ * 3. Always: where the signer stops (limits(): output buffers, path
+ *    segments, query parameters, headers, a short x-amz-date): refused,
+ *    never signed truncated.
+ *
  * Last line: "N passed, N failed", with ", 1 skipped" when the suite was
  * absent.
  */
@@ -601,6 +605,174 @@ suite_dir(char *buf, size_t cap)
 	return buf;
 }
 
+/* One check of the limits below: counted, and said when it fails. */
+static void
+expect(struct tally *t, int ok, const char *what)
+{
+	if (ok)
+		t->passed++;
+	else
+		t->failed++, printf("FAIL %s\n", what);
+}
+
+/* A request to sign with AWS's example credentials: host and x-amz-date,
+ * plus whatever the check sets. */
+static struct apm_sigv4
+plain_request(const struct apm_http_header *h, size_t nh)
+{
+	struct apm_sigv4 s = { .method = "GET", .path = "/", .query = "",
+		.headers = h, .num_headers = nh, .payload = "", .payload_len = 0,
+		.region = "us-east-1", .service = "service", .amz_date = AMZ_DATE,
+		.access_key = ACCESS_KEY, .secret_key = SECRET_KEY,
+		.session_token = NULL };
+	return s;
+}
+
+/* The canonical request's line k (0: the method), in line. */
+static const char *
+creq_line(const char *creq, int k, char *line, size_t cap)
+{
+	const char *p = creq;
+	for (; k > 0 && p; k--)
+		if ((p = strchr(p, '\n')) != NULL)
+			p++;
+	snprintf(line, cap, "%.*s", p ? (int)strcspn(p, "\n") : 0, p ? p : "");
+	return line;
+}
+
+/*
+ * Where the signer stops: an output buffer one byte short of the text and
+ * its NUL; more than 64 path segments; more than 32 query parameters, or one
+ * of 512 bytes or more; more than 32 headers, a header name empty or of 64
+ * bytes or more; an x-amz-date shorter than its date. Each is refused (-1)
+ * by every step that depends on it: never signed truncated. Empty query
+ * keys are dropped, as AWS does.
+ */
+static void
+limits(struct tally *t)
+{
+	static const struct apm_http_header base[] = {
+		{ { "Host", 4 }, { "example.amazonaws.com", 21 } },
+		{ { "X-Amz-Date", 10 }, { AMZ_DATE, 16 } },
+	};
+	static struct apm_http_header many[40];
+	static char names[40][80], path[1024], query[16384], out[16384], line[2048];
+	struct apm_sigv4 s = plain_request(base, 2);
+	int (*const steps[])(const struct apm_sigv4 *, char *, size_t) = {
+		apm_sigv4_canonical, apm_sigv4_string_to_sign,
+		apm_sigv4_authorization };
+	static const char *const step_names[] = { "canonical request",
+		"string to sign", "Authorization" };
+
+	/* each step's output: its length and NUL fit, one byte less does not */
+	for (int k = 0; k < 3; k++) {
+		char what[160];
+		int n = steps[k](&s, out, sizeof out);
+		snprintf(what, sizeof what, "%s: %d bytes, in %d+1, in %d and in 0",
+		    step_names[k], n, n, n);
+		expect(t, n > 0 && steps[k](&s, out, (size_t)n + 1) == n &&
+		    (size_t)n == strlen(out) && steps[k](&s, out, (size_t)n) == -1 &&
+		    steps[k](&s, out, 0) == -1, what);
+	}
+
+	/* path segments: 64 signed, 65 refused */
+	size_t pl = 0;
+	for (int i = 0; i < 64; i++)
+		pl += (size_t)sprintf(path + pl, "/s%d", i);
+	s.path = path;
+	int n = apm_sigv4_canonical(&s, out, sizeof out);
+	expect(t, n > 0 && strcmp(creq_line(out, 1, line, sizeof line), path) == 0,
+	    "64 path segments are signed as they are");
+	strcpy(path + pl, "/extra");
+	for (int k = 0; k < 3; k++) {
+		char what[80];
+		snprintf(what, sizeof what, "%s: 65 path segments refused", step_names[k]);
+		expect(t, steps[k](&s, out, sizeof out) == -1, what);
+	}
+	s.path = "/";
+
+	/* empty keys are dropped; 32 parameters signed, 33 refused */
+	s.query = "&=x&b=2&&a=1&=&";
+	n = apm_sigv4_canonical(&s, out, sizeof out);
+	expect(t, n > 0 && strcmp(creq_line(out, 2, line, sizeof line), "a=1&b=2") == 0,
+	    "query parameters with an empty key are dropped");
+	size_t ql = 0;
+	for (int i = 0; i < 32; i++)
+		ql += (size_t)sprintf(query + ql, "%sk%02d=%d", i ? "&" : "", 31 - i, i);
+	s.query = query;
+	n = apm_sigv4_canonical(&s, out, sizeof out);
+	creq_line(out, 2, line, sizeof line);
+	expect(t, n > 0 && strncmp(line, "k00=31&k01=30&", 14) == 0 &&
+	    strlen(line) == (size_t)ql, "32 query parameters, sorted");
+	strcpy(query + ql, "&k32=32");
+	for (int k = 0; k < 3; k++) {
+		char what[80];
+		snprintf(what, sizeof what, "%s: 33 query parameters refused", step_names[k]);
+		expect(t, steps[k](&s, out, sizeof out) == -1, what);
+	}
+	/* a key or a value of 511 bytes is signed, of 512 refused */
+	for (int part = 0; part < 2; part++)
+		for (size_t len = 511; len <= 512; len++) {
+			char what[80];
+			if (part == 0) {
+				memset(query, 'k', len);
+				strcpy(query + len, "=v");
+			} else {
+				strcpy(query, "k=");
+				memset(query + 2, 'v', len);
+				query[2 + len] = 0;
+			}
+			n = apm_sigv4_canonical(&s, out, sizeof out);
+			snprintf(what, sizeof what, "a query %s of %zu bytes %s",
+			    part ? "value" : "key", len, len == 511 ? "signed" : "refused");
+			expect(t, len == 511 ? n > 0 && strcmp(creq_line(out, 2, line,
+			    sizeof line), query) == 0 : n == -1, what);
+		}
+	s.query = "";
+
+	/* headers: 32 signed, 33 refused; a name empty or of 64 bytes refused */
+	for (int i = 0; i < 40; i++) {
+		snprintf(names[i], sizeof names[i], "X-Amz-Meta-%02d", i);
+		many[i].name = (struct apm_str){ names[i], strlen(names[i]) };
+		many[i].value = (struct apm_str){ "v", 1 };
+	}
+	many[0] = base[0];
+	many[1] = base[1];
+	for (size_t nh = 32; nh <= 33; nh++) {
+		s = plain_request(many, nh);
+		for (int k = 0; k < 3; k++) {
+			char what[80];
+			n = steps[k](&s, out, sizeof out);
+			snprintf(what, sizeof what, "%s: %zu headers %s", step_names[k], nh,
+			    nh == 32 ? "signed" : "refused");
+			expect(t, nh == 32 ? n > 0 : n == -1, what);
+		}
+	}
+	for (size_t len = 0; len <= 64; len += 1) {
+		if (len > 0 && len < 63)
+			continue;
+		char what[80];
+		memset(names[2], 'x', len);
+		many[2].name = (struct apm_str){ names[2], len };
+		s = plain_request(many, 3);
+		snprintf(what, sizeof what, "a header name of %zu bytes %s", len,
+		    len == 63 ? "signed" : "refused");
+		for (int k = 0; k < 3; k++)
+			expect(t, len == 63 ? steps[k](&s, out, sizeof out) > 0 :
+			    steps[k](&s, out, sizeof out) == -1, what);
+	}
+
+	/* an x-amz-date without its 8 date digits: no credential scope */
+	s = plain_request(base, 2);
+	s.amz_date = "2015083";
+	expect(t, apm_sigv4_canonical(&s, out, sizeof out) > 0,
+	    "a short x-amz-date: the canonical request does not use it");
+	expect(t, apm_sigv4_string_to_sign(&s, out, sizeof out) == -1,
+	    "a short x-amz-date: no string to sign");
+	expect(t, apm_sigv4_authorization(&s, out, sizeof out) == -1,
+	    "a short x-amz-date: no Authorization");
+}
+
 int
 main(int argc, char **argv)
 {
@@ -646,6 +818,8 @@ main(int argc, char **argv)
 			t.failed++, printf("FAIL a %zu-byte secret key: %s\n", len,
 			    r < 0 ? "refused" : "signed");
 	}
+
+	limits(&t);
 
 	const char *dir = suite_dir(buf, sizeof buf);
 	if (is_dir(dir)) {
