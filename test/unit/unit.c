@@ -2888,6 +2888,23 @@ test_tls_reason(void)
 	CHECK_STR(tls_reason(BR_ERR_IO), "connection failed during the TLS exchange");
 	CHECK_STR(tls_reason(BR_ERR_X509_NOT_TRUSTED),
 	    "the server certificate is not signed by a trusted CA (unknown CA)");
+	/* each cause an operator can act on has its own words */
+	static const struct { int err; const char *why; } named[] = {
+		{ BR_ERR_X509_BAD_SERVER_NAME,
+		  "the server certificate does not match the host name" },
+		{ BR_ERR_X509_EXPIRED,
+		  "the server certificate has expired or is not yet valid" },
+		{ BR_ERR_X509_NOT_CA, "a certificate in the chain is not a CA" },
+		{ BR_ERR_X509_BAD_SIGNATURE, "a certificate signature is invalid" },
+		{ BR_ERR_X509_WEAK_PUBLIC_KEY, "the server key is too weak" },
+		{ BR_ERR_BAD_VERSION, "the server does not speak TLS 1.2" },
+		{ BR_ERR_UNSUPPORTED_VERSION, "the server does not speak TLS 1.2" },
+		{ BR_ERR_BAD_CIPHER_SUITE, "no cipher suite in common" },
+	};
+	for (size_t i = 0; i < sizeof named / sizeof *named; i++) {
+		ctx("tls_reason(%d)", named[i].err);
+		CHECK_STR(tls_reason(named[i].err), named[i].why);
+	}
 }
 
 /* A scratch PEM file of junk bytes of 'x' then text; its path in tmp. */
@@ -3144,6 +3161,79 @@ test_tel_accept_evicts_idlest(void)
 		memset(&tel.conns[i], 0, sizeof tel.conns[i]);
 		tel.conns[i].c.fd = -1;
 	}
+}
+
+/* == HTTP answers ==
+ * msg_answer writes the status line with its reason phrase, the length, the
+ * given headers and Connection: close when asked; a head or body that does
+ * not fit in tx is refused whole. An agent request with a transfer coding
+ * other than chunked is answered 501 and the connection closes.
+ */
+static void
+test_msg_answer(void)
+{
+	static char tx[160];
+	static const struct { int status; const char *reason; } st[] = {
+		{ 200, "OK" }, { 202, "Accepted" }, { 400, "Bad Request" },
+		{ 404, "Not Found" }, { 405, "Method Not Allowed" },
+		{ 408, "Request Timeout" }, { 413, "Payload Too Large" },
+		{ 415, "Unsupported Media Type" }, { 422, "Unprocessable Entity" },
+		{ 431, "Request Header Fields Too Large" },
+		{ 501, "Not Implemented" }, { 502, "Bad Gateway" },
+		{ 503, "Service Unavailable" }, { 418, "Status" },
+	};
+	struct conn c = { .fd = -1, .tx = tx, .tx_cap = sizeof tx };
+	char want[200];
+	for (size_t i = 0; i < sizeof st / sizeof *st; i++) {
+		ctx("msg_answer %d", st[i].status);
+		c.tx_len = 7;
+		c.tx_off = 3;
+		CHECK_INT(msg_answer(&c, st[i].status, -1, "", NULL, 0, 0), 0);
+		int n = snprintf(want, sizeof want, "HTTP/1.1 %d %s\r\n\r\n",
+		    st[i].status, st[i].reason);
+		CHECK_MEM(tx, c.tx_len, want, (size_t)n);
+		CHECK_INT(c.tx_off, 0);
+		CHECK_INT(c.close_after, 0);
+	}
+
+	ctx("msg_answer: length, headers, close, body");
+	CHECK_INT(msg_answer(&c, 202, 2, "X-A: 1\r\n", "{}", 2, 1), 0);
+	static const char whole[] = "HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n"
+	    "X-A: 1\r\nConnection: close\r\n\r\n{}";
+	CHECK_MEM(tx, c.tx_len, whole, sizeof whole - 1);
+	CHECK_INT(c.close_after, 1);
+
+	ctx("msg_answer: a head that does not fit");
+	c.tx_cap = sizeof whole - 1 - 2 - 1; /* the head less one byte */
+	CHECK_INT(msg_answer(&c, 202, 2, "X-A: 1\r\n", "{}", 2, 1), -1);
+	c.tx_cap = sizeof whole - 1 - 1;     /* the head, and a byte of body */
+	CHECK_INT(msg_answer(&c, 202, 2, "X-A: 1\r\n", "{}", 2, 1), -1);
+	c.tx_cap = sizeof whole - 1;
+	CHECK_INT(msg_answer(&c, 202, 2, "X-A: 1\r\n", "{}", 2, 1), 0);
+	CHECK_MEM(tx, c.tx_len, whole, sizeof whole - 1);
+
+	ctx("agent_head: Transfer-Encoding gzip is answered 501");
+	static char rx[512], atx[512];
+	static const char req[] = "POST /intake/v2/events HTTP/1.1\r\n"
+	    "Host: localhost\r\nTransfer-Encoding: gzip\r\n\r\nbody";
+	struct agent a;
+	memset(&a, 0, sizeof a);
+	a.c = (struct conn){ .fd = -1, .rx = rx, .rx_cap = sizeof rx, .tx = atx,
+		.tx_cap = sizeof atx };
+	a.payload = -1;
+	a.keep_alive = 1;
+	memcpy(rx, req, sizeof req - 1);
+	a.c.rx_len = sizeof req - 1;
+	capture_begin(2, LOG_WARN);
+	agent_head(&a);
+	const char *t = capture_end();
+	static const char head501[] = "HTTP/1.1 501 Not Implemented\r\n";
+	CHECK_MEM(atx, MIN(a.c.tx_len, sizeof head501 - 1), head501,
+	    sizeof head501 - 1);
+	CHECK(memmem(atx, a.c.tx_len, "Connection: close\r\n", 19) != NULL);
+	CHECK_INT(a.state, AG_RESPOND);
+	CHECK_INT(a.c.rx_len, 0);
+	CHECK_INT(lines_with(t, "agent request refused with 501"), 1);
 }
 
 /* == Log, settings and start-up ==
@@ -3403,6 +3493,7 @@ main(void)
 	test_tls_reason();
 	test_aws_request_id_limit();
 	test_tel_accept_evicts_idlest();
+	test_msg_answer();
 	test_log_line();
 	test_cfg();
 	test_lambda_addr();
