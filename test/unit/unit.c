@@ -3066,6 +3066,862 @@ test_trust_anchors(void)
 		CHECK(der_san_has_ip(junk, k, (const unsigned char *)"\x7f\0\0\1", 4) == 0);
 }
 
+/* == DER and X.509 ==
+ * Certificates made here part by part (tcert_make), so that each part can
+ * be wrong in one way at a time: the DER reader, the certificate splitter,
+ * the extension lookup, the iPAddress check and the direct trust-anchor
+ * reader must refuse each such certificate, or read it as BearSSL does.
+ * Signatures are never checked on these paths, so none is made: the
+ * signature is a few bytes of zero.
+ */
+
+struct bs {                     /* bytes, for the parts of a certificate */
+	const unsigned char *p;
+	size_t n;
+};
+#define BSI(lit) { (const unsigned char *)(lit), sizeof(lit) - 1 }
+#define BS(lit) ((struct bs)BSI(lit))
+#define BS_NONE BS("")
+
+/* Tag, length (short form, or 0x81/0x82) and contents into o. */
+static size_t
+der_put(unsigned char *o, unsigned char tag, const void *p, size_t n)
+{
+	size_t k = 0;
+	o[k++] = tag;
+	if (n >= 0x100) {
+		o[k++] = 0x82;
+		o[k++] = (unsigned char)(n >> 8);
+	} else if (n >= 0x80) {
+		o[k++] = 0x81;
+	}
+	o[k++] = (unsigned char)n;
+	memmove(o + k, p, n);
+	return k + n;
+}
+
+/* Concatenate parts into o. */
+static size_t
+der_cat(unsigned char *o, const struct bs *parts, size_t n)
+{
+	size_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		memmove(o + k, parts[i].p, parts[i].n);
+		k += parts[i].n;
+	}
+	return k;
+}
+
+/* The parts of a test certificate; a part with p NULL takes its default
+ * (BS_NONE leaves it out). */
+struct tcert {
+	unsigned char tbs_tag;          /* 0: SEQUENCE */
+	struct bs version, serial, sigalg, issuer, validity, subject, spki;
+	struct bs tail;                 /* after the key: [3] extensions... */
+};
+
+static const unsigned char ecdsa_sha256[] = "\x30\x0a\x06\x08\x2a\x86\x48\xce"
+    "\x3d\x04\x03\x02";
+static const unsigned char name_t[] = "\x30\x0c\x31\x0a\x30\x08\x06\x03\x55"
+    "\x04\x03\x0c\x01t";                /* CN=t */
+static const unsigned char name_ca[] = "\x30\x0d\x31\x0b\x30\x09\x06\x03\x55"
+    "\x04\x03\x0c\x02" "ca";            /* CN=ca */
+static const unsigned char oid_ec[] = "\x2a\x86\x48\xce\x3d\x02\x01";
+static const unsigned char oid_p256[] = "\x2a\x86\x48\xce\x3d\x03\x01\x07";
+static const unsigned char oid_p384[] = "\x2b\x81\x04\x00\x22";
+static const unsigned char oid_p521[] = "\x2b\x81\x04\x00\x23";
+static const unsigned char oid_k256[] = "\x2b\x81\x04\x00\x0a"; /* secp256k1 */
+static const unsigned char oid_rsa[] = "\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01";
+static const unsigned char oid_ed25519[] = "\x2b\x65\x70";
+static const unsigned char oid_san[] = "\x55\x1d\x11";
+static const unsigned char oid_bc[] = "\x55\x1d\x13";
+static const unsigned char oid_ski[] = "\x55\x1d\x0e";
+
+/* An EC point (uncompressed) of qlen bytes: 04 then a counting pattern. */
+static size_t
+ec_point(unsigned char *q, size_t qlen)
+{
+	q[0] = 4;
+	for (size_t i = 1; i < qlen; i++)
+		q[i] = (unsigned char)(i * 7 + 1);
+	return qlen;
+}
+
+/* SubjectPublicKeyInfo: algorithm OID, params (an OID, or raw DER when
+ * params_der), the key as a BIT STRING with unused bits ub. */
+static size_t
+spki_make(unsigned char *o, const unsigned char *oid, size_t oidlen,
+    const unsigned char *params, size_t plen, int params_der,
+    const unsigned char *key, size_t klen, unsigned char ub)
+{
+	unsigned char alg[64], bits[600], body[700];
+	size_t a = der_put(alg, 0x06, oid, oidlen);
+	if (params && params_der) {
+		memcpy(alg + a, params, plen);
+		a += plen;
+	} else if (params) {
+		a += der_put(alg + a, 0x06, params, plen);
+	}
+	size_t b = der_put(body, 0x30, alg, a);
+	bits[0] = ub;
+	memcpy(bits + 1, key, klen);
+	b += der_put(body + b, 0x03, bits, klen + 1);
+	return der_put(o, 0x30, body, b);
+}
+
+/* A P-256 key's SubjectPublicKeyInfo. */
+static size_t
+spki_p256(unsigned char *o)
+{
+	unsigned char q[65];
+	return spki_make(o, oid_ec, 7, oid_p256, 8, 0, q, ec_point(q, 65), 0);
+}
+
+/* One extension: OID, the critical flag when critical, the value. */
+static size_t
+ext_make(unsigned char *o, const unsigned char *oid, size_t oidlen,
+    int critical, const void *val, size_t vlen)
+{
+	static unsigned char body[12000];
+	size_t k = der_put(body, 0x06, oid, oidlen);
+	if (critical)
+		k += der_put(body + k, 0x01, "\xff", 1);
+	k += der_put(body + k, 0x04, val, vlen);
+	return der_put(o, 0x30, body, k);
+}
+
+/* [3] { SEQUENCE { the extensions, already encoded } } */
+static size_t
+exts_make(unsigned char *o, const void *exts, size_t n)
+{
+	static unsigned char seq[12000];
+	size_t k = der_put(seq, 0x30, exts, n);
+	return der_put(o, 0xa3, seq, k);
+}
+
+/* A subjectAltName value: a dNSName, then 127.0.0.1 and ::1. */
+static const unsigned char san_ips[] = "\x30\x21\x82\x07" "a.local"
+    "\x87\x04\x7f\x00\x00\x01"
+    "\x87\x10\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x01";
+static const unsigned char ip4_lo[] = "\x7f\x00\x00\x01";
+static const unsigned char ip6_lo[] = "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x01";
+
+/* The certificate into o (room for 12 KiB); its length. */
+static size_t
+tcert_make(unsigned char *o, const struct tcert *tc)
+{
+	static unsigned char tbs[12000], body[12100], key[200];
+	unsigned char validity[40];
+	size_t vl = der_put(validity, 0x30, "\x17\x0d" "250101000000Z"
+	    "\x17\x0d" "491231235959Z", 30);
+	struct bs parts[] = {
+		tc->version.p ? tc->version : BS("\xa0\x03\x02\x01\x02"),
+		tc->serial.p ? tc->serial : BS("\x02\x01\x07"),
+		tc->sigalg.p ? tc->sigalg : BS(ecdsa_sha256),
+		tc->issuer.p ? tc->issuer : BS(name_ca),
+		tc->validity.p ? tc->validity : (struct bs){ validity, vl },
+		tc->subject.p ? tc->subject : BS(name_t),
+		tc->spki.p ? tc->spki : (struct bs){ key, spki_p256(key) },
+		tc->tail.p ? tc->tail : BS_NONE,
+	};
+	size_t t = der_cat(tbs, parts, sizeof parts / sizeof *parts);
+	size_t b = der_put(body, tc->tbs_tag ? tc->tbs_tag : 0x30, tbs, t);
+	memcpy(body + b, ecdsa_sha256, sizeof ecdsa_sha256 - 1);
+	b += sizeof ecdsa_sha256 - 1;
+	b += der_put(body + b, 0x03, "\0\0\0\0", 4);
+	return der_put(o, 0x30, body, b);
+}
+
+/* A certificate with the given extensions (already encoded, n bytes). */
+static size_t
+tcert_exts(unsigned char *o, const void *exts, size_t n)
+{
+	static unsigned char tail[12000];
+	struct tcert tc = { .tail = { tail, exts_make(tail, exts, n) } };
+	return tcert_make(o, &tc);
+}
+
+static void
+test_der_next(void)
+{
+	static const struct { const char *in; size_t n; int ret; size_t len; }
+	    cases[] = {
+		{ "\x04\x01x", 3, 0, 1 },
+		{ "\x04\x81\x01x", 4, 0, 1 },           /* long form, not minimal */
+		{ "\x04\x84\0\0\0\x01x", 7, 0, 1 },     /* 4 length bytes */
+		{ "\x04\x85\0\0\0\0\x01x", 8, -1, 0 },  /* 5: refused */
+		{ "\x04\x80x\0\0", 5, -1, 0 },          /* indefinite */
+		{ "\x04\x82\x01", 3, -1, 0 },           /* length cut */
+		{ "\x04\x02x", 3, -1, 0 },              /* contents cut */
+		{ "\x1f\x01\x01x", 4, -1, 0 },          /* high tag number */
+		{ "\x04", 1, -1, 0 },
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+		ctx("der_next case %zu", i);
+		const unsigned char *b = (const unsigned char *)at_guard(cases[i].in,
+		    cases[i].n), *c = b;
+		struct der e;
+		CHECK_INT(der_next(&c, b + cases[i].n, &e), cases[i].ret);
+		if (cases[i].ret == 0) {
+			CHECK_INT(e.len, cases[i].len);
+			CHECK(e.p + e.len == b + cases[i].n && c == b + cases[i].n);
+			CHECK_INT(e.total, cases[i].n);
+		} else {
+			CHECK(c == b);
+		}
+	}
+}
+
+/* der_san_has_ip and cert_parse on certificates each wrong in one place. */
+static void
+test_cert_san(void)
+{
+	static unsigned char der[12500], e[12000], e2[12000];
+	struct cert_parts cp;
+	size_t n, k;
+
+	ctx("der_san_has_ip: a SAN with a DNS name, 127.0.0.1 and ::1");
+	k = ext_make(e, oid_ski, 3, 0, "\x04\x01\x01", 3);
+	k += ext_make(e + k, oid_san, 3, 0, san_ips, sizeof san_ips - 1);
+	n = tcert_exts(der, e, k);
+	CHECK_INT(cert_parse(der, n, &cp), 0);
+	CHECK_INT(cp.exts.tag, 0xa3);
+	CHECK_VIEW(((struct apm_str){ (const char *)cp.subject.start,
+	    cp.subject.total }), (const char *)name_t);
+	CHECK_INT(der_san_has_ip(der, n, ip4_lo, 4), 1);
+	CHECK_INT(der_san_has_ip(der, n, ip6_lo, 16), 1);
+	CHECK_INT(der_san_has_ip(der, n, (const unsigned char *)"\x0a\0\0\x01", 4), 0);
+	CHECK_INT(der_san_has_ip(der, n, (const unsigned char *)"\x7f\0\0\x01\0", 5), 0);
+	for (size_t cut = 0; cut < n; cut++)
+		CHECK_INT(der_san_has_ip(der, cut, ip4_lo, 4), 0);
+
+	ctx("der_san_has_ip: a critical SAN");
+	k = ext_make(e, oid_san, 3, 1, san_ips, sizeof san_ips - 1);
+	n = tcert_exts(der, e, k);
+	CHECK_INT(der_san_has_ip(der, n, ip4_lo, 4), 1);
+
+	ctx("der_san_has_ip: a version 1 certificate, no extensions");
+	struct tcert v1 = { .version = BS_NONE };
+	n = tcert_make(der, &v1);
+	CHECK_INT(cert_parse(der, n, &cp), 0);
+	CHECK_INT(cp.exts.tag, 0);
+	CHECK_INT(der_san_has_ip(der, n, ip4_lo, 4), 0);
+
+	ctx("der_san_has_ip: extensions without a SAN");
+	k = ext_make(e, oid_ski, 3, 0, "\x04\x01\x01", 3);
+	k += ext_make(e + k, oid_bc, 3, 1, "\x30\x03\x01\x01\xff", 5);
+	n = tcert_exts(der, e, k);
+	CHECK_INT(cert_parse(der, n, &cp), 0);
+	CHECK_INT(der_san_has_ip(der, n, ip4_lo, 4), 0);
+
+	/* the extensions, wrong at each level; the SAN after the wrong part
+	 * would match */
+	size_t good = ext_make(e2, oid_san, 3, 0, san_ips, sizeof san_ips - 1);
+	static const struct { const char *what; struct bs bad; } lv[] = {
+		{ "an extension not a SEQUENCE", BSI("\x31\x05\x06\x03\x55\x1d\x0e") },
+		{ "an extension without its OID", BSI("\x30\x03\x04\x01\x00") },
+		{ "an extension whose length runs over", BSI("\x30\x7f\x06\x03") },
+		{ "the SAN OID, then nothing", BSI("\x30\x05\x06\x03\x55\x1d\x11") },
+		{ "the SAN OID, critical, then nothing",
+		  BSI("\x30\x08\x06\x03\x55\x1d\x11\x01\x01\xff") },
+		{ "the SAN value not an OCTET STRING",
+		  BSI("\x30\x07\x06\x03\x55\x1d\x11\x05\x00") },
+		{ "the SAN names not a SEQUENCE", BSI("\x30\x0d\x06\x03\x55\x1d\x11"
+		  "\x04\x06\x31\x04\x7f\x00\x00\x01") },
+		{ "a SAN name whose length runs over", BSI("\x30\x12\x06\x03\x55\x1d"
+		  "\x11\x04\x0b\x30\x09\x82\x09x\x87\x04\x7f\x00\x00\x01") },
+	};
+	for (size_t i = 0; i < sizeof lv / sizeof *lv; i++) {
+		ctx("der_san_has_ip: %s", lv[i].what);
+		memcpy(e, lv[i].bad.p, lv[i].bad.n);
+		memcpy(e + lv[i].bad.n, e2, good);
+		n = tcert_exts(der, e, lv[i].bad.n + good);
+		CHECK_INT(cert_parse(der, n, &cp), 0);
+		CHECK_INT(der_san_has_ip(der, n, ip4_lo, 4), 0);
+	}
+	/* [3] holding something else than a SEQUENCE of extensions */
+	ctx("der_san_has_ip: [3] not holding a SEQUENCE");
+	k = der_put(e, 0x31, e2, good);
+	struct tcert t3 = { .tail = { e2 + good, der_put(e2 + good, 0xa3, e, k) } };
+	n = tcert_make(der, &t3);
+	CHECK_INT(cert_parse(der, n, &cp), 0);
+	CHECK_INT(der_san_has_ip(der, n, ip4_lo, 4), 0);
+	/* the same SAN in a well-formed [3] matches: the cases above fail for
+	 * what they change */
+	n = tcert_exts(der, e2, good);
+	CHECK_INT(der_san_has_ip(der, n, ip4_lo, 4), 1);
+
+	/* the certificate's own parts */
+	static unsigned char key[200];
+	unsigned char q[65];
+	ec_point(q, 65);
+	static const struct { const char *what; struct tcert tc; } parts[] = {
+		{ "tbsCertificate not a SEQUENCE", { .tbs_tag = 0x31 } },
+		{ "the serial not an INTEGER", { .serial = BSI("\x04\x01\x07") } },
+		{ "no serial, no version", { .version = BSI(""), .serial = BSI("") } },
+		{ "the subject not a SEQUENCE", { .subject = BSI("\x31\x00") } },
+		{ "no key", { .spki = BSI("") } },
+		{ "the key not a SEQUENCE", { .spki = BSI("\x31\x00") } },
+		{ "a part after the key whose length runs over",
+		  { .tail = BSI("\x81\x05\x00") } },
+		{ "a part after the key with a high tag number",
+		  { .tail = BSI("\x9f\x21\x01\x00") } },
+		{ "the key's algorithm not a SEQUENCE",
+		  { .spki = BSI("\x30\x08\x31\x00\x03\x04\x00\x04\x01\x02") } },
+		{ "the key not a BIT STRING",
+		  { .spki = BSI("\x30\x0d\x30\x09\x06\x07\x2a\x86\x48\xce\x3d\x02\x01"
+		    "\x04\x00") } },
+		{ "the key a BIT STRING of no bits",
+		  { .spki = BSI("\x30\x0e\x30\x09\x06\x07\x2a\x86\x48\xce\x3d\x02\x01"
+		    "\x03\x01\x00") } },
+		{ "the algorithm not an OID",
+		  { .spki = BSI("\x30\x0c\x30\x04\x04\x02\x2a\x86\x03\x04\x00\x04\x01\x02") } },
+		{ "the algorithm's parameters run over",
+		  { .spki = BSI("\x30\x10\x30\x08\x06\x03\x2b\x65\x70\x06\x09\x01"
+		    "\x03\x04\x00\x04\x01\x02") } },
+	};
+	for (size_t i = 0; i < sizeof parts / sizeof *parts; i++) {
+		ctx("cert_parse: %s", parts[i].what);
+		struct tcert tc = parts[i].tc;
+		k = ext_make(e, oid_san, 3, 0, san_ips, sizeof san_ips - 1);
+		if (!tc.tail.p)
+			tc.tail = (struct bs){ e2, exts_make(e2, e, k) };
+		n = tcert_make(der, &tc);
+		size_t nta = tls.nta;
+		CHECK_INT(cert_parse(der, n, &cp), -1);
+		CHECK_INT(der_san_has_ip(der, n, ip4_lo, 4), 0);
+		CHECK_INT(tls_anchor_fast(der, n), -1);
+		CHECK_INT(tls.nta, nta);
+	}
+	/* a key's BIT STRING with unused bits is not a key */
+	ctx("cert_parse: a key with unused bits");
+	struct tcert ub = { .spki = { key, spki_make(key, oid_ec, 7, oid_p256, 8,
+	    0, q, 65, 1) } };
+	n = tcert_make(der, &ub);
+	CHECK_INT(cert_parse(der, n, &cp), -1);
+}
+
+/* The anchor tls_anchor_fast added last: subject, key type, CA flag. */
+static const br_x509_trust_anchor *
+last_anchor(void)
+{
+	return tls.nta ? &tls.ta[tls.nta - 1] : NULL;
+}
+
+static void
+test_anchor_fast(void)
+{
+	static unsigned char der[12500], key[700], e[600], rsakey[300];
+	unsigned char q[133];
+	const br_x509_trust_anchor *ta;
+	size_t n, nta;
+
+	/* the three curves BearSSL verifies with; the key as it is */
+	static const struct { const unsigned char *oid; size_t len, qlen; int curve; }
+	    curves[] = {
+		{ oid_p256, 8, 65, BR_EC_secp256r1 },
+		{ oid_p384, 5, 97, BR_EC_secp384r1 },
+		{ oid_p521, 5, 133, BR_EC_secp521r1 },
+	};
+	for (size_t i = 0; i < sizeof curves / sizeof *curves; i++) {
+		ctx("tls_anchor_fast: EC curve %d, a CA", curves[i].curve);
+		ec_point(q, curves[i].qlen);
+		size_t k = ext_make(e, oid_bc, 3, 1, "\x30\x03\x01\x01\xff", 5);
+		struct tcert tc = {
+			.spki = { key, spki_make(key, oid_ec, 7, curves[i].oid,
+			    curves[i].len, 0, q, curves[i].qlen, 0) },
+			.tail = { e + k, exts_make(e + k, e, k) },
+		};
+		n = tcert_make(der, &tc);
+		nta = tls.nta;
+		CHECK_INT(tls_anchor_fast(der, n), 0);
+		CHECK_INT(tls.nta, nta + 1);
+		ta = last_anchor();
+		CHECK_INT(ta->pkey.key_type, BR_KEYTYPE_EC);
+		CHECK_INT(ta->pkey.key.ec.curve, curves[i].curve);
+		CHECK_MEM(ta->pkey.key.ec.q, ta->pkey.key.ec.qlen, q, curves[i].qlen);
+		CHECK_MEM(ta->dn.data, ta->dn.len, name_t, sizeof name_t - 1);
+		CHECK_INT(ta->flags, BR_X509_TA_CA);
+	}
+
+	/* basicConstraints: cA only when present and true */
+	static const struct { const char *what; struct bs ext; int ca; } bcs[] = {
+		{ "cA TRUE", BSI("\x30\x03\x01\x01\xff"), 1 },
+		{ "cA FALSE", BSI("\x30\x03\x01\x01\x00"), 0 },
+		{ "cA absent", BSI("\x30\x00"), 0 },
+		{ "a path length only", BSI("\x30\x03\x02\x01\x00"), 0 },
+		{ "not a SEQUENCE", BSI("\x31\x03\x01\x01\xff"), 0 },
+		{ "empty", BSI(""), 0 },
+	};
+	for (size_t i = 0; i < sizeof bcs / sizeof *bcs; i++) {
+		ctx("tls_anchor_fast: basicConstraints %s", bcs[i].what);
+		size_t k = ext_make(e, oid_bc, 3, 1, bcs[i].ext.p, bcs[i].ext.n);
+		n = tcert_exts(der, e, k);
+		CHECK_INT(tls_anchor_fast(der, n), 0);
+		CHECK_INT(last_anchor()->flags, bcs[i].ca ? BR_X509_TA_CA : 0);
+	}
+	ctx("tls_anchor_fast: basicConstraints critical, its value missing");
+	n = tcert_exts(der, "\x30\x08\x06\x03\x55\x1d\x13\x01\x01\xff", 10);
+	CHECK_INT(tls_anchor_fast(der, n), 0);
+	CHECK_INT(last_anchor()->flags, 0);
+	ctx("tls_anchor_fast: no extensions");
+	struct tcert plain = { 0 };
+	n = tcert_make(der, &plain);
+	CHECK_INT(tls_anchor_fast(der, n), 0);
+	CHECK_INT(last_anchor()->flags, 0);
+
+	/* RSA: n without its sign byte, e as it is */
+	ctx("tls_anchor_fast: RSA");
+	unsigned char modulus[130], seq[300];
+	modulus[0] = 0;
+	for (size_t i = 1; i < sizeof modulus; i++)
+		modulus[i] = (unsigned char)(0x80 + i);
+	size_t s = der_put(seq, 0x02, modulus, sizeof modulus);
+	s += der_put(seq + s, 0x02, "\x01\x00\x01", 3);
+	size_t rk = der_put(rsakey, 0x30, seq, s);
+	struct tcert rsa = { .spki = { key, spki_make(key, oid_rsa, 9,
+	    (const unsigned char *)"\x05\x00", 2, 1, rsakey, rk, 0) } };
+	n = tcert_make(der, &rsa);
+	CHECK_INT(tls_anchor_fast(der, n), 0);
+	ta = last_anchor();
+	CHECK_INT(ta->pkey.key_type, BR_KEYTYPE_RSA);
+	CHECK_MEM(ta->pkey.key.rsa.n, ta->pkey.key.rsa.nlen, modulus + 1,
+	    sizeof modulus - 1);
+	CHECK_MEM(ta->pkey.key.rsa.e, ta->pkey.key.rsa.elen, "\x01\x00\x01", 3);
+
+	/* keys it does not read: refused (tls_add_anchor then asks BearSSL) */
+	static unsigned char badkey[300];
+	size_t bk;
+	struct { const char *what; size_t len; } bad[8];
+	size_t nb = 0;
+	static unsigned char bders[8][1200];
+	size_t blen[8];
+#define BAD(w, tcv) do { struct tcert t_ = tcv; bad[nb].what = w;             \
+		blen[nb] = tcert_make(bders[nb], &t_); nb++; } while (0)
+	BAD("an RSA key not a SEQUENCE", ((struct tcert){ .spki = { key,
+	    spki_make(key, oid_rsa, 9, NULL, 0, 0,
+	    (const unsigned char *)"\x31\x00", 2, 0) } }));
+	bk = der_put(badkey, 0x30, "\x02\x01\x05", 3);
+	BAD("an RSA key without its exponent", ((struct tcert){ .spki = { key + 200,
+	    spki_make(key + 200, oid_rsa, 9, NULL, 0, 0, badkey, bk, 0) } }));
+	bk = der_put(badkey + 100, 0x30, "\x02\x01\x05\x04\x01\x03", 6);
+	BAD("an RSA exponent not an INTEGER", ((struct tcert){ .spki = { key + 400,
+	    spki_make(key + 400, oid_rsa, 9, NULL, 0, 0, badkey + 100, bk, 0) } }));
+	ec_point(q, 65);
+	static unsigned char k2[4][200];
+	BAD("an EC key on secp256k1", ((struct tcert){ .spki = { k2[0],
+	    spki_make(k2[0], oid_ec, 7, oid_k256, 5, 0, q, 65, 0) } }));
+	BAD("an EC key without its curve", ((struct tcert){ .spki = { k2[1],
+	    spki_make(k2[1], oid_ec, 7, NULL, 0, 0, q, 65, 0) } }));
+	BAD("an EC key with NULL parameters", ((struct tcert){ .spki = { k2[2],
+	    spki_make(k2[2], oid_ec, 7, (const unsigned char *)"\x05\x00", 2, 1,
+	    q, 65, 0) } }));
+	BAD("an Ed25519 key", ((struct tcert){ .spki = { k2[3],
+	    spki_make(k2[3], oid_ed25519, 3, NULL, 0, 0, q + 1, 32, 0) } }));
+#undef BAD
+	for (size_t i = 0; i < nb; i++) {
+		ctx("tls_anchor_fast: %s", bad[i].what);
+		nta = tls.nta;
+		CHECK_INT(tls_anchor_fast(bders[i], blen[i]), -1);
+		CHECK_INT(tls_add_anchor(bders[i], blen[i]), -1); /* nor BearSSL */
+		CHECK_INT(tls.nta, nta);
+	}
+
+	/* a certificate whose outer length takes 5 bytes: BER, not DER, and
+	 * BearSSL reads it; the direct reader leaves it to BearSSL, whose
+	 * anchor is the one the DER encoding gives */
+	ctx("tls_add_anchor: BearSSL reads what the direct reader leaves");
+	size_t k = ext_make(e, oid_bc, 3, 1, "\x30\x03\x01\x01\xff", 5);
+	n = tcert_exts(der, e, k);
+	CHECK_INT(tls_anchor_fast(der, n), 0);
+	size_t hl = 2 + (der[1] & 0x80 ? (der[1] & 0x7f) : 0), body = n - hl;
+	static unsigned char ber[12500];
+	memcpy(ber, "\x30\x85\x00\x00\x00", 5);
+	ber[5] = (unsigned char)(body >> 8);
+	ber[6] = (unsigned char)body;
+	memcpy(ber + 7, der + hl, body);
+	nta = tls.nta;
+	CHECK_INT(tls_anchor_fast(ber, body + 7), -1);
+	CHECK_INT(tls.nta, nta);
+	CHECK_INT(tls_add_anchor(ber, body + 7), 0);
+	CHECK_INT(tls.nta, nta + 1);
+	if (tls.nta == nta + 1)
+		CHECK(anchor_same(&tls.ta[nta - 1], &tls.ta[nta]));
+	ctx("tls_add_anchor: not a certificate");
+	nta = tls.nta;
+	CHECK_INT(tls_add_anchor((const unsigned char *)"\x30\x03\x02\x01\x01", 5), -1);
+	CHECK_INT(tls.nta, nta);
+}
+
+/* A PEM block of der (lines of 64 base64 digits) into out; its length. */
+static size_t
+pem_block(const unsigned char *der, size_t n, char *out)
+{
+	static const char digits[] =
+	    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	size_t o = (size_t)sprintf(out, "-----BEGIN CERTIFICATE-----\n"), col = 0;
+	for (size_t i = 0; i < n; i += 3) {
+		uint32_t v = (uint32_t)der[i] << 16 |
+		    (i + 1 < n ? (uint32_t)der[i + 1] << 8 : 0) |
+		    (i + 2 < n ? der[i + 2] : 0);
+		for (size_t k = 0; k < 4; k++)
+			out[o++] = k <= (n - i) ? digits[v >> (18 - 6 * k) & 63] : '=';
+		if ((col += 4) == 64 || i + 3 >= n) {
+			out[o++] = '\n';
+			col = 0;
+		}
+	}
+	o += (size_t)sprintf(out + o, "-----END CERTIFICATE-----\n");
+	return o;
+}
+
+/* tls_load_file_idx on a scratch file holding text (NULL: on path); what
+ * it logged at warn and above. */
+static const char *
+load_file(const char *path, const char *text, size_t len, int lazy)
+{
+	char tmp[] = "/tmp/apm-ext-unit-pem-XXXXXX";
+	if (text && pem_file(tmp, 0, text, len) < 0)
+		return "";
+	capture_begin(2, LOG_WARN);
+	tls_load_file_idx(text ? tmp : path, "CA file", lazy);
+	const char *t = capture_end();
+	if (text)
+		unlink(tmp);
+	return t;
+}
+
+static void
+test_pem_loads(void)
+{
+	static unsigned char der[12500], ber[12500], e[100];
+	static char pem[20000], bpem[20000], text[120000], line[300];
+	size_t k = ext_make(e, oid_bc, 3, 1, "\x30\x03\x01\x01\xff", 5);
+	size_t n = tcert_exts(der, e, k), pl = pem_block(der, n, pem);
+	size_t nta = tls.nta, nidx = tls.nidx;
+	const char *t;
+
+	ctx("tls_pem_blocks reads pem_block's certificate");
+	size_t added = 0, bad = 0;
+	CHECK_INT(tls_pem_blocks(pem, pl, &added, &bad), pl - 1); /* to END's end */
+	CHECK_INT(added, 1);
+	CHECK_INT(bad, 0);
+	nta = tls.nta;
+
+	ctx("tls_load_file_idx: no such file");
+	t = load_file("/nonexistent/apm-ext-unit.pem", NULL, 0, 0);
+	CHECK_INT(lines_with(t, "CA file /nonexistent/apm-ext-unit.pem cannot be "
+	    "read: No such file or directory"), 1);
+	CHECK_INT(lines_with(t, "\"level\":"), 1);
+
+	ctx("tls_load_file_idx: a folder (opens, cannot be read)");
+	t = load_file("/tmp", NULL, 0, 0);
+	CHECK_INT(lines_with(t, "\"level\":\"error\""), 1);
+	CHECK_INT(lines_with(t, "CA file /tmp cannot be read: Is a directory"), 1);
+	CHECK_INT(lines_with(t, "holds no usable certificate"), 0);
+	CHECK_INT(tls.nta, nta);
+
+	static const char *const nothing[] = { "", "just text\n",
+		"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n" };
+	for (size_t i = 0; i < 3; i++) {
+		ctx("tls_load_file_idx: no usable certificate (case %zu)", i);
+		t = load_file(NULL, nothing[i], strlen(nothing[i]), 0);
+		CHECK_INT(lines_with(t, "holds no usable certificate"), 1);
+		CHECK_INT(lines_with(t, "cannot be read"), 0);
+		CHECK_INT(lines_with(t, "1 certificates could not be decoded"), i == 2);
+		CHECK_INT(tls.nta, nta);
+	}
+
+	ctx("tls_load_file_idx: a certificate, then one cut short");
+	memcpy(text, pem, pl);
+	memcpy(text + pl, pem, pl / 2);
+	t = load_file(NULL, text, pl + pl / 2, 0);
+	CHECK_INT(tls.nta, nta + 1);
+	CHECK_INT(lines_with(t, ": 1 certificates could not be decoded"), 1);
+	CHECK_INT(lines_with(t, "holds no usable certificate"), 0);
+	nta = tls.nta;
+
+	/* a block longer than the 32 KiB read is skipped, and what follows
+	 * it still loads; decoded at once and indexed */
+	size_t tl = (size_t)sprintf(text, "-----BEGIN CERTIFICATE-----\n");
+	memset(text + tl, 'A', 40000);
+	tl += 40000;
+	tl += (size_t)sprintf(text + tl, "\n-----END CERTIFICATE-----\n");
+	memcpy(text + tl, pem, pl);
+	tl += pl;
+	for (int lazy = 0; lazy <= 1; lazy++) {
+		ctx("tls_load_file_idx: a block over 32 KiB, then a certificate, "
+		    "lazy %d", lazy);
+		t = load_file(NULL, text, tl, lazy);
+		CHECK_INT(tls.nta, nta + !lazy);
+		CHECK_INT(tls.nidx, nidx + lazy);
+		CHECK_INT(lines_with(t, ": 1 certificates could not be decoded"), 1);
+		CHECK_INT(lines_with(t, "holds no usable certificate"), 0);
+		nta = tls.nta;
+	}
+	if (tls.nidx == nidx + 1) {
+		struct tls_idx *x = &tls.idx[nidx];
+		CHECK_INT(x->off, tl - pl);
+		CHECK_INT(x->len, pl - 1);
+		CHECK_INT(x->hash, dn_hash(name_t, sizeof name_t - 1));
+	}
+
+	/* the index reads the headers of the first 640 digits: a block whose
+	 * headers it does not take is decoded at once instead */
+	size_t hl = 2 + (der[1] & 0x80 ? (der[1] & 0x7f) : 0), body = n - hl;
+	memcpy(ber, "\x30\x85\x00\x00\x00", 5);
+	ber[5] = (unsigned char)(body >> 8);
+	ber[6] = (unsigned char)body;
+	memcpy(ber + 7, der + hl, body);
+	size_t bl = pem_block(ber, body + 7, bpem);
+	ctx("tls_load_file_idx, lazy: a length in 5 bytes is decoded at once");
+	t = load_file(NULL, bpem, bl, 1);
+	CHECK_INT(tls.nta, nta + 1);
+	CHECK_INT(tls.nidx, nidx + 1);
+	CHECK_INT(lines_with(t, "\"level\":"), 0);
+	nta = tls.nta;
+
+	static const struct { const char *what; const char *body; int ret; } ix[] = {
+		{ "fewer than 5 bytes", "MAEC", -1 },                  /* 30 01 02 */
+		{ "not a SEQUENCE", "MQMCAQE=", -1 },                  /* 31 03 ... */
+		{ "the tbsCertificate not a SEQUENCE", "MIIBAAIBAQIBAQIBAQIBAQ==", -1 },
+		{ "its parts cut", "MIIBADCCAQCgAwIBAg==", -1 },
+	};
+	for (size_t i = 0; i < sizeof ix / sizeof *ix; i++) {
+		ctx("tls_index_block: %s", ix[i].what);
+		CHECK_INT(tls_index_block(ix[i].body, strlen(ix[i].body), 0, 10),
+		    ix[i].ret);
+		CHECK_INT(tls.nidx, nidx + 1);
+	}
+	const char *b64 = strchr(bpem, '\n') + 1;
+	ctx("tls_index_block: a length in 5 bytes");
+	CHECK_INT(tls_index_block(b64, strlen(b64), 0, 10), -1);
+	b64 = strchr(pem, '\n') + 1;
+	ctx("tls_index_block: a certificate");
+	CHECK_INT(tls_index_block(b64, strlen(b64), 77, 10), 0);
+	CHECK_INT(tls.nidx, nidx + 2);
+	if (tls.nidx == nidx + 2)
+		CHECK_INT(tls.idx[nidx + 1].off, 77);
+	tls.nidx = nidx; /* no chain ever looks these up */
+
+	ctx("tls_load_env_pem: newlines written as \\n");
+	size_t o = 0;
+	for (size_t i = 0; i < pl - 1; i++) { /* to the END line's end */
+		if (pem[i] == '\n') {
+			text[o++] = '\\';
+			text[o++] = 'n';
+		} else {
+			text[o++] = pem[i];
+		}
+	}
+	text[o] = 0;
+	CHECK(strchr(text, '\n') == NULL);
+	capture_begin(2, LOG_WARN);
+	tls_load_env_pem(text, "CA_PEM");
+	t = capture_end();
+	CHECK_INT(tls.nta, nta + 1);
+	CHECK_STR(t, "");
+	nta = tls.nta;
+
+	ctx("tls_load_env_pem: no certificate");
+	static const char *const envs[] = { "not a certificate",
+		"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----" };
+	for (size_t i = 0; i < 2; i++) {
+		capture_begin(2, LOG_WARN);
+		tls_load_env_pem(envs[i], "CA_PEM");
+		t = capture_end();
+		snprintf(line, sizeof line, "\"level\":\"error\",\"logger\":\"apm-ext\","
+		    "\"msg\":\"CA_PEM holds no usable certificate\"");
+		CHECK_INT(lines_with(t, line), 1);
+		CHECK_INT(tls.nta, nta);
+	}
+}
+
+/* An X.509 engine that records what reaches it and ends its chain with
+ * err: the inner engine of the IP-address check. */
+struct stub_x509 {
+	const br_x509_class *vtable;
+	unsigned err, certs, chains;
+	size_t bytes;
+};
+
+static void
+stub_start_chain(const br_x509_class **ctx, const char *name)
+{
+	struct stub_x509 *s = (struct stub_x509 *)ctx;
+	(void)name;
+	s->chains++;
+	s->certs = 0;
+	s->bytes = 0;
+}
+
+static void
+stub_start_cert(const br_x509_class **ctx, uint32_t length)
+{
+	(void)ctx, (void)length;
+}
+
+static void
+stub_append(const br_x509_class **ctx, const unsigned char *buf, size_t len)
+{
+	(void)buf;
+	((struct stub_x509 *)ctx)->bytes += len;
+}
+
+static void
+stub_end_cert(const br_x509_class **ctx)
+{
+	((struct stub_x509 *)ctx)->certs++;
+}
+
+static unsigned
+stub_end_chain(const br_x509_class **ctx)
+{
+	return ((struct stub_x509 *)ctx)->err;
+}
+
+static const br_x509_pkey *
+stub_get_pkey(const br_x509_class *const *ctx, unsigned *usages)
+{
+	(void)ctx;
+	if (usages)
+		*usages = 0;
+	return NULL;
+}
+
+static const br_x509_class stub_x509_vtable = {
+	sizeof(struct stub_x509), stub_start_chain, stub_start_cert, stub_append,
+	stub_end_cert, stub_end_chain, stub_get_pkey,
+};
+
+/* Run a chain of n certificates through engine x, each in pieces of 1000
+ * bytes; end_chain's result. */
+static unsigned
+x509_run(const br_x509_class **x, const unsigned char *const *certs,
+    const size_t *lens, size_t n)
+{
+	(*x)->start_chain(x, "127.0.0.1");
+	for (size_t i = 0; i < n; i++) {
+		(*x)->start_cert(x, (uint32_t)lens[i]);
+		for (size_t at = 0; at < lens[i]; at += 1000)
+			(*x)->append(x, certs[i] + at, MIN((size_t)1000, lens[i] - at));
+		(*x)->end_cert(x);
+	}
+	return (*x)->end_chain(x);
+}
+
+static void
+test_x509_wrappers(void)
+{
+	static unsigned char with_ip[12500], without[12500], big[12500], e[12000];
+	size_t k = ext_make(e, oid_san, 3, 0, san_ips, sizeof san_ips - 1);
+	size_t n_ip = tcert_exts(with_ip, e, k);
+	struct tcert plain = { 0 };
+	size_t n_plain = tcert_make(without, &plain);
+	/* the SAN after an extension of 9000 bytes: over the 8 KiB kept */
+	static unsigned char filler[9000];
+	memset(filler, 0x55, sizeof filler);
+	k = ext_make(e, oid_ski, 3, 0, filler, sizeof filler);
+	k += ext_make(e + k, oid_san, 3, 0, san_ips, sizeof san_ips - 1);
+	size_t n_big = tcert_exts(big, e, k);
+	CHECK(n_big > 9000);
+	CHECK_INT(der_san_has_ip(big, n_big, ip4_lo, 4), 1);
+
+	ctx("no verification: an empty chain");
+	struct tls_noverify nv = { .vtable = &tls_noverify_vtable };
+	const br_x509_class **x = &nv.vtable;
+	CHECK_INT(x509_run(x, NULL, NULL, 0), BR_ERR_X509_EMPTY_CHAIN);
+
+	ctx("no verification: the server's key, whatever follows it");
+	const unsigned char *chain[2] = { with_ip, (const unsigned char *)"junk" };
+	size_t lens[2] = { n_ip, 4 };
+	CHECK_INT(x509_run(x, chain, lens, 2), 0);
+	unsigned usages = 0;
+	const br_x509_pkey *pk = (*x)->get_pkey(x, &usages);
+	CHECK(pk != NULL && pk->key_type == BR_KEYTYPE_EC &&
+	    pk->key.ec.curve == BR_EC_secp256r1 && pk->key.ec.qlen == 65);
+	CHECK_INT(usages, BR_KEYTYPE_KEYX | BR_KEYTYPE_SIGN);
+	ctx("no verification: a server certificate that does not decode");
+	chain[0] = (const unsigned char *)"\x30\x03\x02\x01\x01";
+	lens[0] = 5;
+	CHECK(x509_run(x, chain, lens, 1) != 0);
+
+	struct stub_x509 in = { .vtable = &stub_x509_vtable };
+	struct tls_ipcheck ic;
+	memset(&ic, 0, sizeof ic);
+	ic.vtable = &tls_ipcheck_vtable;
+	ic.inner = &in.vtable;
+	memcpy(ic.ip, ip4_lo, 4);
+	ic.iplen = 4;
+	x = &ic.vtable;
+	static const struct { const char *what; const unsigned char *first;
+		size_t len; unsigned inner, want; } ipc[] = {
+		{ "the address in the SAN", with_ip, 0, 0, 0 },
+		{ "no SAN", without, 0, 0, BR_ERR_X509_BAD_SERVER_NAME },
+		{ "the inner engine's error first", with_ip, 0,
+		  BR_ERR_X509_NOT_TRUSTED, BR_ERR_X509_NOT_TRUSTED },
+		{ "the inner engine's error, no SAN", without, 0,
+		  BR_ERR_X509_EXPIRED, BR_ERR_X509_EXPIRED },
+		{ "a server certificate over 8 KiB, the address in its SAN", big, 0,
+		  0, BR_ERR_X509_BAD_SERVER_NAME },
+	};
+	for (size_t i = 0; i < sizeof ipc / sizeof *ipc; i++) {
+		ctx("IP-address check: %s", ipc[i].what);
+		const unsigned char *c2[2] = { ipc[i].first, with_ip };
+		size_t l2[2] = { ipc[i].first == with_ip ? n_ip :
+			ipc[i].first == big ? n_big : n_plain, n_ip };
+		in.err = ipc[i].inner;
+		in.chains = 0;
+		CHECK_INT(x509_run(x, c2, l2, 2), ipc[i].want);
+		/* the inner engine saw the whole chain */
+		CHECK_INT(in.chains, 1);
+		CHECK_INT(in.certs, 2);
+		CHECK_INT(in.bytes, l2[0] + l2[1]);
+		CHECK(!(*x)->get_pkey(x, NULL));
+	}
+	ctx("IP-address check: another address");
+	memcpy(ic.ip, "\x0a\x00\x00\x01", 4);
+	in.err = 0;
+	const unsigned char *c1[1] = { with_ip };
+	size_t l1[1] = { n_ip };
+	CHECK_INT(x509_run(x, c1, l1, 1), BR_ERR_X509_BAD_SERVER_NAME);
+	memcpy(ic.ip, ip6_lo, 16);
+	ic.iplen = 16;
+	CHECK_INT(x509_run(x, c1, l1, 1), 0);
+
+	/* the lazy bundle wrapper holds the chain up to 64 KiB (each
+	 * certificate with a 4-byte length); more fails the chain before any
+	 * certificate is looked at */
+	static unsigned char junk[70000];
+	static const struct { size_t len; int over; } lz[] = {
+		{ 65532, 0 }, { 65533, 1 }, { 69000, 1 },
+	};
+	for (size_t i = 0; i < sizeof lz / sizeof *lz; i++) {
+		ctx("lazy bundle: a chain of one certificate of %zu bytes", lz[i].len);
+		struct tls_lazy l;
+		br_x509_minimal_context xc;
+		memset(&l, 0, sizeof l);
+		memset(&xc, 0, sizeof xc);
+		l.vtable = &tls_lazy_vtable;
+		l.inner = &xc;
+		x = &l.vtable;
+		(*x)->start_chain(x, "example.com");
+		(*x)->start_cert(x, (uint32_t)lz[i].len);
+		for (size_t at = 0; at < lz[i].len; at += 4096)
+			(*x)->append(x, junk + at, MIN((size_t)4096, lz[i].len - at));
+		(*x)->end_cert(x);
+		CHECK_INT(l.chain.oom, lz[i].over);
+		if (!lz[i].over) {
+			CHECK_INT(l.chain.len, lz[i].len + 4);
+			CHECK(memcmp(l.chain.p, "\x00\x00\xff\xfc", 4) == 0);
+			free(l.chain.p);
+			continue;
+		}
+		CHECK_INT((*x)->end_chain(x), BR_ERR_X509_LIMIT_EXCEEDED);
+		CHECK(l.chain.p == NULL && l.chain.len == 0 && l.chain.oom == 0);
+	}
+}
+
 /* == AWS request ==
  * The secret id is escaped into a 1024-byte buffer that keeps room for its
  * terminating NUL: an id of 1023 bytes goes out, one of 1024 is refused
@@ -3490,6 +4346,11 @@ main(void)
 	test_audit_helpers();
 	test_base64_roundtrip();
 	test_trust_anchors();
+	test_der_next();
+	test_cert_san();
+	test_anchor_fast();
+	test_pem_loads();
+	test_x509_wrappers();
 	test_tls_reason();
 	test_aws_request_id_limit();
 	test_tel_accept_evicts_idlest();
