@@ -1,6 +1,8 @@
 /*
  * unit.c - unit tests of apm-ext's pure parts (the contract in apm-ext.h) and
- * of a few statics: the payload queue and body framing.
+ * of statics: the payload queue and body framing, DER and X.509 (on
+ * certificates made here), trust anchors, HTTP answers, settings and the
+ * log line (what apm-ext logs is captured: capture_begin).
  *
  * No framework. CHECK* count passes and failures; a failure prints
  * file:line, the case under test and the values. The last line printed is
@@ -3056,9 +3058,9 @@ test_trust_anchors(void)
 			break;
 		}
 	free(pem);
-	/* the IP SAN reader on a hand-made certificate skeleton is covered by
-	 * e2e (tls_ip_address_url, tls_refused_wrong_ip); here: no crash on
-	 * garbage and truncations */
+	/* the IP SAN reader on hand-made certificates: test_cert_san and, end
+	 * to end, tls_ip_address_url and tls_refused_wrong_ip; here: no crash
+	 * on garbage and truncations */
 	unsigned char junk[64];
 	for (size_t i = 0; i < sizeof junk; i++)
 		junk[i] = (unsigned char)(i * 37 + 0x30);
@@ -3411,7 +3413,7 @@ last_anchor(void)
 static void
 test_anchor_fast(void)
 {
-	static unsigned char der[12500], key[700], e[600], rsakey[300];
+	static unsigned char der[12500], key[800], e[600], rsakey[300];
 	unsigned char q[133];
 	const br_x509_trust_anchor *ta;
 	size_t n, nta;
@@ -3489,41 +3491,35 @@ test_anchor_fast(void)
 	    sizeof modulus - 1);
 	CHECK_MEM(ta->pkey.key.rsa.e, ta->pkey.key.rsa.elen, "\x01\x00\x01", 3);
 
-	/* keys it does not read: refused (tls_add_anchor then asks BearSSL) */
-	static unsigned char badkey[300];
-	size_t bk;
-	struct { const char *what; size_t len; } bad[8];
-	size_t nb = 0;
-	static unsigned char bders[8][1200];
-	size_t blen[8];
-#define BAD(w, tcv) do { struct tcert t_ = tcv; bad[nb].what = w;             \
-		blen[nb] = tcert_make(bders[nb], &t_); nb++; } while (0)
-	BAD("an RSA key not a SEQUENCE", ((struct tcert){ .spki = { key,
-	    spki_make(key, oid_rsa, 9, NULL, 0, 0,
-	    (const unsigned char *)"\x31\x00", 2, 0) } }));
-	bk = der_put(badkey, 0x30, "\x02\x01\x05", 3);
-	BAD("an RSA key without its exponent", ((struct tcert){ .spki = { key + 200,
-	    spki_make(key + 200, oid_rsa, 9, NULL, 0, 0, badkey, bk, 0) } }));
-	bk = der_put(badkey + 100, 0x30, "\x02\x01\x05\x04\x01\x03", 6);
-	BAD("an RSA exponent not an INTEGER", ((struct tcert){ .spki = { key + 400,
-	    spki_make(key + 400, oid_rsa, 9, NULL, 0, 0, badkey + 100, bk, 0) } }));
+	/* keys it does not read: refused, and BearSSL (tls_add_anchor's
+	 * fallback) refuses them too */
+	static unsigned char rsa1[20], rsa2[20];
+	size_t r1 = der_put(rsa1, 0x30, "\x02\x01\x05", 3);
+	size_t r2 = der_put(rsa2, 0x30, "\x02\x01\x05\x04\x01\x03", 6);
 	ec_point(q, 65);
-	static unsigned char k2[4][200];
-	BAD("an EC key on secp256k1", ((struct tcert){ .spki = { k2[0],
-	    spki_make(k2[0], oid_ec, 7, oid_k256, 5, 0, q, 65, 0) } }));
-	BAD("an EC key without its curve", ((struct tcert){ .spki = { k2[1],
-	    spki_make(k2[1], oid_ec, 7, NULL, 0, 0, q, 65, 0) } }));
-	BAD("an EC key with NULL parameters", ((struct tcert){ .spki = { k2[2],
-	    spki_make(k2[2], oid_ec, 7, (const unsigned char *)"\x05\x00", 2, 1,
-	    q, 65, 0) } }));
-	BAD("an Ed25519 key", ((struct tcert){ .spki = { k2[3],
-	    spki_make(k2[3], oid_ed25519, 3, NULL, 0, 0, q + 1, 32, 0) } }));
-#undef BAD
-	for (size_t i = 0; i < nb; i++) {
+	const struct { const char *what; size_t len; } bad[] = {
+		{ "an RSA key not a SEQUENCE", spki_make(key, oid_rsa, 9, NULL, 0,
+		  0, (const unsigned char *)"\x31\x00", 2, 0) },
+		{ "an RSA key without its exponent", spki_make(key + 100, oid_rsa,
+		  9, NULL, 0, 0, rsa1, r1, 0) },
+		{ "an RSA exponent not an INTEGER", spki_make(key + 200, oid_rsa, 9,
+		  NULL, 0, 0, rsa2, r2, 0) },
+		{ "an EC key on secp256k1", spki_make(key + 300, oid_ec, 7,
+		  oid_k256, 5, 0, q, 65, 0) },
+		{ "an EC key without its curve", spki_make(key + 400, oid_ec, 7,
+		  NULL, 0, 0, q, 65, 0) },
+		{ "an EC key with NULL parameters", spki_make(key + 500, oid_ec, 7,
+		  (const unsigned char *)"\x05\x00", 2, 1, q, 65, 0) },
+		{ "an Ed25519 key", spki_make(key + 600, oid_ed25519, 3, NULL, 0, 0,
+		  q + 1, 32, 0) },
+	};
+	for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
 		ctx("tls_anchor_fast: %s", bad[i].what);
+		struct tcert tc = { .spki = { key + 100 * i, bad[i].len } };
+		n = tcert_make(der, &tc);
 		nta = tls.nta;
-		CHECK_INT(tls_anchor_fast(bders[i], blen[i]), -1);
-		CHECK_INT(tls_add_anchor(bders[i], blen[i]), -1); /* nor BearSSL */
+		CHECK_INT(tls_anchor_fast(der, n), -1);
+		CHECK_INT(tls_add_anchor(der, n), -1);
 		CHECK_INT(tls.nta, nta);
 	}
 
