@@ -676,7 +676,7 @@ apm_json_str(const char *js, const struct apm_json_tok *t, char *out,
 		if (c == '\\') {
 			c = js[++i];
 			const char *map = "\"\"\\\\//b\bf\fn\nr\rt\t";
-			const char *m = strchr(map, c);
+			const char *m = c ? strchr(map, c) : NULL;
 			if (c == 'u') {
 				uint32_t cp = hex4(js + i + 1);
 				i += 4;
@@ -1539,6 +1539,10 @@ sigv4_query(struct sbuf *b, const char *q)
 		sb_uri_encode(&kb, raw, uri_decode(q + s, kl, raw), 0);
 		if (eq)
 			sb_uri_encode(&vb, raw, uri_decode(eq + 1, vl, raw), 0);
+		if (kb.over) { /* (a value always fits: 511 bytes encode to 1533) */
+			b->over = 1; /* encoded longer than we sign: fail, never cut */
+			return;
+		}
 		n++;
 	}
 	for (int i = 1; i < n; i++) /* insertion sort: a handful of params */
@@ -3534,8 +3538,8 @@ static size_t
 tls_load_pem(const char *pem, size_t len, const char *what)
 {
 	size_t added = 0, bad = 0;
-	if (tls_pem_blocks(pem, len, &added, &bad) < len &&
-	    memmem(pem, len, "-----BEGIN CERTIFICATE-----", 27))
+	size_t used = tls_pem_blocks(pem, len, &added, &bad);
+	if (memmem(pem + used, len - used, "-----BEGIN CERTIFICATE-----", 27))
 		bad++; /* a block that never ends */
 	if (bad)
 		log_warn("%s: %zu certificates could not be decoded", what, bad);
@@ -7333,12 +7337,15 @@ lambda_addr(const char *api)
 		return -1;
 	memcpy(host, api, (size_t)(colon - api));
 	host[colon - api] = 0;
-	snprintf(l->host, sizeof l->host, "%s", api);
 	char *h = host;
-	if (h[0] == '[') {
+	if (h[0] == '[') { /* "[v6]": the brackets must close */
+		size_t hl = strlen(h);
+		if (hl < 3 || h[hl - 1] != ']')
+			return -1;
+		h[hl - 1] = 0;
 		h++;
-		h[strlen(h) - 1] = 0;
 	}
+	snprintf(l->host, sizeof l->host, "%s", api);
 	return sock_resolve(h, (uint16_t)port, &l->addr, &l->addrlen);
 }
 

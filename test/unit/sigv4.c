@@ -762,6 +762,17 @@ limits(struct tally *t)
 			    steps[k](&s, out, sizeof out) == -1, what);
 	}
 
+	/* A key of fewer than 512 bytes whose encoding passes the
+	 * 767 bytes of its slot is signed cut short (300 '*', each "%2A":
+	 * 255 of them signed), never refused */
+	memset(query, '*', 300);
+	strcpy(query + 300, "=v");
+	s = plain_request(base, 2);
+	s.query = query;
+	n = apm_sigv4_canonical(&s, out, sizeof out);
+	expect(t, n == -1 || strlen(creq_line(out, 2, line, sizeof line)) ==
+	    300 * 3 + 2, "a query key of 300 '*': refused or signed whole");
+
 	/* an x-amz-date without its 8 date digits: no credential scope */
 	s = plain_request(base, 2);
 	s.amz_date = "2015083";
@@ -771,6 +782,29 @@ limits(struct tally *t)
 	    "a short x-amz-date: no string to sign");
 	expect(t, apm_sigv4_authorization(&s, out, sizeof out) == -1,
 	    "a short x-amz-date: no Authorization");
+}
+
+/*
+ * The session token's place in the signed-header list when it sorts first
+ * (every signed name after "x-amz-security-token"): the list starts with it
+ * and a ';' follows, in the canonical request and in Authorization alike.
+ */
+static void
+token_first(struct tally *t)
+{
+	static const struct apm_http_header only[] = {
+		{ { "Zz-Custom", 9 }, { "v", 1 } },
+	};
+	static char out[4096], line[512];
+	struct apm_sigv4 s = plain_request(only, 1);
+	s.session_token = "TOKEN";
+	int n = apm_sigv4_canonical(&s, out, sizeof out);
+	expect(t, n > 0 && strcmp(creq_line(out, 6, line, sizeof line),
+	    "x-amz-security-token;zz-custom") == 0,
+	    "session token sorting first: the canonical request's signed headers");
+	n = apm_sigv4_authorization(&s, out, sizeof out);
+	expect(t, n > 0 && strstr(out, " SignedHeaders=x-amz-security-token;zz-custom, ") != NULL,
+	    "session token sorting first: Authorization's SignedHeaders");
 }
 
 int
@@ -820,6 +854,7 @@ main(int argc, char **argv)
 	}
 
 	limits(&t);
+	token_first(&t);
 
 	const char *dir = suite_dir(buf, sizeof buf);
 	if (is_dir(dir)) {

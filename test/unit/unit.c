@@ -1336,6 +1336,16 @@ test_json_end(void)
 	}
 }
 
+/* apm_json_str on "a\\<NUL>b" as a hand-made token: 0 when refused. */
+static int
+json_str_backslash_nul(void)
+{
+	static const char js[] = "\"a\\\0b\"";
+	struct apm_json_tok t = { APM_JSON_STRING, 1, 5, 0 };
+	char out[16];
+	return apm_json_str(js, &t, out, sizeof out) == -1 ? 0 : 1;
+}
+
 /* Parse one string document and unescape its token into out. */
 static int
 json_unescape(const char *js, size_t n, char *out, size_t cap)
@@ -1383,6 +1393,12 @@ test_json_str(void)
 		CHECK_INT(json_unescape(b, n, out, want + 1), (int)want);
 		CHECK_INT(json_unescape(b, n, out, want), -1);
 	}
+
+	/* A backslash then a NUL byte in a token the parser did not
+	 * make: strchr finds the map's terminator and the next byte read is
+	 * past the map (ASan: global-buffer-overflow) */
+	ctx("apm_json_str: a backslash then NUL in a hand-made token");
+	CHECK_INT(in_child(json_str_backslash_nul), 0);
 
 	ctx("apm_json_str: \\u0000 decodes to a NUL byte inside the length");
 	CHECK_INT(json_unescape("\"a\\u0000b\"", 10, out, sizeof out), 3);
@@ -3722,6 +3738,21 @@ test_pem_loads(void)
 	CHECK_STR(t, "");
 	nta = tls.nta;
 
+	/* tls_load_pem counted "a block that never ends" whenever a BEGIN
+	 * line is anywhere in the text and anything follows the last END
+	 * line, so a PEM with its usual final newline (the variable, an ACM
+	 * certificate) logs "1 certificates could not be decoded" */
+	ctx("tls_load_pem: a final newline is not a certificate cut short");
+	capture_begin(2, LOG_WARN);
+	CHECK_INT(tls_load_pem(pem, pl, "PEM"), 1);
+	text[o++] = '\\';
+	text[o++] = 'n';
+	text[o] = 0;
+	tls_load_env_pem(text, "CA_PEM");
+	t = capture_end();
+	CHECK_STR(t, "");
+	nta = tls.nta;
+
 	ctx("tls_load_env_pem: no certificate");
 	static const char *const envs[] = { "not a certificate",
 		"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----" };
@@ -4277,7 +4308,10 @@ test_lambda_addr(void)
 	memset(longhost, '1', 140);
 	strcpy(longhost + 140, ":9001");
 	const char *bad[] = { "127.0.0.1", "127.0.0.1:", "127.0.0.1:65536",
-		"127.0.0.1:90a1", "127.0.0.1:-1", "", longhost };
+		"127.0.0.1:90a1", "127.0.0.1:-1", "", longhost,
+		/* a bracket not closed: its last character was cut
+		 * ("[::1" resolves as "::"), or (only "[") the byte before */
+		"[::1:9001", "[:9001", "[]:9001" };
 	for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
 		ctx("lambda_addr \"%.40s\" refused", bad[i]);
 		snprintf(g.lam.host, sizeof g.lam.host, "before");
