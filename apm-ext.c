@@ -5991,16 +5991,16 @@ aws_request(struct upstream *u, int k)
 	return bad ? -1 : 0;
 }
 
-/* Call aws.current, or the next call while it has not begun (its endpoint
- * does not resolve, its request cannot be made) failed: retry with backoff
- * (the first retry at once). */
+/* The next call failed, begun (aws.current) or not (its endpoint does not
+ * resolve, its request cannot be made): retry with backoff (the first retry
+ * at once). */
 static void
 aws_failed(const char *why)
 {
-	int k = aws.current >= 0 ? aws.current : aws_next_call();
+	int k = aws_next_call(); /* calls run in order: aws.current's, if any */
+	aws.current = -1;
 	if (NEVER(k < 0)) /* nothing pending: nothing was called */
 		return;
-	aws.current = -1;
 	int64_t delay = backoff_fail(&aws.backoff, &g.rnd); /* the first: 0 */
 	if (aws.backoff.failures == 1 || aws.backoff.failures % 10 == 0)
 		log_error("%s for \"%.128s\" failed: %s; delivery waits, retrying in "
