@@ -47,29 +47,49 @@ def ms(seconds):
     return "%.1f ms" % (seconds * 1000)
 
 
-def keep_logs(out, lam, apm, fn):
+def keep_logs(out, lam, apm, fn, runtime_what, handler_what, request_row,
+              decoded=lambda r: (), apm_what="its lines"):
+    """Copy the run's logs to out/ and write apm-server.ndjson: one row per
+    request the fake APM server got (request_row(r)), then its lines and
+    whatever decoded(r) yields. Returns [(file, what it holds)]."""
     os.makedirs(out, exist_ok=True)
     kept = []
     for src, name, what in ((lam.ext_log_path, "extension.log", "apm-ext's JSON log"),
-                            (lam.runtime_log_path, "runtime.log",
-                             "the Node runtime and the agent's own log"),
-                            (fn.record_path, "handler-records.jsonl",
-                             "ids the handler made")):
+                            (lam.runtime_log_path, "runtime.log", runtime_what),
+                            (fn.record_path, "handler-records.jsonl", handler_what)):
         if src and os.path.exists(src):
             shutil.copyfile(src, os.path.join(out, name))
             kept.append((name, what))
     with open(os.path.join(out, "apm-server.ndjson"), "w", encoding="utf-8") as f:
         for r in apm.requests:
-            f.write(json.dumps({"request": "%s %s%s" % (r.method, r.path,
+            f.write(json.dumps(request_row(r)) + "\n")
+            for kind, obj in r.lines:
+                f.write(json.dumps({kind: obj}, separators=(",", ":")) + "\n")
+            for row in decoded(r):
+                f.write(json.dumps(row, separators=(",", ":"), default=repr) + "\n")
+    kept.append(("apm-server.ndjson", "every request the fake APM server got, then " + apm_what))
+    return kept
+
+
+def agent_keep_logs(out, lam, apm, fn):
+    return keep_logs(out, lam, apm, fn, "the Node runtime and the agent's own log",
+                     "ids the handler made",
+                     lambda r: {"request": "%s %s%s" % (r.method, r.path,
                                                          "?" + r.query if r.query else ""),
                                 "status": r.status,
                                 "user_agent": r.headers.get("User-Agent"),
                                 "content_encoding": r.headers.get("Content-Encoding"),
-                                "bytes": len(r.body)}) + "\n")
-            for kind, obj in r.lines:
-                f.write(json.dumps({kind: obj}, separators=(",", ":")) + "\n")
-    kept.append(("apm-server.ndjson", "every request the fake APM server got, then its lines"))
-    return kept
+                                "bytes": len(r.body)})
+
+
+def report_end(out, kept, ok):
+    """The demo's last lines: where the logs are, then ok or FAILED."""
+    if kept:
+        print("  logs kept in %s/:" % os.path.relpath(out))
+        for name, what in kept:
+            print("    %-22s %s" % (name, what))
+    print("demo %s" % ("ok" if ok else "FAILED"))
+    return 0 if ok else 1
 
 
 def main(argv=None):
@@ -182,43 +202,24 @@ def main(argv=None):
             ok = False
             print("  PROBLEM: %s" % str(e).split("\n    --- Node runtime log")[0])
     finally:
-        kept = keep_logs(args.out, lam, apm, fn) if fn is not None else []
+        kept = agent_keep_logs(args.out, lam, apm, fn) if fn is not None else []
         lam.close()
         apm.close()
         if fn is not None:
             fn.close()
-    if kept:
-        print("  logs kept in %s/:" % os.path.relpath(args.out))
-        for name, what in kept:
-            print("    %-22s %s" % (name, what))
-    print("demo %s" % ("ok" if ok else "FAILED"))
-    return 0 if ok else 1
+    return report_end(args.out, kept, ok)
 
 
 def otel_keep_logs(out, lam, apm, fn):
-    os.makedirs(out, exist_ok=True)
-    kept = []
-    for src, name, what in ((lam.ext_log_path, "extension.log", "apm-ext's JSON log"),
-                            (lam.runtime_log_path, "runtime.log",
-                             "the Node runtime and the SDK's diagnostics"),
-                            (fn.record_path, "handler-records.jsonl", "what the handler made")):
-        if src and os.path.exists(src):
-            shutil.copyfile(src, os.path.join(out, name))
-            kept.append((name, what))
-    with open(os.path.join(out, "apm-server.ndjson"), "w", encoding="utf-8") as f:
-        for r in apm.requests:
-            f.write(json.dumps({"request": "%s %s" % (r.method, r.path), "status": r.status,
+    return keep_logs(out, lam, apm, fn, "the Node runtime and the SDK's diagnostics",
+                     "what the handler made",
+                     lambda r: {"request": "%s %s" % (r.method, r.path), "status": r.status,
                                 "user_agent": r.user_agent, "content_type": r.content_type,
-                                "content_encoding": r.encoding, "bytes": len(r.body)}) + "\n")
-            for kind, obj in r.lines:
-                f.write(json.dumps({kind: obj}, separators=(",", ":")) + "\n")
-            for item in r.otlp_items:
-                item = {k: v for k, v in item.items() if k != "resource"}
-                f.write(json.dumps({"otlp_" + r.signal: item}, separators=(",", ":"),
-                                   default=repr) + "\n")
-    kept.append(("apm-server.ndjson", "every request the fake APM server got, then what "
-                 "it decoded"))
-    return kept
+                                "content_encoding": r.encoding, "bytes": len(r.body)},
+                     lambda r: ({"otlp_" + r.signal: {k: v for k, v in item.items()
+                                                       if k != "resource"}}
+                                for item in r.otlp_items),
+                     "what it decoded")
 
 
 def span_tree(spans, trace_id):
@@ -347,12 +348,7 @@ def otel_main(args):
         apm.close()
         if fn is not None:
             fn.close()
-    if kept:
-        print("  logs kept in %s/:" % os.path.relpath(args.out))
-        for name, what in kept:
-            print("    %-22s %s" % (name, what))
-    print("demo %s" % ("ok" if ok else "FAILED"))
-    return 0 if ok else 1
+    return report_end(args.out, kept, ok)
 
 
 if __name__ == "__main__":

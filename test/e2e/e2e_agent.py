@@ -91,8 +91,12 @@ class NodeFunction:
         self.t_start = None
         self.t_ready = None
 
+    def setup_error(self):
+        """Why this function cannot run here (node or its packages missing), or None."""
+        return node_setup_error()
+
     def start(self, timeout=30):
-        err = node_setup_error()
+        err = self.setup_error()
         assert err is None, err
         self.t_start = time.monotonic()
         self.proc = self.lam.start_runtime([shutil.which("node"),
@@ -437,6 +441,22 @@ def crash_report(lam, inv, status):
 
 # ------------------------------------------------------------------ scenarios
 
+def run_function(t, fn, func, start=True):
+    """func(t, fn), fn started first (start) and closed after; a failed
+    assertion carries the tail of the runtime's log."""
+    try:
+        if start:
+            fn.start()
+        func(t, fn)
+    except AssertionError as e:
+        msg = str(e)
+        if "Node runtime log" not in msg:
+            msg += "\n" + fn.log_tail()
+        raise AssertionError(msg).with_traceback(e.__traceback__)
+    finally:
+        fn.close()
+
+
 def agent_scenario(name=None, handler="handler.main", node_env=None, log_level="trace",
                    agent_token=True, start=True, **kw):
     """@scenario for a real-agent test: f(t, fn). The extension is started
@@ -455,17 +475,7 @@ def agent_scenario(name=None, handler="handler.main", node_env=None, log_level="
                 fn.env["ELASTIC_APM_SECRET_TOKEN"] = t.apm.token  # Lambda's env is shared
             elif isinstance(agent_token, str):
                 fn.env["ELASTIC_APM_SECRET_TOKEN"] = agent_token
-            try:
-                if start:
-                    fn.start()
-                func(t, fn)
-            except AssertionError as e:
-                msg = str(e)
-                if "Node runtime log" not in msg:
-                    msg += "\n" + fn.log_tail()
-                raise AssertionError(msg).with_traceback(e.__traceback__)
-            finally:
-                fn.close()
+            run_function(t, fn, func, start)
         run.__name__ = name or func.__name__
         run.__doc__ = func.__doc__
         return scenario(name or func.__name__, **kw)(run)

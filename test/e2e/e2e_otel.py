@@ -41,7 +41,7 @@ import socket
 import time
 
 from e2e import scenario, TEST, Skip, free_port, agent_payload
-from e2e_agent import (NodeFunction, Seen, check_requests, check_invocation,
+from e2e_agent import (NodeFunction, run_function, Seen, check_requests, check_invocation,
                        check_nothing_else, check_agent_log, agent_version,
                        node_setup_error, crash_report, NODE_DIR)
 from fake_apm import pb_len, pb_int, pb_fixed64
@@ -49,7 +49,6 @@ from fake_apm import pb_len, pb_int, pb_fixed64
 OTEL_DIR = os.path.join(TEST, "otel")
 OTEL_MODULES = os.path.join(OTEL_DIR, "node_modules")
 OTEL_INIT = os.path.join(OTEL_DIR, "otel-init.js")
-RUNTIME_JS = os.path.join(NODE_DIR, "runtime.js")
 EXPORTER_PKG = os.path.join(OTEL_MODULES, "@opentelemetry", "exporter-trace-otlp-proto",
                             "package.json")
 FUNCTION_NAME = "test-fn"
@@ -113,19 +112,8 @@ class OtelFunction(NodeFunction):
         }
         self.env.update(env or {})
 
-    def start(self, timeout=30):
-        err = otel_setup_error()
-        assert err is None, err
-        self.t_start = time.monotonic()
-        self.proc = self.lam.start_runtime([shutil.which("node"), RUNTIME_JS], self.env)
-
-        def ready(lam):
-            return len(lam.runtime_next_times) >= 1 or self.proc.poll() is not None
-        self.lam.wait_for(ready, timeout, "the Node runtime's first /next")
-        assert self.proc.poll() is None, "the Node runtime exited during init (code %s):\n%s" \
-            % (self.proc.returncode, self.log_tail())
-        self.t_ready = self.lam.runtime_next_times[0]
-        return self.t_ready - self.t_start
+    def setup_error(self):
+        return otel_setup_error()
 
     def sdk_trouble(self):
         """The SDK's warn and error diagnostics (otel-init.js prints them)."""
@@ -488,17 +476,7 @@ def otel_scenario(name=None, protocol="http/protobuf", compression="gzip", fn_en
             t.start(env={"APM_EXT_OTLP_PORT": str(t.otlp_port)})
             fn = OtelFunction(t.lam, t.otlp_port, protocol, compression, fn_env,
                               endpoint=t.apm.url if direct else None)
-            try:
-                if start:
-                    fn.start()
-                func(t, fn)
-            except AssertionError as e:
-                msg = str(e)
-                if "Node runtime log" not in msg:
-                    msg += "\n" + fn.log_tail()
-                raise AssertionError(msg).with_traceback(e.__traceback__)
-            finally:
-                fn.close()
+            run_function(t, fn, func, start)
         run.__name__ = name or func.__name__
         run.__doc__ = func.__doc__
         return scenario(name or func.__name__, **kw)(run)
