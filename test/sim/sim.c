@@ -1794,7 +1794,7 @@ http_request(const char *p, size_t n, struct hreq *h, size_t *used,
 }
 
 struct hresp {
-	int status, close;
+	int status, close, gzip;
 	size_t body_off, body_len;
 };
 
@@ -1837,6 +1837,8 @@ http_response(const char *p, size_t n, struct hresp *r, size_t *used,
 			clen = strtoll(v, NULL, 10);
 		} else if (name_is(l, (size_t)(colon - l), "connection")) {
 			r->close = (size_t)(e - v) == 5 && strncasecmp(v, "close", 5) == 0;
+		} else if (name_is(l, (size_t)(colon - l), "content-encoding")) {
+			r->gzip = (size_t)(e - v) == 4 && strncasecmp(v, "gzip", 4) == 0;
 		} else if (name_is(l, (size_t)(colon - l), "transfer-encoding")) {
 			*why = "chunked answer";
 			return -1;
@@ -2304,6 +2306,7 @@ struct areq {
 	int bad;                /* RQ_OTLP_BAD: which mistake */
 	int otlp_signal;        /* RQ_OTLP: traces, metrics, logs */
 	int srv_seen, srv_status; /* proxied: what the APM server answered */
+	int srv_cenc;           /* ... with Content-Encoding: gzip */
 	size_t srv_len;
 	uint64_t srv_hash;
 };
@@ -3362,6 +3365,10 @@ agent_answer(int ri, const struct hresp *h, const char *body)
 				fail("r%d: the proxied answer's body differs from the "
 				    "server's (%zu bytes, server sent %zu)", ri, h->body_len,
 				    r->srv_len);
+			if (h->gzip != r->srv_cenc)
+				fail("r%d: the server's answer %s Content-Encoding: gzip, "
+				    "the proxied one %s", ri, r->srv_cenc ? "had" : "had no",
+				    h->gzip ? "has it" : "not");
 		} else if (h->status == 502 || (r->oversize && (h->status == 413 ||
 		    h->status == 431))) {
 		} else {
@@ -3719,17 +3726,22 @@ runtime_event(int i, int what)
 /* -- apm: the APM server -- */
 
 enum apm_fault { FA_OK, FA_SLOW, FA_503, FA_429, FA_400, FA_STALL_ANSWER,
-	FA_STALL_READ, FA_RESET_MID, FA_CLOSE, FA_500 };
+	FA_STALL_READ, FA_RESET_MID, FA_CLOSE, FA_500, FA_BAD_STATUS, FA_BAD_BODY };
 static const char *const fault_names[] = { "answer", "slow answer", "503", "429",
 	"400", "stall (no answer)", "stall (stops reading)", "reset mid-answer",
-	"close without answer", "500" };
+	"close without answer", "500", "bad status line", "malformed body" };
+/* How an answer is framed (plan.apm_odd_pct): plainly, after an interim
+ * 1xx answer, chunked, or ended by the close of the connection. */
+enum { AO_PLAIN, AO_INTERIM, AO_CHUNKED, AO_EOF };
 enum { AE_ANSWER, AE_IDLE };
 
 struct apmconn {
 	int sid, busy, stalled, dead, idle_gen, fault, commit, proxy_req, status,
-	    otlp;
-	struct xbuf rx, ans, body;
+	    otlp, odd, cenc;
+	struct xbuf rx, ans, body, plain; /* plain: the answer's body */
 };
+static uint64_t rejected_hash[4096]; /* bodies answered 400 */
+static int nrejected;
 static struct {
 	struct apmconn *c;
 	int nc;
@@ -3790,8 +3802,9 @@ apm_fault(void)
 		return pct(RR, 50) ? FA_STALL_ANSWER : FA_STALL_READ;
 	if (plan.server_mode == SRV_FLAKY && pct(RR, plan.fail_pct)) {
 		static const int kinds[] = { FA_503, FA_503, FA_429, FA_400,
-			FA_STALL_ANSWER, FA_STALL_READ, FA_RESET_MID, FA_CLOSE, FA_500 };
-		return kinds[below(RR, 9)];
+			FA_STALL_ANSWER, FA_STALL_READ, FA_RESET_MID, FA_CLOSE, FA_500,
+			FA_BAD_STATUS, FA_BAD_BODY };
+		return kinds[below(RR, plan.apm_odd_pct ? 11 : 9)];
 	}
 	return pct(RR, 10) ? FA_SLOW : FA_OK;
 }
@@ -3958,22 +3971,100 @@ apm_answer_build(struct apmconn *c, int status, const char *body, int close)
 		[304] = "Not Modified", [400] = "Bad Request", [429] = "Too Many "
 		"Requests", [500] = "Internal Server Error",
 		[503] = "Service Unavailable" };
+	int nobody = status == 304 || status == 204;
+	size_t blen = strlen(body);
+	c->odd = plan.apm_odd_pct && pct(RR, plan.apm_odd_pct) ?
+	    (int)range(RR, AO_INTERIM, AO_EOF) : AO_PLAIN;
+	if (nobody && c->odd != AO_INTERIM)
+		c->odd = AO_PLAIN;
+	/* A body ended by the close takes the extension two reads (the bytes,
+	 * then the end): a freeze between the answer and them makes it time
+	 * the delivery out after the thaw and send it again (seed 202 with
+	 * --known-bugs; reported). Proxied answers only, unless --known-bugs. */
+	if (c->odd == AO_EOF && c->proxy_req < 0 && !known_bugs)
+		c->odd = AO_CHUNKED;
 	sb_clear(&c->ans);
+	sb_clear(&c->plain);
+	if (!nobody)
+		sb_add(&c->plain, body, blen);
+	if (c->odd == AO_INTERIM)
+		sb_adds(&c->ans, pct(RR, 50) ? "HTTP/1.1 100 Continue\r\n\r\n" :
+		    "HTTP/1.1 103 Early Hints\r\nLink: </sim.css>; rel=preload\r\n\r\n");
 	sb_addf(&c->ans, "HTTP/1.1 %d %s\r\n", status, reasons[status] ?
 	    reasons[status] : "Status");
-	if (status != 304 && status != 204)
-		sb_addf(&c->ans, "Content-Type: application/json\r\nContent-Length: "
-		    "%zu\r\n", strlen(body));
-	else
+	if (!nobody) {
+		sb_adds(&c->ans, "Content-Type: application/json\r\n");
+		if (c->odd == AO_CHUNKED)
+			sb_adds(&c->ans, "Transfer-Encoding: chunked\r\n");
+		else if (c->odd != AO_EOF)
+			sb_addf(&c->ans, "Content-Length: %zu\r\n", blen);
+	} else {
 		sb_adds(&c->ans, "Etag: \"sim\"\r\n");
-	if (close)
+	}
+	if (c->cenc)
+		sb_adds(&c->ans, "Content-Encoding: gzip\r\n");
+	if (close || (c->odd == AO_EOF && pct(RR, 50)))
 		sb_adds(&c->ans, "Connection: close\r\n");
 	if ((status == 429 || status == 503) && pct(RR, 30))
 		sb_addf(&c->ans, "Retry-After: %d\r\n", (int)below(RR, 3));
 	sb_adds(&c->ans, "\r\n");
-	if (status != 304 && status != 204)
-		sb_adds(&c->ans, body);
+	if (c->odd == AO_CHUNKED) {
+		for (size_t off = 0; off < blen;) {
+			size_t k = minz(blen - off, (size_t)range(RR, 1, 3000));
+			sb_addf(&c->ans, "%zx\r\n", k);
+			sb_add(&c->ans, body + off, k);
+			sb_adds(&c->ans, "\r\n");
+			off += k;
+		}
+		sb_adds(&c->ans, "0\r\n\r\n");
+	} else if (!nobody) {
+		sb_add(&c->ans, body, blen);
+	}
 	c->status = status;
+}
+
+/* An answer the extension cannot take: a bad status line (or 101, which is
+ * no answer to a POST), or a chunked body with broken framing. */
+static void
+apm_answer_bad(struct apmconn *c, int f)
+{
+	static const char *const bad_status[] = {
+		"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+		"Connection: Upgrade\r\n\r\n",
+		"HTTP/1.1 2x2 Accepted\r\nContent-Length: 0\r\n\r\n",
+		"HTTP/1.1 20 Accepted\r\nContent-Length: 0\r\n\r\n",
+		"SIMP/1.0 202 Accepted\r\nContent-Length: 0\r\n\r\n",
+	};
+	sb_clear(&c->ans);
+	sb_clear(&c->plain);
+	c->odd = AO_PLAIN;
+	c->status = 0;
+	if (f == FA_BAD_STATUS)
+		sb_adds(&c->ans, bad_status[below(RR, 4)]);
+	else
+		sb_adds(&c->ans, pct(RR, 50) ? "HTTP/1.1 202 Accepted\r\n"
+		    "Transfer-Encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n0\r\n\r\n" :
+		    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+		    "5\r\n{}{}{}{}\r\n0\r\n\r\n");
+}
+
+/* An error text, long at times (the extension keeps ERRTEXT_MAX bytes). */
+static const char *
+apm_error_text(const char *msg)
+{
+	static struct xbuf b;
+	sb_clear(&b);
+	sb_addf(&b, "{\"error\":\"%s\"", msg);
+	if (plan.apm_odd_pct && pct(RR, 40)) {
+		size_t n = pct(RR, 50) ? (size_t)range(RR, 520, 3000) :
+		    (size_t)range(RR, 3000, 40000);
+		sb_adds(&b, ",\"detail\":\"");
+		for (size_t i = 0; i < n; i++)
+			sb_add(&b, &"detail: error text "[i % 19], 1);
+		sb_adds(&b, "\"");
+	}
+	sb_adds(&b, "}");
+	return sb_data(&b);
 }
 
 static void
@@ -4033,9 +4124,17 @@ apm_request(int ci, struct hreq *h)
 			    ri, h->method, h->target, sb_n(&h->body));
 		c->proxy_req = ri;
 	}
+	if (intake || otlp) {
+		uint64_t hb = hash64(sb_data(&h->body), sb_n(&h->body));
+		for (int i = 0; i < nrejected; i++)
+			if (rejected_hash[i] == hb)
+				fail("a%d: a payload the server rejected with 400 came again "
+				    "(%zu bytes)", ci, sb_n(&h->body));
+	}
 	int f = apm_fault();
 	c->fault = f;
 	c->busy = 1;
+	c->cenc = 0;
 	c->idle_gen++;
 	if (f != FA_OK && f != FA_SLOW) {
 		apm.trouble_at = awake();
@@ -4056,15 +4155,20 @@ apm_request(int ci, struct hreq *h)
 	}
 	int close = pct(RR, 3);
 	c->commit = 0;
-	if (intake || otlp) {
+	if (f == FA_BAD_STATUS || f == FA_BAD_BODY) {
+		apm_answer_bad(c, f);
+	} else if (intake || otlp) {
 		int okst = otlp ? 200 : 202;
 		int status = f == FA_503 ? 503 : f == FA_429 ? 429 : f == FA_400 ? 400 :
 		    f == FA_500 ? 500 : okst;
 		c->commit = status == okst && (f == FA_OK || f == FA_SLOW);
+		if (status == 400 && nrejected < 4096)
+			rejected_hash[nrejected++] = hash64(sb_data(&h->body),
+			    sb_n(&h->body));
 		apm_answer_build(c, status, status == okst ? (otlp ? "{}" : "") :
 		    status == 400 ?
-		    "{\"error\":\"sim: decoding error: data validation failed\"}" :
-		    "{\"error\":\"sim: try again later\"}", close);
+		    apm_error_text("sim: decoding error: data validation failed") :
+		    apm_error_text("sim: try again later"), close);
 		sb_clear(&c->body);
 		sb_add(&c->body, sb_data(&h->body), sb_n(&h->body));
 	} else {
@@ -4072,17 +4176,21 @@ apm_request(int ci, struct hreq *h)
 		    f == FA_500 ? 500 : 200;
 		struct xbuf b = { 0 };
 		if (status != 200) {
-			sb_adds(&b, "{\"error\":\"sim\"}");
+			sb_adds(&b, apm_error_text("sim"));
 		} else if (reqs[c->proxy_req].kind == RQ_PROXY_GET) {
 			sb_adds(&b, "{\"build_date\":\"2024-01-01T00:00:00Z\",\"build_sha\":"
 			    "\"sim\",\"publish_ready\":true,\"version\":\"8.12.0\"");
-			if (pct(RR, 10)) { /* over the 16 KiB the proxy passes on */
+			int pad = pct(RR, 10) ? 17000 : /* over the 16 KiB the proxy
+			                                   passes on */
+			    pct(RR, 15) ? (int)range(RR, 2000, 15000) : 0;
+			if (pad) {
 				sb_adds(&b, ",\"pad\":\"");
-				for (int i = 0; i < 17000; i++)
+				for (int i = 0; i < pad; i++)
 					sb_add(&b, "z", 1);
 				sb_adds(&b, "\"");
 			}
 			sb_adds(&b, "}");
+			c->cenc = pct(RR, 20); /* passed on as it is */
 		} else if (pct(RR, 30)) {
 			status = 304;
 		} else {
@@ -4125,17 +4233,18 @@ apm_event(int ci, int what)
 		c->dead = 1;
 		return;
 	}
-	if (c->proxy_req >= 0) {
+	if (c->proxy_req >= 0 && c->status) {
 		struct areq *r = &reqs[c->proxy_req];
-		const char *body = memmem(sb_data(&c->ans), sb_n(&c->ans), "\r\n\r\n", 4) + 4;
 		r->srv_seen = 1;
 		r->srv_status = c->status;
-		r->srv_len = (size_t)(sb_data(&c->ans) + sb_n(&c->ans) - body);
-		r->srv_hash = hash64(body, r->srv_len);
+		r->srv_len = sb_n(&c->plain);
+		r->srv_hash = hash64(c->plain.p ? sb_data(&c->plain) : "", r->srv_len);
+		r->srv_cenc = c->cenc;
 	}
 	actor_send(c->sid, sb_data(&c->ans), sb_n(&c->ans));
 	c->busy = 0;
-	if (memmem(sb_data(&c->ans), sb_n(&c->ans), "Connection: close", 17)) {
+	if (c->odd == AO_EOF || !c->status ||
+	    memmem(sb_data(&c->ans), sb_n(&c->ans), "Connection: close", 17)) {
 		c->dead = 1;
 		actor_close(c->sid);
 		return;
