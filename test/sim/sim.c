@@ -2307,6 +2307,8 @@ struct areq {
 	int otlp_signal;        /* RQ_OTLP: traces, metrics, logs */
 	int srv_seen, srv_status; /* proxied: what the APM server answered */
 	int srv_cenc;           /* ... with Content-Encoding: gzip */
+	int must_413;           /* proxied, head and body over the extension's
+	                           send buffer: 413 */
 	size_t srv_len;
 	uint64_t srv_hash;
 };
@@ -2836,9 +2838,13 @@ lam_exit_check(int code)
 static struct {
 	int enabled, sid, inflight, batch_sched, req;
 	struct xbuf rx, pending;
-	int npending;
+	int npending, pending_drops;
 	struct xbuf q[512];     /* batches not yet answered 200, in order */
+	int qdrops[512];        /* ... their platform.logsDropped records */
+	int qhuge[512];         /* ... over the extension's limit: 413 */
 	int qh, qn;
+	int huge_done;
+	uint64_t drops_acked;   /* logsDropped records in batches answered 200 */
 } telp;
 
 static void
@@ -2864,6 +2870,41 @@ telp_emit(const char *rec, size_t n)
 	}
 }
 
+/* Lambda says it dropped records (the extension was too slow). */
+static void
+telp_emit_drop(void)
+{
+	char t[40], rec[300];
+	iso_time(now_us, t, sizeof t);
+	int n = snprintf(rec, sizeof rec, "{\"time\":\"%s\",\"type\":"
+	    "\"platform.logsDropped\",\"record\":{\"reason\":\"Consumer seems to "
+	    "have fallen behind as it has not acknowledged receipt of logs.\","
+	    "\"droppedRecords\":%d,\"droppedBytes\":%d}}", t, (int)range(RR, 1, 90),
+	    (int)range(RR, 100, 90000));
+	if (!telp.enabled)
+		return;
+	telp_emit(rec, (size_t)n);
+	telp.pending_drops++;
+}
+
+/* A record of more tokens than the extension parses at once (TEL_TOKENS):
+ * skipped, and the records after it still count (a logsDropped follows). */
+static void
+telp_emit_oversize(void)
+{
+	struct xbuf b = { 0 };
+	char t[40];
+	iso_time(now_us, t, sizeof t);
+	sb_addf(&b, "{\"time\":\"%s\",\"type\":\"platform.extension\",\"record\":"
+	    "{\"name\":\"sim-other\",\"state\":\"Ready\",\"events\":[", t);
+	for (int i = 0; i < 2200; i++)
+		sb_adds(&b, i ? ",\"E\"" : "\"E\"");
+	sb_adds(&b, "]}}");
+	telp_emit(sb_data(&b), sb_n(&b));
+	sb_free(&b);
+	telp_emit_drop();
+}
+
 static void
 telp_pump(void)
 {
@@ -2883,6 +2924,19 @@ telp_pump(void)
 	    "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
 	    plan.tel_port, sb_n(b));
 	sb_add(&w, sb_data(b), sb_n(b));
+	if (plan.tel_odd && !telp.qhuge[telp.qh] && pct(RR, 5)) {
+		/* cut off by a reset: sent again on a new connection */
+		size_t cut = (size_t)range(RR, 1, (int64_t)sb_n(&w) - 1);
+		trace("platform", "POST of %zu bytes of telemetry: reset after %zu "
+		    "bytes", sb_n(b), cut);
+		actor_send(telp.sid, sb_data(&w), cut);
+		actor_reset(telp.sid);
+		telp.sid = -1;
+		sb_clear(&telp.rx);
+		sb_free(&w);
+		schedule(now_us + 10000, EV_TEL, TE_PUMP, 0);
+		return;
+	}
 	int ri = req_new(RQ_TEL, lam.last, -1);
 	struct stream *s = &streams[telp.sid];
 	reqs[ri].sid = telp.sid;
@@ -2919,9 +2973,15 @@ telp_on_data(int sid)
 		sb_consume(&telp.rx, used);
 		if (!telp.inflight)
 			fail("platform: an answer (%d) without a POST", h.status);
-		if (h.status != 200)
+		if (telp.qhuge[telp.qh] && h.status != 413)
+			fail("platform: telemetry POST t%d of %zu bytes, over the "
+			    "extension's limit, answered %d (not 413)", telp.req,
+			    sb_n(&telp.q[telp.qh]), h.status);
+		if (h.status != 200 && !telp.qhuge[telp.qh])
 			fail("platform: telemetry POST t%d answered %d (its JSON is valid)",
 			    telp.req, h.status);
+		if (h.status == 200)
+			telp.drops_acked += (uint64_t)telp.qdrops[telp.qh];
 		reqs[telp.req].status = h.status;
 		live_remove(telp.req);
 		sb_free(&telp.q[telp.qh]);
@@ -2935,6 +2995,9 @@ telp_on_data(int sid)
 	if (end) {
 		trace("platform", "telemetry connection closed by the extension%s",
 		    telp.inflight ? " before the answer: resend" : "");
+		if (telp.inflight && telp.qhuge[telp.qh])
+			fail("platform: telemetry POST t%d, over the limit, was closed "
+			    "without its 413", telp.req);
 		if (telp.inflight) {
 			reqs[telp.req].closed = 1;
 			live_remove(telp.req);
@@ -2956,13 +3019,39 @@ telp_event(int what)
 			return;
 		if (telp.qn == 512)
 			fail("simulator: telemetry backlog over 512 batches");
-		struct xbuf *b = &telp.q[(telp.qh + telp.qn++) % 512];
+		int k = (telp.qh + telp.qn++) % 512;
+		struct xbuf *b = &telp.q[k];
 		memset(b, 0, sizeof *b);
+		telp.qdrops[k] = telp.pending_drops;
+		telp.qhuge[k] = 0;
+		if (plan.tel_odd && pct(RR, 30))
+			sb_adds(b, pct(RR, 50) ? "\n" : " \t\r\n "); /* before the array */
 		sb_add(b, "[", 1);
 		sb_add(b, sb_data(&telp.pending), sb_n(&telp.pending));
 		sb_add(b, "]", 1);
 		sb_clear(&telp.pending);
 		telp.npending = 0;
+		telp.pending_drops = 0;
+		if (plan.tel_huge && !telp.huge_done && telp.qn < 512) {
+			/* one POST over TEL_BODY_MAX: Lambda never sends it (maxBytes
+			 * is 1 MiB), the extension must still refuse it whole */
+			telp.huge_done = 1;
+			k = (telp.qh + telp.qn++) % 512;
+			b = &telp.q[k];
+			memset(b, 0, sizeof *b);
+			telp.qdrops[k] = 0;
+			telp.qhuge[k] = 1;
+			char t[40];
+			iso_time(now_us, t, sizeof t);
+			sb_addf(b, "[{\"time\":\"%s\",\"type\":\"function\",\"record\":\"",
+			    t);
+			size_t n = (size_t)range(RR, 2200000, 2600000);
+			sb_reserve(b, n);
+			memset(b->p + b->len, 'h', n);
+			b->len += n;
+			b->p[b->len] = 0;
+			sb_adds(b, "\"}]");
+		}
 	}
 	telp_pump();
 }
@@ -3198,9 +3287,21 @@ build_request(int ri, const struct rspec *sp, struct xbuf *w, size_t *cut)
 		sb_adds(w, "POST /config/v1/agents HTTP/1.1\r\n");
 		add_common_headers(w, sp);
 		sb_addf(w, "Content-Type: application/json\r\nx-sim-id: %d\r\n", ri);
+		size_t size = sp->size;
+		if (pct(RR, 5)) {
+			/* a long header and a body within the proxy's limit: together
+			 * over the buffer the extension passes them on from */
+			int64_t pad = range(RR, 3000, 6000);
+			sb_adds(w, "X-Sim-Pad: ");
+			for (int64_t i = 0; i < pad; i++)
+				sb_add(w, "p", 1);
+			sb_adds(w, "\r\n");
+			size = (size_t)range(RR, 15000, PROXY_BODY_MAX);
+			r->must_413 = 1;
+		}
 		sb_adds(&body, "{\"service\":{\"name\":\"sim-fn\",\"environment\":"
 		    "\"sim\"},\"pad\":\"");
-		while (sb_n(&body) + 2 < sp->size)
+		while (sb_n(&body) + 2 < size)
 			sb_add(&body, "x", 1);
 		sb_adds(&body, "\"}");
 		r->oversize = sb_n(&body) > 12000;
@@ -3268,6 +3369,10 @@ agent_send(int th, const struct rspec *sp)
 	} else {
 		live_add(ri);
 		check_live();
+		if ((sp->kind == RQ_PROXY_GET || sp->kind == RQ_PROXY_CONFIG) &&
+		    pct(RR, 6)) /* the agent gives up while its call is proxied */
+			schedule(now_us + range(RR, 100, plan.fwd_ms * 1000), EV_ARESET,
+			    ri, 0);
 	}
 }
 
@@ -3359,6 +3464,10 @@ agent_answer(int ri, const struct hresp *h, const char *body)
 		break;
 	case RQ_PROXY_GET:
 	case RQ_PROXY_CONFIG:
+		if (r->must_413 && h->status != 413)
+			fail("r%d: a proxied request whose head and body (%zu bytes) do "
+			    "not fit the buffer they are passed on from answered %d, not "
+			    "413", ri, r->body_len, h->status);
 		if (r->srv_seen && h->status == r->srv_status) {
 			if (h->body_len != r->srv_len || hash64(body, h->body_len) !=
 			    r->srv_hash)
@@ -3531,6 +3640,7 @@ agent_reset_req(int ri)
 	trace("agent", "r%d c%d: the agent resets its connection mid-request", ri,
 	    r->conn);
 	r->agent_gone = 1;
+	live_remove(ri);
 	a->req = -1;
 	a->dead = 1;
 	actor_reset(a->sid);
@@ -3633,6 +3743,10 @@ runtime_start(int i)
 		    "\"state\":\"Ready\",\"events\":[\"INVOKE\",\"SHUTDOWN\"]}}", t);
 		telp_emit(rec, (size_t)n);
 	}
+	if (plan.tel_odd && pct(RR, 25))
+		telp_emit_oversize();
+	else if (plan.tel_odd && pct(RR, 25))
+		telp_emit_drop();
 	trace("runtime", "invocation %d starts: %d thread(s), %d trickler(s)", i,
 	    ip->nthreads, ip->ntricklers);
 	for (int k = 0; k < ip->nlogs; k++)
@@ -4577,6 +4691,11 @@ static void
 sim_check_step(void)
 {
 	check_invocation();
+	if (telp.drops_acked > tel.logs_dropped)
+		fail("Lambda said %llu times that it dropped records, in POSTs "
+		    "answered 200; the extension counts %llu",
+		    (unsigned long long)telp.drops_acked,
+		    (unsigned long long)tel.logs_dropped);
 	if (g.q.p && g.q.used >= g.q.npayloads)
 		slots_full_at = awake();
 	check_fds();
