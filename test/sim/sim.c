@@ -450,6 +450,7 @@ enum ev_kind {
 	EV_RUNTIME,     /* a: invocation, b: what */
 	EV_TEL,         /* a: what */
 	EV_APM,         /* a: connection, b: what */
+	EV_ARESUME,     /* a: agent connection; it reads again */
 };
 
 struct event {
@@ -535,7 +536,7 @@ static int
 ev_sandboxed(int kind)
 {
 	return kind == EV_AGENT || kind == EV_TRICKLE || kind == EV_ARESET ||
-	    kind == EV_RUNTIME;
+	    kind == EV_RUNTIME || kind == EV_ARESUME;
 }
 
 static void dispatch(const struct event *e);
@@ -2001,6 +2002,9 @@ static struct plan {
 	int apm_odd_pct;        /* answers framed oddly (1xx first, chunked,
 	                           ended by close, long error texts) */
 	int no_ipv6, otlp_taken, tel_huge, tel_odd;
+	int burst_inv;          /* this invocation opens more agent connections
+	                           with proxied calls than the extension has
+	                           slots; -1 none */
 } plan;
 static int known_bugs;      /* --known-bugs: faults apm-ext.c is known to
                                mishandle (see lam_fault) */
@@ -2204,6 +2208,7 @@ plan_make(uint64_t seed)
 	plan.otlp_taken = plan.otlp_port && pct(PR, 3);
 	plan.tel_huge = pct(PR, 3);
 	plan.tel_odd = pct(PR, 30);
+	plan.burst_inv = pct(PR, 3) ? (int)below(PR, (uint64_t)plan.ninv) : -1;
 	/* A reconnect to the Extensions API that fails at once is never tried
 	 * again (the extension waits forever): no socket() failures where the
 	 * Lambda connection breaks, unless --known-bugs. */
@@ -2309,6 +2314,7 @@ struct areq {
 	int srv_cenc;           /* ... with Content-Encoding: gzip */
 	int must_413;           /* proxied, head and body over the extension's
 	                           send buffer: 413 */
+	int noread;             /* the agent leaves its answer unread a while */
 	size_t srv_len;
 	uint64_t srv_hash;
 };
@@ -3060,6 +3066,7 @@ telp_event(int what)
 
 struct aconn {
 	int sid, req, dead, trickler, otlp;
+	int64_t noread_until;   /* the agent does not read its answer until then */
 	struct xbuf rx;
 };
 static struct aconn *aconns;
@@ -3373,6 +3380,15 @@ agent_send(int th, const struct rspec *sp)
 		    pct(RR, 6)) /* the agent gives up while its call is proxied */
 			schedule(now_us + range(RR, 100, plan.fwd_ms * 1000), EV_ARESET,
 			    ri, 0);
+		else if (sp->kind == RQ_PROXY_GET && pct(RR, 5)) {
+			/* it leaves a large answer unread past the receiver timeout
+			 * (a small receive window): the extension gives up sending */
+			r->noread = 1;
+			s->out.window = 4096;
+			a->noread_until = now_us + plan.recv_ms * 1000 +
+			    range(RR, 100000, 2000000);
+			schedule(a->noread_until, EV_ARESUME, ci, 0);
+		}
 	}
 }
 
@@ -3531,6 +3547,8 @@ static void
 agent_on_data(int sid)
 {
 	struct aconn *a = &aconns[streams[sid].aid];
+	if (a->noread_until > now_us && !a->dead)
+		return; /* not reading: EV_ARESUME */
 	int end = actor_take(sid, &a->rx);
 	if (a->dead) {
 		sb_clear(&a->rx);
@@ -3614,6 +3632,37 @@ trickle_start(int inv)
 	r->t_last_write = awake();
 	live_add(ri);
 	schedule(now_us + range(RR, 300000, 700000), EV_TRICKLE, ri, 0);
+}
+
+/* More agent connections than the extension has slots, each with a proxied
+ * call: those past MAX_AGENT_CONNS find every slot under way and are closed
+ * unanswered (the others are answered as any proxied call). */
+static void
+burst_start(int inv)
+{
+	int n = MAX_AGENT_CONNS + (int)range(RR, 2, 8);
+	trace("runtime", "a burst of %d agent connections with proxied calls", n);
+	for (int k = 0; k < n; k++) {
+		int ci = agent_connect(0, 0, 0);
+		if (ci < 0)
+			return;
+		int ri = req_new(RQ_PROXY_GET, inv, -1);
+		struct areq *r = &reqs[ri];
+		struct aconn *a = &aconns[ci];
+		struct rspec sp = { .kind = RQ_PROXY_GET };
+		struct xbuf w = { 0 };
+		size_t cut;
+		build_request(ri, &sp, &w, &cut);
+		struct stream *s = &streams[a->sid];
+		r->conn = ci;
+		r->sid = a->sid;
+		r->end_off = s->in.wrote + sb_n(&s->outbox) + cut;
+		a->req = ri;
+		actor_send(a->sid, w.p, cut);
+		sb_free(&w);
+		live_add(ri);
+	}
+	check_live();
 }
 
 static void
@@ -3759,6 +3808,8 @@ runtime_start(int i)
 	}
 	for (int k = 0; k < ip->ntricklers; k++)
 		trickle_start(i);
+	if (i == plan.burst_inv)
+		burst_start(i);
 	if (i == plan.sigterm_inv)
 		schedule(now_us + range(RR, 0, ip->timeout_ms) * 1000, EV_LAMBDA,
 		    LE_SIGTERM, 0);
@@ -4294,8 +4345,9 @@ apm_request(int ci, struct hreq *h)
 		} else if (reqs[c->proxy_req].kind == RQ_PROXY_GET) {
 			sb_adds(&b, "{\"build_date\":\"2024-01-01T00:00:00Z\",\"build_sha\":"
 			    "\"sim\",\"publish_ready\":true,\"version\":\"8.12.0\"");
-			int pad = pct(RR, 10) ? 17000 : /* over the 16 KiB the proxy
-			                                   passes on */
+			int pad = reqs[c->proxy_req].noread ? (int)range(RR, 8000, 15000) :
+			    pct(RR, 10) ? 17000 : /* over the 16 KiB the proxy
+			                             passes on */
 			    pct(RR, 15) ? (int)range(RR, 2000, 15000) : 0;
 			if (pad) {
 				sb_adds(&b, ",\"pad\":\"");
@@ -4475,6 +4527,11 @@ dispatch(const struct event *e)
 		break;
 	case EV_APM:
 		apm_event(e->a, e->b);
+		break;
+	case EV_ARESUME:
+		aconns[e->a].noread_until = 0;
+		trace("agent", "c%d reads again", e->a);
+		agent_on_data(aconns[e->a].sid);
 		break;
 	}
 }
