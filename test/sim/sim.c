@@ -150,14 +150,14 @@
  *  - A connect to the Extensions API that fails at once (refused, or
  *    socket() EMFILE) when /next is called again is never retried: the
  *    extension waits forever and Lambda times the invocation out (seeds
- *    58, 69, 86 ... of --quick --known-bugs: "has not called /event/next
+ *    23, 38, 40 ... of --quick --known-bugs: "has not called /event/next
  *    again"). LF_REFUSE_NOW, and socket() failures in worlds whose Lambda
  *    connection breaks or closes.
  *  - An upstream deadline runs on through a freeze: an answer that
  *    arrived while frozen but takes two reads (a body ended by the close:
  *    the bytes, then the end) is timed out in the pass between, and the
- *    payload is sent again (seed 202 with --known-bugs: "delivered
- *    twice"). Answers ended by the close, to deliveries.
+ *    payload is sent again (seeds 331, 636, 783 with --known-bugs:
+ *    "delivered twice"). Answers ended by the close, to deliveries.
  *    The same holds for a long answer (a 400 with a 40 KB error text) that
  *    a small receive window cut when the sandbox froze: the payload the
  *    server rejected is sent again (seed 500333 before the excuse); a
@@ -2497,7 +2497,7 @@ static struct {
 	int refuse;             /* the next connect: 1 refused, 2 refused at once */
 	int term;               /* SIGTERM raised */
 	int64_t term_at;        /* ... at this awake time */
-	int ext_invokes;        /* INVOKEs the extension took (seen by the checks) */
+	int ext_invokes;        /* INVOKEs the extension took (the checks saw) */
 	int64_t ext_inv_t;      /* g.inv.t_invoke of the last one */
 } lam;
 
@@ -2858,8 +2858,8 @@ lam_event(int what, int i)
 			return;
 		if (frozen_until) {
 			/* a frozen process gets its signal once thawed (and the
-			 * loop's first turn comes first: see the report of seed
-			 * 222 in the header) */
+			 * loop's first turn comes first: see KNOWN BUGS in the
+			 * header) */
 			schedule(frozen_until + range(RR, 1000, 50000), EV_LAMBDA,
 			    LE_SIGTERM, 0);
 			return;
@@ -4216,8 +4216,8 @@ apm_answer_build(struct apmconn *c, int status, const char *body, int close)
 		c->odd = AO_PLAIN;
 	/* A body ended by the close takes the extension two reads (the bytes,
 	 * then the end): a freeze between the answer and them makes it time
-	 * the delivery out after the thaw and send it again (seed 202 with
-	 * --known-bugs; reported). Proxied answers only, unless --known-bugs. */
+	 * the delivery out after the thaw and send it again (KNOWN BUGS in
+	 * the header). Proxied answers only, unless --known-bugs. */
 	if (c->odd == AO_EOF && c->proxy_req < 0 && !known_bugs)
 		c->odd = AO_CHUNKED;
 	sb_clear(&c->ans);
@@ -4226,7 +4226,8 @@ apm_answer_build(struct apmconn *c, int status, const char *body, int close)
 		sb_add(&c->plain, body, blen);
 	if (c->odd == AO_INTERIM)
 		sb_adds(&c->ans, pct(RR, 50) ? "HTTP/1.1 100 Continue\r\n\r\n" :
-		    "HTTP/1.1 103 Early Hints\r\nLink: </sim.css>; rel=preload\r\n\r\n");
+		    "HTTP/1.1 103 Early Hints\r\nLink: </sim.css>; rel=preload\r\n"
+		    "\r\n");
 	sb_addf(&c->ans, "HTTP/1.1 %d %s\r\n", status, reasons[status] ?
 	    reasons[status] : "Status");
 	if (!nobody) {
