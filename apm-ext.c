@@ -116,6 +116,8 @@ __memset_chk(void *dst, int c, size_t n, size_t dstlen)
 #define REPORT_WAIT_MS 500      /* at SHUTDOWN, wait this long for the last report */
 #define MAX_TEL_CONNS 2         /* telemetry connections (Lambda uses one) */
 #define NUM_ENDPOINTS 3         /* servers we resolve: APM, Secrets Manager, ACM */
+#define NEXT_RETRY_MS 10        /* /event/next could not be sent: again this soon */
+#define FREEZE_MIN_MS 20        /* a poll this much later than asked slept through a freeze */
 
 /*
  * The system calls of the event loop and its clocks, in one table: a test
@@ -2228,6 +2230,7 @@ struct lambda {
 	struct sockaddr_storage addr;
 	socklen_t addrlen;
 	int req;                /* enum lambda_req in flight */
+	int64_t retry_at;       /* /event/next could not be sent: again then */
 };
 
 enum tel_state { TS_HEAD, TS_BODY, TS_RESPOND };
@@ -5766,15 +5769,27 @@ lambda_register(const char *name)
 	return 0;
 }
 
+/* /event/next could not be sent: loop_lambda_tick tries again soon (said
+ * once, not at every try). */
+static void
+lambda_next_failed(const char *why)
+{
+	if (!g.lam.retry_at)
+		log_error("cannot call /event/next: %s; trying again every %d ms",
+		    why, NEXT_RETRY_MS);
+	g.lam.retry_at = now_ms() + NEXT_RETRY_MS;
+}
+
 /* Start the asynchronous GET /event/next. */
 static void
 lambda_send_next(void)
 {
 	struct conn *c = &g.lam.c;
+	g.phase = g.phase == PH_SHUTDOWN ? PH_SHUTDOWN : PH_WAIT;
 	if (c->fd < 0) {
 		c->fd = sock_connect(&g.lam.addr, g.lam.addrlen);
 		if (c->fd < 0) {
-			log_error("cannot reach the Extensions API: %s", strerror(errno));
+			lambda_next_failed(strerror(errno));
 			return;
 		}
 	}
@@ -5784,11 +5799,13 @@ lambda_send_next(void)
 	tx_printf(c, "GET " EXT_API "/event/next HTTP/1.1\r\nHost: %s\r\n"
 	    "Lambda-Extension-Identifier: %s\r\n\r\n", g.lam.host, g.lam.id);
 	g.lam.req = LR_NEXT;
-	g.phase = g.phase == PH_SHUTDOWN ? PH_SHUTDOWN : PH_WAIT;
 	if (conn_flush(c) < 0) {
+		lambda_next_failed(strerror(errno));
 		conn_close(c);
 		g.lam.req = LR_NONE;
+		return;
 	}
+	g.lam.retry_at = 0;
 	log_debug("called /event/next");
 }
 
@@ -6815,6 +6832,11 @@ loop_lambda_tick(int64_t now)
 		return report_wait ? MIN(g.exit_at, g.shutdown_at + REPORT_WAIT_MS) :
 		    g.exit_at;
 	}
+	if (g.lam.retry_at && g.lam.req == LR_NONE) { /* a /next that failed */
+		if (now >= g.lam.retry_at)
+			lambda_send_next();
+		return g.lam.retry_at; /* 0 once sent */
+	}
 	if (g.phase != PH_INVOKE || g.lam.req != LR_NONE)
 		return 0;
 	if (!g.inv.ended && now >= g.inv.deadline - DEADLINE_MARGIN_MS) {
@@ -6838,13 +6860,35 @@ loop_lambda_tick(int64_t now)
 			    "invocation deadline" : "forwarder timeout");
 		g.inv.active = 0;
 		lambda_send_next();
-		return 0;
+		return g.lam.retry_at; /* 0 once sent */
 	}
 	return bound;
 }
 
 
 
+
+/*
+ * Before a busy plain-http upstream is timed out: read what has come (after
+ * a freeze, an answer may wait whole in the socket, or its end: a close).
+ * 1 when that ended the job.
+ */
+static int
+upstream_drain(struct upstream *u)
+{
+	for (int k = 0; k < 64 && u->state == UP_BUSY && !u->c.tls; k++) {
+		uint64_t total = u->c.body.total;
+		size_t rx = u->c.rx_len;
+		int head = u->c.head_done, eof = u->c.eof;
+		upstream_step(u, POLLIN);
+		if (u->c.fd < 0 || u->state != UP_BUSY)
+			return 1;
+		if (u->c.body.total == total && u->c.rx_len == rx &&
+		    u->c.head_done == head && u->c.eof == eof)
+			break; /* nothing more has come */
+	}
+	return 0;
+}
 
 static void
 upstream_timeouts(int64_t now)
@@ -6858,6 +6902,8 @@ upstream_timeouts(int64_t now)
 			u->c.deadline = 0; /* waiting for the agent, not the server */
 			continue;
 		}
+		if (upstream_drain(u))
+			continue; /* the answer had come: it ended the job */
 		upstream_fail(u, "timed out");
 	}
 }
@@ -7042,6 +7088,28 @@ loop_dispatch(const struct pollset *ps, int ready)
 	}
 }
 
+/*
+ * Lambda freezes the sandbox only while every extension waits in /next, and
+ * the monotonic clock runs on through a freeze. A poll that returned much
+ * later than asked (asked_ms), while we waited there, slept through one,
+ * which began when the poll did (Lambda freezes right after /next): the
+ * forwarder's deadlines count awake time, as the agents' timers do (they
+ * start again at INVOKE), so they move on by the whole sleep. Else an answer
+ * that came while frozen but takes another read (its end, its close) would
+ * be timed out after the thaw, and the payload sent twice.
+ */
+static void
+loop_thawed(int64_t asked_ms, int64_t slept_ms)
+{
+	if (asked_ms < 0 || slept_ms - asked_ms < FREEZE_MIN_MS)
+		return;
+	for (int i = 0; i < NUM_UPSTREAM; i++)
+		if (g.up[i].c.fd >= 0 && g.up[i].c.deadline)
+			g.up[i].c.deadline += slept_ms;
+	log_debug("thawed after %lld ms in poll (%lld asked)",
+	    (long long)slept_ms, (long long)asked_ms);
+}
+
 static void
 loop_run(void)
 {
@@ -7053,8 +7121,11 @@ loop_run(void)
 		int64_t wake = loop_timeouts(now);
 		ps.n = 0;
 		wake = loop_fill(&ps, wake);
-		int r = io.poll(ps.pfd, (nfds_t)ps.n,
-		    loop_poll_timeout(wake, g.progress != progress));
+		int timeout = loop_poll_timeout(wake, g.progress != progress);
+		int in_next = g.lam.req == LR_NEXT;
+		int r = io.poll(ps.pfd, (nfds_t)ps.n, timeout);
+		if (in_next)
+			loop_thawed(timeout, now_ms() - now);
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
