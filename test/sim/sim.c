@@ -26,8 +26,7 @@
  *    bugs). Each direction has a receive window (4 KiB to 1 MiB): a full one
  *    gives EAGAIN, a nearly full one short writes (also injected for writes
  *    over 1 KiB). accept4 fails now and then with a spurious EAGAIN, poll
- *    with EINTR, socket() with EMFILE (not in worlds whose Lambda
- *    connection breaks or closes: see KNOWN BUGS), socket(AF_INET6) with
+ *    with EINTR, socket() with EMFILE, socket(AF_INET6) with
  *    EAFNOSUPPORT in a world without IPv6, bind with EADDRINUSE where
  *    another process holds the OTLP port. Close with unread bytes resets the
  *    peer; a write to a peer that has gone is lost and answered with a
@@ -81,8 +80,8 @@
  *                later) or never completed; the answers of proxied calls
  *                (200, 304, 2-15 KiB, over 16 KiB, Content-Encoding: gzip).
  *                In some worlds answers are framed oddly: after an interim
- *                100 or 103, chunked, ended by the close of the connection
- *                (proxied answers only, see KNOWN BUGS), long error texts
+ *                100 or 103, chunked, ended by the close of the connection,
+ *                long error texts
  *                (over ERRTEXT_MAX, up to 40 KB); a flaky server also sends
  *                bad status lines (101, "2x2", "20", "SIMP/1.0") and
  *                malformed chunked bodies.
@@ -145,28 +144,24 @@
  * name resolution (its child process bypasses io: every address here is
  * numeric), a kept-alive Lambda connection reset while idle.
  *
- * KNOWN BUGS (--known-bugs turns on the faults that show them; off in the
- * default runs, which must pass):
- *  - A connect to the Extensions API that fails at once (refused, or
- *    socket() EMFILE) when /next is called again is never retried: the
- *    extension waits forever and Lambda times the invocation out (seeds
- *    23, 38, 40 ... of --quick --known-bugs: "has not called /event/next
- *    again"). LF_REFUSE_NOW, and socket() failures in worlds whose Lambda
- *    connection breaks or closes.
- *  - An upstream deadline runs on through a freeze: an answer that
- *    arrived while frozen but takes two reads (a body ended by the close:
- *    the bytes, then the end) is timed out in the pass between, and the
- *    payload is sent again (seeds 331, 636, 783 with --known-bugs:
- *    "delivered twice"). Answers ended by the close, to deliveries.
- *    The same holds for a long answer (a 400 with a 40 KB error text) that
- *    a small receive window cut when the sandbox froze: the payload the
- *    server rejected is sent again (seed 500333 before the excuse); a
- *    400 answer not read whole before a freeze is excused from "never
- *    comes again" unless --known-bugs.
- *  - (Not a fault here) SIGTERM raised while frozen makes the first poll
- *    after the thaw return EINTR before reading what arrived; the same
- *    timeout then resends an answered delivery, so the simulator raises
- *    it after the thaw.
+ * BUGS IT FOUND (fixed in apm-ext.c; the faults that showed them stay on):
+ *  - A connect to the Extensions API that failed at once (refused, or
+ *    socket() EMFILE) when /next was called again was never retried: the
+ *    extension waited forever (seeds 23, 38, 40 ...: "has not called
+ *    /event/next again"). Now retried every NEXT_RETRY_MS.
+ *  - An upstream deadline ran on through a freeze: an answer that arrived
+ *    while frozen but takes two reads (a body ended by the close: the
+ *    bytes, then the end; a 400 with a 40 KB error text a small receive
+ *    window cut) was timed out after the thaw, and the payload sent again
+ *    (seeds 331, 636, 783, 500333: "delivered twice", "a payload the
+ *    server rejected with 400 came again"). Now a late poll in /next moves
+ *    the deadlines on (loop_thawed), and a timeout reads what has come
+ *    first (upstream_drain).
+ *  - (Not a fault here) a SIGTERM raised while frozen made the first poll
+ *    after the thaw return EINTR before reading what arrived, and the same
+ *    timeout resent an answered delivery (loop_thawed runs after an EINTR
+ *    too now). A frozen process gets its signals at the thaw, so the
+ *    simulator raises it then.
  *
  * RUNNING
  *  build/sim --seed S [-v] [--state MS]
@@ -185,7 +180,6 @@
  *                                  "N passed, N failed" as the last line
  *  build/sim --quick               the fixed set make test runs: seeds
  *                                  1..1000, ~35 s with -j 2
- *  --known-bugs                    also the faults of KNOWN BUGS
  *  --timeout S                     a child still running after S s of wall
  *                                  clock (default 300) fails as "hung"
  *
@@ -2070,8 +2064,6 @@ static struct plan {
 	                           with proxied calls than the extension has
 	                           slots; -1 none */
 } plan;
-static int known_bugs;      /* --known-bugs: faults apm-ext.c is known to
-                               mishandle (see lam_fault) */
 
 static int plan_eagain_pct(void) { return plan.eagain_pct; }
 static int plan_short_pct(void) { return plan.short_pct; }
@@ -2273,11 +2265,6 @@ plan_make(uint64_t seed)
 	plan.tel_huge = pct(PR, 3);
 	plan.tel_odd = pct(PR, 30);
 	plan.burst_inv = pct(PR, 3) ? (int)below(PR, (uint64_t)plan.ninv) : -1;
-	/* A reconnect to the Extensions API that fails at once is never tried
-	 * again (the extension waits forever): no socket() failures where the
-	 * Lambda connection breaks, unless --known-bugs. */
-	if ((plan.lam_fault_pct || plan.lam_close_pct) && !known_bugs)
-		plan.socket_fail_pct = 0;
 	g_rnd_seed = (int)(seed * 2654435761u);
 }
 
@@ -2335,12 +2322,11 @@ plan_trace(void)
 	    "EINTR from poll %d%%, socket() failures %d%%", plan.short_pct,
 	    plan.eagain_pct, plan.socket_fail_pct);
 	trace("sim", "Extensions API: /next breaks %d%%, Connection: close %d%%%s; "
-	    "APM answers framed oddly %d%%%s%s%s%s%s", plan.lam_fault_pct,
+	    "APM answers framed oddly %d%%%s%s%s%s", plan.lam_fault_pct,
 	    plan.lam_close_pct, plan.sigterm_inv >= 0 ? ", SIGTERM" : "",
 	    plan.apm_odd_pct, plan.no_ipv6 ? ", no IPv6" : "", plan.otlp_taken ?
 	    ", OTLP port taken" : "", plan.tel_huge ? ", a telemetry POST over "
-	    "the limit" : "", plan.tel_odd ? ", odd telemetry" : "",
-	    known_bugs ? ", known bugs on" : "");
+	    "the limit" : "", plan.tel_odd ? ", odd telemetry" : "");
 	for (int i = 0; i < plan.ninv; i++) {
 		const struct inv_plan *ip = &plan.inv[i];
 		trace("sim", "invocation %d %s: after %lld ms idle, timeout %lld ms, "
@@ -2555,7 +2541,7 @@ lam_fault(int sid)
 	if (!plan.lam_fault_pct || lam.faults_in_row >= 3 ||
 	    !pct(RR, plan.lam_fault_pct))
 		return 0;
-	int k = (int)below(RR, known_bugs ? LF_N : LF_N - 1);
+	int k = (int)below(RR, LF_N);
 	lam.faults_in_row++;
 	lam.nfaults++;
 	lam.next_sid = -1;
@@ -2858,8 +2844,7 @@ lam_event(int what, int i)
 			return;
 		if (frozen_until) {
 			/* a frozen process gets its signal once thawed (and the
-			 * loop's first turn comes first: see KNOWN BUGS in the
-			 * header) */
+			 * loop's first turn comes first) */
 			schedule(frozen_until + range(RR, 1000, 50000), EV_LAMBDA,
 			    LE_SIGTERM, 0);
 			return;
@@ -3973,9 +3958,7 @@ struct apmconn {
 };
 static struct rejected {       /* bodies answered 400 */
 	uint64_t hash;
-	int sid;                /* the answer went on this stream ... */
-	uint64_t end;           /* ... up to this offset */
-	uint64_t freezes;       /* st.freezes when it was sent */
+	int sid;                /* the answer went on this stream; -1: not yet */
 } rejected[4096];
 static int nrejected;
 static struct {
@@ -4214,12 +4197,6 @@ apm_answer_build(struct apmconn *c, int status, const char *body, int close)
 	    (int)range(RR, AO_INTERIM, AO_EOF) : AO_PLAIN;
 	if (nobody && c->odd != AO_INTERIM)
 		c->odd = AO_PLAIN;
-	/* A body ended by the close takes the extension two reads (the bytes,
-	 * then the end): a freeze between the answer and them makes it time
-	 * the delivery out after the thaw and send it again (KNOWN BUGS in
-	 * the header). Proxied answers only, unless --known-bugs. */
-	if (c->odd == AO_EOF && c->proxy_req < 0 && !known_bugs)
-		c->odd = AO_CHUNKED;
 	sb_clear(&c->ans);
 	sb_clear(&c->plain);
 	if (!nobody)
@@ -4368,14 +4345,6 @@ apm_request(int ci, struct hreq *h)
 			const struct rejected *x = &rejected[i];
 			if (x->hash != hb || x->sid < 0) /* sid < 0: never answered */
 				continue;
-			/* KNOWN BUGS: an answer still arriving when the sandbox froze
-			 * is timed out after the thaw (its deadline ran on) */
-			if (!known_bugs && st.freezes > x->freezes &&
-			    streams[x->sid].in.read < x->end) {
-				trace("apm", "a%d: a payload answered 400 comes again: its "
-				    "answer was cut by a freeze (known bug)", ci);
-				continue;
-			}
 			fail("a%d: a payload the server rejected with 400 came again "
 			    "(%zu bytes)", ci, sb_n(&h->body));
 		}
@@ -4415,7 +4384,7 @@ apm_request(int ci, struct hreq *h)
 		if (status == 400 && nrejected < 4096) {
 			c->rej = nrejected;
 			rejected[nrejected++] = (struct rejected){ hash64(sb_data(&h->body),
-			    sb_n(&h->body)), -1, 0, 0 };
+			    sb_n(&h->body)), -1 };
 		}
 		apm_answer_build(c, status, status == okst ? (otlp ? "{}" : "") :
 		    status == 400 ?
@@ -4496,11 +4465,7 @@ apm_event(int ci, int what)
 	}
 	actor_send(c->sid, sb_data(&c->ans), sb_n(&c->ans));
 	if (c->rej >= 0) { /* the 400 is on its way */
-		struct rejected *x = &rejected[c->rej];
-		struct stream *ss = &streams[c->sid];
-		x->sid = c->sid;
-		x->end = ss->in.wrote + sb_n(&ss->outbox);
-		x->freezes = st.freezes;
+		rejected[c->rej].sid = c->sid;
 		c->rej = -1;
 	}
 	c->busy = 0;
@@ -5180,9 +5145,7 @@ usage(void)
 	    "                                  and connections every MS virtual ms)\n"
 	    "       sim --seeds N [--start S] [-j J]   run N seeds from S (default 1)\n"
 	    "       sim --quick [-j J]                 the fixed set for make test "
-	    "(seeds 1..%d)\n"
-	    "       --known-bugs                      also the faults apm-ext.c is "
-	    "known to mishandle\n", QUICK_SEEDS);
+	    "(seeds 1..%d)\n", QUICK_SEEDS);
 	exit(2);
 }
 
@@ -5206,8 +5169,6 @@ main(int argc, char **argv)
 		} else if (strcmp(a, "-j") == 0 && v) {
 			jobs = atoi(v);
 			i++;
-		} else if (strcmp(a, "--known-bugs") == 0) {
-			known_bugs = 1;
 		} else if (strcmp(a, "--quick") == 0) {
 			count = QUICK_SEEDS;
 			start = 1;
