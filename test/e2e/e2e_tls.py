@@ -729,10 +729,11 @@ def tls_payload_small_window(t):
     assert_no_tls_errors(t)
 
 
-@scenario(apm=TLSApm())
-def tls_no_trust_anchors(t):
-    """No system bundle and no CA variable: one error says nothing can be verified; the
-    https server is never contacted; invocations released; exit 0."""
+def _without_trust_anchors(t, env):
+    """Start the extension with the system bundles hidden (an empty folder
+    bind-mounted over them in a private mount namespace) and no CA variable,
+    run two invocations (each released) and the shutdown; return its error
+    lines. Skips where that cannot be done."""
     if PLAIN:
         raise Skip("trust anchors are TLS-only")
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("mount"):
@@ -754,21 +755,45 @@ def tls_no_trust_anchors(t):
         os.chmod(wrapper, 0o755)
         t.binary, real = wrapper, t.binary
         try:
-            t.start(env={CA_FILE_VAR: None, CA_PEM_VAR: None,
-                         "ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "1s"})
+            t.start(env=dict({CA_FILE_VAR: None, CA_PEM_VAR: None,
+                              "ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "1s"}, **env))
         finally:
             t.binary = real
         for i in range(2):
             inv, tx, _, t_flush, t_next = invocation(t)
             assert_released(t_flush, t_next, "invocation %d" % i)
         t.shutdown_ok()
-        errs = [r for r in warn_or_error(t.logs()) if "no trust anchors" in log_text(r)]
-        assert len(errs) == 1, "want one 'no trust anchors' line, got %d: %r" % (
-            len(errs), [r.get("msg") for r in warn_or_error(t.logs())][:4])
-        assert not t.apm.requests and not t.apm.tls_errors, \
-            "the https server was contacted with nothing to verify it by"
+        return [log_text(r) for r in warn_or_error(t.logs())]
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@scenario(apm=TLSApm())
+def tls_no_trust_anchors(t):
+    """No system bundle and no CA variable: one error says nothing can be verified; the
+    https server is never contacted; invocations released; exit 0."""
+    errs = _without_trust_anchors(t, {})
+    assert len([m for m in errs if "no trust anchors" in m]) == 1, \
+        "want one 'no trust anchors' line, got: %r" % errs[:4]
+    assert not t.apm.requests and not t.apm.tls_errors, \
+        "the https server was contacted with nothing to verify it by"
+
+
+@scenario(apm=TLSApm())
+def tls_no_trust_anchors_secrets(t):
+    """No trust anchors and the token from Secrets Manager (https): the call is not made
+    ('cannot connect', said once with the call's name), nothing is sent anywhere;
+    invocations released; exit 0."""
+    errs = _without_trust_anchors(t, {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_REGION": "us-east-1", "ELASTIC_APM_SECRET_TOKEN": None,
+        "ELASTIC_APM_LAMBDA_AWS_ENDPOINT": "https://127.0.0.1:9",
+        "ELASTIC_APM_SECRETS_MANAGER_SECRET_TOKEN_ID": "apm/token"})
+    calls = [m for m in errs if "secrets manager getsecretvalue (secret token)" in m
+             and "apm/token" in m and "cannot connect" in m]  # log_text: lower case
+    assert len(calls) == 1, "want one failed-call line, got: %r" % errs[:6]
+    assert not t.apm.requests and not t.apm.tls_errors, \
+        "the https server was contacted with nothing to verify it by"
 
 
 @scenario(apm=TLSApm(), env={"ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "1s"})

@@ -3742,6 +3742,15 @@ test_pem_loads(void)
 	 * line is anywhere in the text and anything follows the last END
 	 * line, so a PEM with its usual final newline (the variable, an ACM
 	 * certificate) logs "1 certificates could not be decoded" */
+	ctx("tls_load_pem: a BEGIN line that never ends is one certificate cut short");
+	{
+		static const char cut[] = "-----BEGIN CERTIFICATE-----\nMIIBkTCB+wIJ\n";
+		capture_begin(2, LOG_WARN);
+		CHECK_INT(tls_load_pem(cut, sizeof cut - 1, "PEM"), 0);
+		t = capture_end();
+		CHECK_INT(lines_with(t, "PEM: 1 certificates could not be decoded"), 1);
+	}
+
 	ctx("tls_load_pem: a final newline is not a certificate cut short");
 	capture_begin(2, LOG_WARN);
 	CHECK_INT(tls_load_pem(pem, pl, "PEM"), 1);
@@ -3991,6 +4000,129 @@ test_aws_request_id_limit(void)
 	memset(&aws.sm, 0, sizeof aws.sm);
 	memset(u, 0, sizeof *u);
 	u->c.fd = -1;
+}
+
+/* == Upstream deadlines ==
+ * A delivery whose deadline passed while its whole answer waits in the
+ * socket (it came while the sandbox was frozen): upstream_timeouts reads it
+ * first, and the payload counts as delivered, not timed out and sent again.
+ * Without an answer it is timed out, the payload kept for a retry.
+ */
+static void
+drain_case(int answered)
+{
+	static char rx[4096], tx[4096];
+	static const char answer[] = "HTTP/1.1 202 Accepted\r\n"
+	    "Content-Length: 0\r\n\r\n";
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0 ||
+	    fcntl(sv[0], F_SETFL, O_NONBLOCK) < 0) {
+		perror("socketpair");
+		exit(2);
+	}
+	queue_setup();
+	memset(&g.fwd, 0, sizeof g.fwd);
+	int s = queue_open(&g.q, "", "", 0, 0);
+	CHECK_INT(queue_append(&g.q, s, "{}\n", 3, 0), 3);
+	g.q.p[s].open = 0;
+	struct upstream *u = &g.up[0];
+	memset(u, 0, sizeof *u);
+	u->c.fd = sv[0];
+	u->c.rx = rx;
+	u->c.rx_cap = sizeof rx;
+	u->c.tx = tx;
+	u->c.tx_cap = sizeof tx;
+	u->ep = &g.apm;
+	upstream_begin_payload(u, s);
+	u->state = UP_BUSY;
+	u->sent = 3;
+	u->sent_last = 1;
+	u->c.tx_len = u->c.tx_off = 0; /* all sent */
+	u->c.deadline = now_ms() - 1;
+	if (answered)
+		CHECK_INT(write(sv[1], answer, sizeof answer - 1),
+		    (int)(sizeof answer - 1));
+	upstream_timeouts(now_ms());
+	CHECK_INT(g.q.delivered, answered ? 1 : 0);
+	CHECK_INT(g.q.used, answered ? 0 : 1);
+	CHECK_INT(g.fwd.failures, answered ? 0 : 1);
+	CHECK(answered ? u->state == UP_IDLE : !g.q.p[s].inflight);
+	if (u->c.fd >= 0)
+		close(u->c.fd);
+	close(sv[1]);
+	memset(u, 0, sizeof *u);
+	u->c.fd = -1;
+	memset(&g.fwd, 0, sizeof g.fwd);
+}
+
+static void
+test_upstream_drain(void)
+{
+	ctx("upstream_timeouts: the answer waits in the socket: delivered once");
+	drain_case(1);
+	ctx("upstream_timeouts: no answer: timed out, the payload kept");
+	drain_case(0);
+}
+
+/* == /event/next that cannot be sent ==
+ * The Extensions API connection breaks as /next is written: the error is
+ * said once, /next is tried again NEXT_RETRY_MS later by loop_lambda_tick
+ * (its wake-up time until then), and goes out once the API answers again.
+ */
+static void
+test_next_retry(void)
+{
+	static char rx[1024], tx[1024];
+	int sv[2], lfd = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in a = { .sin_family = AF_INET,
+		.sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t alen = sizeof a;
+	if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0 || lfd < 0 ||
+	    bind(lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(lfd, 4) < 0 ||
+	    getsockname(lfd, (struct sockaddr *)&a, &alen) < 0) {
+		perror("test_next_retry");
+		exit(2);
+	}
+	close(sv[1]); /* the API's end is gone: the write fails */
+	memset(&g.lam, 0, sizeof g.lam);
+	g.lam.c.fd = sv[0];
+	g.lam.c.rx = rx;
+	g.lam.c.rx_cap = sizeof rx;
+	g.lam.c.tx = tx;
+	g.lam.c.tx_cap = sizeof tx;
+	memcpy(&g.lam.addr, &a, sizeof a);
+	g.lam.addrlen = sizeof a;
+	snprintf(g.lam.host, sizeof g.lam.host, "127.0.0.1:%u", ntohs(a.sin_port));
+	g.phase = PH_INVOKE;
+	ctx("lambda_send_next: the connection breaks as /next is written");
+	capture_begin(2, LOG_ERROR);
+	lambda_send_next();
+	int64_t t0 = now_ms();
+	CHECK_INT(g.lam.req, LR_NONE);
+	CHECK(g.lam.c.fd < 0);
+	CHECK_INT(g.phase, PH_WAIT);
+	CHECK(g.lam.retry_at > 0 && g.lam.retry_at <= t0 + NEXT_RETRY_MS);
+	ctx("loop_lambda_tick: waits until the retry time");
+	CHECK_INT(loop_lambda_tick(g.lam.retry_at - 1), g.lam.retry_at);
+	CHECK(g.lam.c.fd < 0);
+	ctx("loop_lambda_tick: /next again at the retry time");
+	CHECK_INT(loop_lambda_tick(g.lam.retry_at), 0);
+	CHECK_INT(g.lam.req, LR_NEXT);
+	CHECK_INT(g.lam.retry_at, 0);
+	const char *t = capture_end();
+	CHECK_INT(lines_with(t, "cannot call /event/next"), 1);
+	int cfd = accept(lfd, NULL, NULL);
+	char got[256] = "";
+	ssize_t n = cfd >= 0 ? read(cfd, got, sizeof got - 1) : -1;
+	got[n > 0 ? n : 0] = 0;
+	CHECK(strncmp(got, "GET /2020-01-01/extension/event/next HTTP/1.1\r\n", 47) == 0);
+	if (cfd >= 0)
+		close(cfd);
+	close(lfd);
+	conn_close(&g.lam.c);
+	memset(&g.lam, 0, sizeof g.lam);
+	g.lam.c.fd = -1;
+	g.phase = 0;
 }
 
 /* == Telemetry accept ==
@@ -4388,6 +4520,8 @@ main(void)
 	test_x509_wrappers();
 	test_tls_reason();
 	test_aws_request_id_limit();
+	test_upstream_drain();
+	test_next_retry();
 	test_tel_accept_evicts_idlest();
 	test_msg_answer();
 	test_log_line();
