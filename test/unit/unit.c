@@ -4006,10 +4006,11 @@ test_aws_request_id_limit(void)
  * A delivery whose deadline passed while its whole answer waits in the
  * socket (it came while the sandbox was frozen): upstream_timeouts reads it
  * first, and the payload counts as delivered, not timed out and sent again.
- * Without an answer it is timed out, the payload kept for a retry.
+ * Without an answer, or still connecting, it is timed out, the payload kept
+ * for a retry.
  */
 static void
-drain_case(int answered)
+drain_case(int answered, int state)
 {
 	static char rx[4096], tx[4096];
 	static const char answer[] = "HTTP/1.1 202 Accepted\r\n"
@@ -4034,7 +4035,7 @@ drain_case(int answered)
 	u->c.tx_cap = sizeof tx;
 	u->ep = &g.apm;
 	upstream_begin_payload(u, s);
-	u->state = UP_BUSY;
+	u->state = state;
 	u->sent = 3;
 	u->sent_last = 1;
 	u->c.tx_len = u->c.tx_off = 0; /* all sent */
@@ -4047,6 +4048,7 @@ drain_case(int answered)
 	CHECK_INT(g.q.used, answered ? 0 : 1);
 	CHECK_INT(g.fwd.failures, answered ? 0 : 1);
 	CHECK(answered ? u->state == UP_IDLE : !g.q.p[s].inflight);
+	CHECK(answered || u->c.fd < 0); /* a timed-out connection is closed */
 	if (u->c.fd >= 0)
 		close(u->c.fd);
 	close(sv[1]);
@@ -4059,9 +4061,45 @@ static void
 test_upstream_drain(void)
 {
 	ctx("upstream_timeouts: the answer waits in the socket: delivered once");
-	drain_case(1);
+	drain_case(1, UP_BUSY);
 	ctx("upstream_timeouts: no answer: timed out, the payload kept");
-	drain_case(0);
+	drain_case(0, UP_BUSY);
+	ctx("upstream_timeouts: still connecting: timed out, the payload kept");
+	drain_case(0, UP_CONNECTING);
+}
+
+/* == Freezes ==
+ * loop_thawed: a poll in /next that returned FREEZE_MIN_MS or more later
+ * than asked slept through a freeze; every open upstream's deadline moves on
+ * by the whole sleep, the others and unset deadlines stay; a poll on time, a
+ * little late, or without a timeout moves nothing.
+ */
+static void
+test_loop_thawed(void)
+{
+	static const struct { int64_t asked, slept; int moves; } cases[] = {
+		{ 300, 300 + FREEZE_MIN_MS, 1 }, { 300, 5000, 1 }, { 0, 2000, 1 },
+		{ 300, 300 + FREEZE_MIN_MS - 1, 0 }, { 300, 300, 0 }, { 300, 10, 0 },
+		{ -1, 60000, 0 },
+	};
+	for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+		ctx("loop_thawed(%lld, %lld)", (long long)cases[k].asked,
+		    (long long)cases[k].slept);
+		for (int i = 0; i < NUM_UPSTREAM; i++) {
+			g.up[i].c.fd = i == 1 ? -1 : 100 + i; /* slot 1 closed */
+			g.up[i].c.deadline = i == 2 ? 0 : 1000 + i;
+		}
+		loop_thawed(cases[k].asked, cases[k].slept);
+		for (int i = 0; i < NUM_UPSTREAM; i++) {
+			int64_t was = i == 2 ? 0 : 1000 + i;
+			int moved = cases[k].moves && i != 1 && i != 2;
+			CHECK_INT(g.up[i].c.deadline, was + (moved ? cases[k].slept : 0));
+		}
+	}
+	for (int i = 0; i < NUM_UPSTREAM; i++) {
+		g.up[i].c.fd = -1;
+		g.up[i].c.deadline = 0;
+	}
 }
 
 /* == /event/next that cannot be sent ==
@@ -4521,6 +4559,7 @@ main(void)
 	test_tls_reason();
 	test_aws_request_id_limit();
 	test_upstream_drain();
+	test_loop_thawed();
 	test_next_retry();
 	test_tel_accept_evicts_idlest();
 	test_msg_answer();
