@@ -4524,6 +4524,65 @@ test_main_flags(void)
 	CHECK(strncmp(t, first, sizeof first - 1) == 0);
 }
 
+/* == Blocking calls at start-up ==
+ * lambda_call on a connection whose write fails (the API reset it after the
+ * register answer: io.writev stubbed) or whose request would not fit its
+ * buffer: -1 and the connection closed, nothing read.
+ */
+static int stub_writevs, stub_reads;
+
+static ssize_t
+stub_writev_reset(int fd, const struct iovec *iov, int n)
+{
+	(void)fd, (void)iov, (void)n;
+	stub_writevs++;
+	errno = ECONNRESET;
+	return -1;
+}
+
+static ssize_t
+stub_read_counted(int fd, void *b, size_t n)
+{
+	(void)fd, (void)b, (void)n;
+	stub_reads++;
+	return 0;
+}
+
+static void
+test_lambda_call_write_fails(void)
+{
+	static char rx[256], tx[256], extra[1100];
+	struct apm_io saved = io;
+	io.writev = stub_writev_reset;
+	io.read = stub_read_counted;
+	io.close = stub_close;
+	memset(extra, 'x', sizeof extra - 3);
+	memcpy(extra + sizeof extra - 3, "\r\n", 3);
+	for (int k = 0; k < 2; k++) {
+		memset(&g.lam, 0, sizeof g.lam);
+		g.lam.c.fd = 42;
+		g.lam.c.rx = rx;
+		g.lam.c.rx_cap = sizeof rx;
+		g.lam.c.tx = tx;
+		g.lam.c.tx_cap = sizeof tx;
+		stub_writevs = stub_reads = 0;
+		stub_closed = -1;
+		struct apm_http_header h[APM_HTTP_MAX_HEADERS];
+		struct apm_http_msg m;
+		int head = 0;
+		ctx("lambda_call: %s", k ? "a request over its buffer" : "the write fails");
+		CHECK_INT(lambda_call("PUT", EXT_API "/telemetry", k ? extra : "",
+		    "{}", &head, &m, h), -1);
+		CHECK_INT(stub_writevs, k ? 0 : 1);
+		CHECK_INT(stub_reads, 0);
+		CHECK_INT(stub_closed, 42);
+		CHECK(g.lam.c.fd < 0);
+	}
+	memset(&g.lam, 0, sizeof g.lam);
+	g.lam.c.fd = -1;
+	io = saved;
+}
+
 int
 main(void)
 {
@@ -4561,6 +4620,7 @@ main(void)
 	test_upstream_drain();
 	test_loop_thawed();
 	test_next_retry();
+	test_lambda_call_write_fails();
 	test_tel_accept_evicts_idlest();
 	test_msg_answer();
 	test_log_line();
