@@ -4577,31 +4577,35 @@ upstream_events(struct upstream *u)
 	return ev;
 }
 
-/* A free connection slot (idle first, then closed), or NULL. */
+/* A slot for a new job: an idle connection first, then one still opening
+ * with no job (the warm-up: the job waits for it rather than opening a
+ * second connection and handshake), then a closed slot; or NULL. */
 static struct upstream *
 upstream_free_slot(void)
 {
-	struct upstream *closed = NULL;
+	struct upstream *opening = NULL, *closed = NULL;
 	for (int i = 0; i < MAX_UPSTREAM; i++) {
 		struct upstream *u = &g.up[i];
 		if (u->state == UP_IDLE && u->job == JOB_NONE)
 			return u;
+		if ((u->state == UP_CONNECTING || u->state == UP_HANDSHAKE) &&
+		    u->job == JOB_NONE && !opening)
+			opening = u;
 		if (u->state == UP_CLOSED && !closed)
 			closed = u;
 	}
-	return closed;
+	return opening ? opening : closed;
 }
 
-/* Put a job on slot u: connect if needed. 0 or -1. */
+/* Put a job on slot u: connect if needed. 0 or -1. A connection still
+ * opening (the warm-up) turns busy once open (upstream_step, tls_step). */
 static int
 upstream_assign(struct upstream *u)
 {
-	if (u->state == UP_CLOSED) {
-		if (upstream_connect(u) < 0)
-			return -1;
-	} else {
+	if (u->state == UP_CLOSED)
+		return upstream_connect(u);
+	if (u->state == UP_IDLE)
 		u->state = UP_BUSY;
-	}
 	return 0;
 }
 
@@ -5640,13 +5644,10 @@ proxy_schedule(int auth_coming)
 		if (!u)
 			return;
 		struct conn *uc = &u->c;
-		int was_closed = u->state == UP_CLOSED;
-		if (was_closed && upstream_connect(u) < 0) {
+		if (upstream_assign(u) < 0) {
 			agent_respond(a, 502, "APM server unreachable", 0);
 			continue;
 		}
-		if (!was_closed)
-			u->state = UP_BUSY;
 		uc->tx_len = uc->tx_off = 0;
 		const char *eol = memmem(a->c.tx, a->c.tx_len, "\r\n", 2);
 		size_t line = eol ? (size_t)(eol - a->c.tx) + 2 : 0;
