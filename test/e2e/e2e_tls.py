@@ -431,6 +431,22 @@ def tls_keepalive_three_invocations(t):
     assert_no_tls_errors(t)
 
 
+@scenario(apm=TLSApm())
+def tls_warm_connection_before_first_invocation(t):
+    """While the function initialises (after the first /next), the extension opens and
+    handshakes one connection to the APM server; the first invocation's data goes on it."""
+    t.start(env=ca_file_env())
+    t.wait_apm(lambda a: a.connections_total >= 1,
+               "a warm-up connection before the first invocation", 10)
+    assert not t.apm.requests, "requests before any invocation: %r" % t.apm.requests
+    inv, tx, sent, t_flush, t_next = invocation(t)
+    req = assert_delivered_before_next(t, tx, t_flush, t_next, "the first invocation")
+    assert req.conn_id == 1, "the first invocation's data came on connection %d, not on " \
+        "the warm one" % req.conn_id
+    t.shutdown_ok()
+    assert_no_tls_errors(t)
+
+
 @scenario(apm=TLSApm(), env={"ELASTIC_APM_DATA_FORWARDER_TIMEOUT": "1s"})
 def tls_server_closes_between_invocations(t):
     """Connections dropped while frozen: next data and retried data arrive, once each."""
