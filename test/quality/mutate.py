@@ -166,6 +166,7 @@ E2E_SET = [
     "secrets_request_unsignable",
     "secrets_second_request_too_large",
     "tls_server_closes_in_handshake",
+    "tls_warm_connection_before_first_invocation",
 ]
 
 KEYWORDS = {"if", "while", "for", "switch", "return", "sizeof", "do", "else",
