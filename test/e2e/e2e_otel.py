@@ -894,8 +894,8 @@ def otel_and_elastic_agent_together(t):
         "APM_TEST_OTEL_LAMBDA": "off",
         "APM_TEST_OTEL_SIGNALS": "traces"})
     fn.protocol, fn.compression = "http/protobuf", "gzip"
-    try:
-        fn.start()
+
+    def checks(t, fn):
         invs = [fn.invoke({"spans": 3 + i, "errors": i % 2, "otel_spans": 2 + i})
                 for i in range(3)]
         for i, inv in enumerate(invs):
@@ -930,13 +930,8 @@ def otel_and_elastic_agent_together(t):
         assert not other, "OTel spans nobody made arrived: %s" % other[:5]
         bad = [ln[:400] for ln in fn.log_text().splitlines() if SDK_TROUBLE.match(ln)]
         assert not bad, "the OpenTelemetry SDK reported trouble: %s" % bad[:3]
-    except AssertionError as e:
-        msg = str(e)
-        if "Node runtime log" not in msg:
-            msg += "\n" + fn.log_tail()
-        raise AssertionError(msg).with_traceback(e.__traceback__)
-    finally:
-        fn.close()
+
+    run_function(t, fn, checks)
 
 
 def _otlp_port_scenario(t):
