@@ -324,6 +324,18 @@ def agent_send(port, lines, encoding="gzip", chunked=True, flushed=False, token=
         if own:
             c.close()
 
+def agent_send_spans(port, inv, spans, min_bytes, what):
+    """One chunked, identity-encoded intake POST of metadata, a transaction of inv
+    and `spans` spans of 1000 bytes of text each: at least min_bytes, answered 202.
+    Returns (the Sent, the transaction)."""
+    tx = make_transaction(request_id=inv.request_id, span_count=spans)
+    lines = [make_metadata(), tx] + [make_span(tx, pad=1000) for _ in range(spans)]
+    s = agent_send(port, lines, "identity", chunked=True)
+    assert len(s.raw) >= min_bytes, "payload only %d bytes" % len(s.raw)
+    assert s == 202, "%s answered %s" % (what, s.status)
+    return s, tx
+
+
 
 def agent_flush(port, token=None, conn=None):
     """The agent's end-of-invocation signal: empty POST ?flushed=true."""
@@ -718,11 +730,7 @@ def payload_1mb(t):
     """A 1 MB identity body of many spans arrives whole and unchanged."""
     t.start()
     inv = t.lam.invoke()
-    tx = make_transaction(request_id=inv.request_id, span_count=900)
-    lines = [make_metadata(), tx] + [make_span(tx, pad=1000) for _ in range(900)]
-    s = agent_send(t.port, lines, "identity", chunked=True)
-    assert len(s.raw) >= 1_000_000, "payload only %d bytes" % len(s.raw)
-    assert s == 202, "1 MB POST answered %s" % s.status
+    s, tx = agent_send_spans(t.port, inv, 900, 1_000_000, "1 MB POST")
     assert agent_flush(t.port) == 202
     t.lam.runtime_done(inv)
     t_next = t.lam.finish(inv, timeout=15)

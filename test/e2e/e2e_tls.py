@@ -34,9 +34,9 @@ import tempfile
 import threading
 import time
 
-from e2e import (scenario, Skip, agent_send, agent_flush, agent_payload, first_delivery,
-                 delivered_requests, tx_delivered, tx_of, check_forwarded, http_request,
-                 make_metadata, make_transaction, make_span, AGENT_TOKEN, AGENT_UA)
+from e2e import (scenario, Skip, agent_send, agent_send_spans, agent_flush, agent_payload,
+                 first_delivery, delivered_requests, tx_delivered, tx_of, check_forwarded,
+                 http_request, AGENT_TOKEN, AGENT_UA)
 from fake_apm import make_test_ca, SERVER_INFO
 
 PLAIN = os.environ.get("E2E_TLS_PLAIN") == "1"
@@ -389,11 +389,7 @@ def tls_payload_1mb(t):
     """A 1 MB body (some 30 send buffers) goes over TLS whole and unchanged, before /next."""
     t.start(env=ca_file_env())
     inv = t.lam.invoke()
-    tx = make_transaction(request_id=inv.request_id, span_count=900)
-    lines = [make_metadata(), tx] + [make_span(tx, pad=1000) for _ in range(900)]
-    s = agent_send(t.port, lines, "identity", chunked=True)
-    assert len(s.raw) >= 1_000_000, "payload only %d bytes" % len(s.raw)
-    assert s == 202, "1 MB POST answered %s" % s.status
+    s, tx = agent_send_spans(t.port, inv, 900, 1_000_000, "1 MB POST")
     assert agent_flush(t.port) == 202
     t.lam.runtime_done(inv)
     t_next = t.lam.finish(inv, timeout=15)
@@ -731,10 +727,7 @@ def tls_payload_small_window(t):
         srv.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     t.start(env=ca_file_env())
     inv = t.lam.invoke()
-    tx = make_transaction(request_id=inv.request_id, span_count=900)
-    lines = [make_metadata(), tx] + [make_span(tx, pad=1000) for _ in range(900)]
-    s = agent_send(t.port, lines, "identity", chunked=True)
-    assert s == 202, "1 MB POST answered %s" % s.status
+    s, tx = agent_send_spans(t.port, inv, 900, 1_000_000, "1 MB POST")
     assert agent_flush(t.port) == 202
     t.lam.runtime_done(inv)
     t_next = t.lam.finish(inv, timeout=15)
@@ -822,11 +815,7 @@ def tls_server_stops_reading(t):
     try:
         t.start(env=ca_file_env())
         inv = t.lam.invoke()
-        tx = make_transaction(request_id=inv.request_id, span_count=5400)
-        lines = [make_metadata(), tx] + [make_span(tx, pad=1000) for _ in range(5400)]
-        s = agent_send(t.port, lines, "identity", chunked=True)
-        assert len(s.raw) >= 6_000_000, "payload only %d bytes" % len(s.raw)
-        assert s == 202, "6 MB POST answered %s" % s.status
+        s, tx = agent_send_spans(t.port, inv, 5400, 6_000_000, "6 MB POST")
         t_flush = time.monotonic()
         assert agent_flush(t.port) == 202
         t.lam.runtime_done(inv)
