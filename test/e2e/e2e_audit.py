@@ -29,6 +29,7 @@ queue, from the kernel's sock_diag netlink interface, or /proc/net/tcp,
 which is slow on a machine holding tens of thousands of TIME_WAIT sockets).
 """
 
+import collections
 import fcntl
 import http.client
 import json
@@ -1162,20 +1163,31 @@ def audit_10_trickling_bodies_yield(t):
                 answers[i] = "still open"
                 continue
             except OSError as e:
-                answers[i] = type(e).__name__
-                continue
+                # a close with a trickled byte unread sends a reset after
+                # the answer: the answer was still read first
+                if not data.startswith(b"HTTP/1."):
+                    answers[i] = type(e).__name__
+                    continue
             answers[i] = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.") \
                 else "closed"
         still = [i for i, a in answers.items() if a == "still open"]
         n408 = sum(1 for a in answers.values() if a == 408)
         print("AUDIT10 trickling bodies: %d answered 408, %d still open %.1f s after their "
               "heads" % (n408, len(still), time.monotonic() - t_heads), flush=True)
+        code = t.lam.ext_proc.poll()
+        assert code is None, "the extension exited (code %s) while the trickling bodies " \
+            "timed out: %r" % (code, sorted(collections.Counter(
+                map(str, answers.values())).items()))
         assert not still, "%d trickling bodies still open %.1f s after their heads (receiver " \
             "timeout 3 s)" % (len(still), time.monotonic() - t_heads)
-        # each one got 408, or was closed to make room for a new agent (the
-        # slowest body yields; how many depends on how fast the machine is)
-        assert n408 >= MAX_AGENT_CONNS // 2, "only %d of 64 trickling bodies answered 408: " \
-            "%r" % (n408, sorted(set(map(str, answers.values()))))
+        # each one got 408, or was closed to make room for a new agent: the
+        # slowest body yields to each new connection, and the new agent made
+        # one connection per attempt (how many depends on how fast the
+        # machine is)
+        assert len(socks) - n408 <= attempts, "only %d of %d trickling bodies answered 408, " \
+            "and the new agent made only %d connections: %r" % (
+                n408, len(socks), attempts,
+                sorted(collections.Counter(map(str, answers.values())).items()))
     finally:
         stop.set()
         for s in socks:

@@ -409,8 +409,9 @@ def tls_payload_1mb(t):
 def tls_keepalive_three_invocations(t):
     """Three invocations over one kept-alive TLS connection (the sandbox frozen between)."""
     t.start(env=ca_file_env())
-    txs, conns_after = [], []
+    txs, conns_after, requests_before = [], [], []
     for i in range(3):
+        requests_before.append(len(t.apm.requests))
         inv, tx, sent, t_flush, t_next = invocation(t)
         req = assert_delivered_before_next(t, tx, t_flush, t_next, "invocation %d" % i)
         txs.append((tx, req))
@@ -418,10 +419,14 @@ def tls_keepalive_three_invocations(t):
     total = t.apm.connections_total
     assert total <= 2, "%d TCP connections (TLS handshakes) for 3 invocations, per " \
         "invocation %s: not kept alive" % (total, conns_after)
-    last_conn = txs[2][1].conn_id
-    assert last_conn <= conns_after[1], "invocation 3's data came on connection %d, opened " \
-        "during invocation 3: the connection did not survive the freeze (connections after " \
-        "each invocation: %s)" % (last_conn, conns_after)
+    # The first request of invocation 3 takes the idle kept-alive connection.
+    # Invocation 2's platform telemetry may arrive late, during invocation 3,
+    # and be delivered beside the agent's data: that second delivery may open
+    # a second connection, which is parallelism, not a lost connection.
+    first = t.apm.requests[requests_before[2]]
+    assert first.conn_id <= conns_after[1], "invocation 3's first request came on " \
+        "connection %d, opened during invocation 3: the connection did not survive the " \
+        "freeze (connections after each invocation: %s)" % (first.conn_id, conns_after)
     t.shutdown_ok()
     assert_once(t.apm, [tx for tx, _ in txs])
     assert_no_tls_errors(t)
