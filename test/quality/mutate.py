@@ -173,7 +173,7 @@ KEYWORDS = {"if", "while", "for", "switch", "return", "sizeof", "do", "else",
             "case", "default", "goto", "break", "continue", "typedef", "struct",
             "union", "enum", "static", "const", "_Alignof", "alignof",
             "__attribute__", "offsetof"}
-NO_SWAP = {"MIN", "MAX", "LIT", "NEVER"}  # symmetric or macro plumbing
+NO_SWAP = {"MIN", "MAX", "earliest", "LIT", "NEVER"}  # symmetric or macro plumbing
 DECL = re.compile(r"^\s*(?:(?:const|static|unsigned|signed|struct|enum|union|volatile)\s+)*"
                   r"[A-Za-z_]\w*(?:\s+|\s*\*+\s*)(?:const\s+)?\**[A-Za-z_]\w*\s*[\[=;,)]")
 

@@ -4203,6 +4203,78 @@ test_tel_accept_evicts_idlest(void)
 	}
 }
 
+/* When every agent slot is taken, agent_evictable names the cheapest
+ * connection to close: never one with a request under way (a body arriving,
+ * or a payload it still holds), however long it has been quiet; within a
+ * rank, the idlest; a connection that never completed a request and is past
+ * its grace period before a kept-alive one. */
+static void
+test_agent_evictable(void)
+{
+	static struct agent saved[MAX_AGENT_CONNS];
+	memcpy(saved, g.agents, sizeof saved);
+	int64_t now = now_ms();
+	for (int variant = 0; variant < 2; variant++) {
+		for (int i = 0; i < MAX_AGENT_CONNS; i++) {
+			struct agent *a = &g.agents[i];
+			memset(a, 0, sizeof *a);
+			a->c.fd = 1000 + i;
+			a->state = AG_HEAD;
+			a->payload = -1;
+			a->requests = 1; /* kept alive: rank 3 */
+			a->accepted = (uint64_t)i + 1;
+			a->accepted_at = now - 60000;
+			a->c.last_active = now - 10;
+		}
+		g.agents[5].state = AG_BODY;        /* under way, quiet longest */
+		g.agents[5].c.last_active = now - 100000;
+		g.agents[7].payload = 0;            /* its payload still held */
+		g.agents[7].c.last_active = now - 90000;
+		g.agents[9].c.last_active = now - 5000; /* the idlest kept-alive one */
+		int want = 9;
+		if (variant == 1) {
+			/* part of a head sent a minute ago, no request completed: rank 1 */
+			g.agents[30].requests = 0;
+			g.agents[30].c.rx_len = 3;
+			want = 30;
+		}
+		ctx("agent_evictable, all %d slots taken, variant %d", MAX_AGENT_CONNS,
+		    variant);
+		CHECK_INT(agent_evictable(), want);
+	}
+	memcpy(g.agents, saved, sizeof saved);
+}
+
+/* pages_release gives back exactly the whole pages inside [p, p+n): from a
+ * page-aligned start the first page too; from an unaligned one, not the
+ * pages the range only touches. mincore() tells which pages are resident. */
+static void
+test_pages_release(void)
+{
+	char *m = mmap(NULL, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE |
+	    MAP_ANONYMOUS, -1, 0);
+	CHECK(m != MAP_FAILED);
+	if (m == MAP_FAILED)
+		return;
+	static const struct { size_t off, len; unsigned char want[4]; } cases[] = {
+		{ 0, 4 * 4096, { 0, 0, 0, 0 } },
+		{ 1, 3 * 4096, { 1, 0, 0, 1 } },
+		{ 4096, 4096, { 1, 0, 1, 1 } },
+		{ 4095, 4098, { 1, 0, 1, 1 } },
+		{ 100, 4000, { 1, 1, 1, 1 } },
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		ctx("pages_release(page + %zu, %zu)", cases[i].off, cases[i].len);
+		memset(m, 1, 4 * 4096);
+		pages_release(m + cases[i].off, cases[i].len);
+		unsigned char vec[4];
+		CHECK(mincore(m, 4 * 4096, vec) == 0);
+		for (int k = 0; k < 4; k++)
+			CHECK_INT(vec[k] & 1, cases[i].want[k]);
+	}
+	munmap(m, 4 * 4096);
+}
+
 /* == HTTP answers ==
  * msg_answer writes the status line with its reason phrase, the length, the
  * given headers and Connection: close when asked; a head or body that does
@@ -4606,6 +4678,8 @@ main(void)
 	test_next_retry();
 	test_lambda_call_write_fails();
 	test_tel_accept_evicts_idlest();
+	test_agent_evictable();
+	test_pages_release();
 	test_msg_answer();
 	test_log_line();
 	test_cfg();
