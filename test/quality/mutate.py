@@ -164,6 +164,7 @@ E2E_SET = [
     "startup_intake_port_taken_v4",
     "startup_sigterm_flushes_and_exits",
     "secrets_request_unsignable",
+    "secrets_access_denied",
     "secrets_second_request_too_large",
     "tls_server_closes_in_handshake",
     "tls_warm_connection_before_first_invocation",

@@ -21,6 +21,7 @@
 #define MAY_DROP fwd_may_drop()
 #undef main /* apm-ext.c renamed its main under APM_EXT_TEST; this is ours */
 
+#include <dirent.h>
 #include <math.h>
 #include <sys/wait.h>
 
@@ -3590,6 +3591,65 @@ load_file(const char *path, const char *text, size_t len, int lazy)
 	return t;
 }
 
+/* Open file descriptors of this process. */
+static int
+fd_count(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	int n = 0;
+	if (!d)
+		return -1;
+	while (readdir(d))
+		n++;
+	closedir(d);
+	return n;
+}
+
+/* A lazily indexed bundle certificate is decoded when a chain names it as
+ * issuer (tls_bundle_fetch): once, and the bundle file it reads is closed
+ * again. */
+static void
+test_bundle_fetch(void)
+{
+	static unsigned char der[12500], e[100];
+	static char pem[20000];
+	size_t k = ext_make(e, oid_bc, 3, 1, "\x30\x03\x01\x01\xff", 5);
+	size_t pl = pem_block(der, tcert_exts(der, e, k), pem);
+	char tmp[] = "/tmp/apm-ext-unit-bundle-XXXXXX";
+	if (pem_file(tmp, 0, pem, pl) < 0)
+		return;
+	const char *bundle = tls.bundle;
+	size_t nidx = tls.nidx, nta;
+	uint32_t h = dn_hash(name_t, sizeof name_t - 1);
+	uint32_t *held = calloc(nidx + 1, sizeof *held);
+	for (size_t i = 0; i < nidx; i++) /* earlier tests' entries: aside */
+		if (tls.idx[i].hash == h) {
+			held[i] = tls.idx[i].len;
+			tls.idx[i].len = 0;
+		}
+	tls.bundle = tmp;
+	capture_begin(2, LOG_WARN);
+	tls_load_file_idx(tmp, "CA bundle", 1);
+	ctx("tls_bundle_fetch: the issuer's certificate, indexed lazily");
+	CHECK_INT(tls.nidx, nidx + 1);
+	nta = tls.nta;
+	int fds = fd_count();
+	struct der issuer = { .start = name_t, .total = sizeof name_t - 1 };
+	tls_bundle_fetch(&issuer);
+	CHECK_INT(tls.nta, nta + 1);
+	CHECK_INT(fd_count(), fds);
+	ctx("tls_bundle_fetch: the same issuer again");
+	tls_bundle_fetch(&issuer);
+	CHECK_INT(tls.nta, nta + 1);
+	CHECK_INT(lines_with(capture_end(), "\"level\":"), 0);
+	for (size_t i = 0; i < nidx; i++)
+		if (held[i])
+			tls.idx[i].len = held[i];
+	free(held);
+	tls.bundle = bundle;
+	unlink(tmp);
+}
+
 static void
 test_pem_loads(void)
 {
@@ -4206,15 +4266,16 @@ test_tel_accept_evicts_idlest(void)
 /* When every agent slot is taken, agent_evictable names the cheapest
  * connection to close: never one with a request under way (a body arriving,
  * or a payload it still holds), however long it has been quiet; within a
- * rank, the idlest; a connection that never completed a request and is past
- * its grace period before a kept-alive one. */
+ * rank, the idlest, and of two as idle the one accepted first; a connection
+ * that never completed a request and is past its grace period before a
+ * kept-alive one. */
 static void
 test_agent_evictable(void)
 {
 	static struct agent saved[MAX_AGENT_CONNS];
 	memcpy(saved, g.agents, sizeof saved);
 	int64_t now = now_ms();
-	for (int variant = 0; variant < 2; variant++) {
+	for (int variant = 0; variant < 4; variant++) {
 		for (int i = 0; i < MAX_AGENT_CONNS; i++) {
 			struct agent *a = &g.agents[i];
 			memset(a, 0, sizeof *a);
@@ -4237,12 +4298,70 @@ test_agent_evictable(void)
 			g.agents[30].requests = 0;
 			g.agents[30].c.rx_len = 3;
 			want = 30;
+		} else if (variant >= 2) {
+			/* as idle as slot 9: the one accepted first goes */
+			g.agents[40].c.last_active = now - 5000;
+			if (variant == 3) {
+				g.agents[40].accepted = 1;
+				g.agents[0].accepted = 41;
+				want = 40;
+			}
 		}
 		ctx("agent_evictable, all %d slots taken, variant %d", MAX_AGENT_CONNS,
 		    variant);
 		CHECK_INT(agent_evictable(), want);
 	}
 	memcpy(g.agents, saved, sizeof saved);
+}
+
+/* An answer that cannot be sent (the agent reset the connection) closes
+ * the connection at once, rather than leaving it to its timeout. */
+static ssize_t
+stub_send_epipe(int fd, const void *b, size_t n, int flags)
+{
+	(void)fd, (void)b, (void)n, (void)flags;
+	errno = EPIPE;
+	return -1;
+}
+
+static void
+test_agent_answer_unsendable(void)
+{
+	static char rx[64], tx[64];
+	struct agent a;
+	memset(&a, 0, sizeof a);
+	a.c.rx = rx, a.c.rx_cap = sizeof rx;
+	a.c.tx = tx, a.c.tx_cap = sizeof tx;
+	a.c.fd = 77;
+	a.payload = -1;
+	a.keep_alive = 1;
+	struct apm_io saved = io;
+	io.send = stub_send_epipe;
+	io.close = stub_close;
+	stub_closed = -1;
+	ctx("agent_process: the answer's send fails with EPIPE");
+	agent_respond(&a, 202, NULL, 0);
+	agent_process(&a);
+	CHECK_INT(a.c.fd, -1);
+	CHECK_INT(stub_closed, 77);
+	io = saved;
+}
+
+/* Trace and span ids: exactly n lowercase hex digits, the first one too. */
+static void
+test_is_hex_id(void)
+{
+	static const struct { const char *s; int ok; } ids[] = {
+		{ "0123456789abcdef", 1 }, { "fedcba9876543210", 1 },
+		{ "g123456789abcdef", 0 }, { "A123456789abcdef", 0 },
+		{ " 123456789abcdef", 0 }, { "0123456789abcdeF", 0 },
+		{ "0123456789abcde", 0 }, { "0123456789abcdef0", 0 },
+		{ "01234567-9abcdef", 0 },
+	};
+	for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++) {
+		ctx("is_hex_id(\"%s\", 16)", ids[i].s);
+		CHECK_INT(is_hex_id(ids[i].s, 16), ids[i].ok);
+	}
 }
 
 /* pages_release gives back exactly the whole pages inside [p, p+n): from a
@@ -4670,6 +4789,7 @@ main(void)
 	test_cert_san();
 	test_anchor_fast();
 	test_pem_loads();
+	test_bundle_fetch();
 	test_x509_wrappers();
 	test_tls_reason();
 	test_aws_request_id_limit();
@@ -4680,6 +4800,8 @@ main(void)
 	test_tel_accept_evicts_idlest();
 	test_agent_evictable();
 	test_pages_release();
+	test_agent_answer_unsendable();
+	test_is_hex_id();
 	test_msg_answer();
 	test_log_line();
 	test_cfg();
