@@ -4347,6 +4347,40 @@ test_agent_answer_unsendable(void)
 	io = saved;
 }
 
+/* An OTLP export's answer: 200 with an empty export response in the
+ * exporter's encoding; the connection has now completed a request, so it
+ * ranks as kept alive when a slot must be freed. */
+static void
+test_agent_otlp_answer(void)
+{
+	static char rx[64], tx[256];
+	static const struct { const char *ctype, *body; } enc[] = {
+		{ "application/json", "{}" }, { "application/x-protobuf", "" },
+	};
+	for (size_t i = 0; i < 2; i++) {
+		struct agent a;
+		memset(&a, 0, sizeof a);
+		a.c.rx = rx, a.c.rx_cap = sizeof rx;
+		a.c.tx = tx, a.c.tx_cap = sizeof tx;
+		a.c.fd = 77;
+		a.payload = -1;
+		a.keep_alive = 1;
+		a.otlp = 1;
+		a.accepted_at = now_ms() - 60000;
+		snprintf(a.ctype, sizeof a.ctype, "%s", enc[i].ctype);
+		ctx("agent_respond_otlp, %s", enc[i].ctype);
+		agent_respond_otlp(&a);
+		char want[200];
+		snprintf(want, sizeof want, "HTTP/1.1 200 OK\r\nContent-Length: %zu\r\n"
+		    "Content-Type: %s\r\n\r\n%s", strlen(enc[i].body), enc[i].ctype,
+		    enc[i].body);
+		CHECK_MEM(a.c.tx, a.c.tx_len, want, strlen(want));
+		a.state = AG_HEAD; /* the answer sent */
+		a.c.tx_len = 0;
+		CHECK_INT(agent_evict_rank(&a, now_ms()), 3);
+	}
+}
+
 /* Trace and span ids: exactly n lowercase hex digits, the first one too. */
 static void
 test_is_hex_id(void)
@@ -4801,6 +4835,7 @@ main(void)
 	test_agent_evictable();
 	test_pages_release();
 	test_agent_answer_unsendable();
+	test_agent_otlp_answer();
 	test_is_hex_id();
 	test_msg_answer();
 	test_log_line();
