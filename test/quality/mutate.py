@@ -175,6 +175,10 @@ KEYWORDS = {"if", "while", "for", "switch", "return", "sizeof", "do", "else",
             "union", "enum", "static", "const", "_Alignof", "alignof",
             "__attribute__", "offsetof"}
 NO_SWAP = {"MIN", "MAX", "earliest", "LIT", "NEVER"}  # symmetric or macro plumbing
+# comparators: swapping the two compared arguments changes only the sign, so
+# a result tested for equality alone (== 0, != 0, !) keeps its meaning
+COMPARATORS = {"strcmp", "strncmp", "strcasecmp", "strncasecmp", "memcmp"}
+EQUALITY_TEST = re.compile(r"\s*[!=]=\s*0\b")
 DECL = re.compile(r"^\s*(?:(?:const|static|unsigned|signed|struct|enum|union|volatile)\s+)*"
                   r"[A-Za-z_]\w*(?:\s+|\s*\*+\s*)(?:const\s+)?\**[A-Za-z_]\w*\s*[\[=;,)]")
 
@@ -586,7 +590,11 @@ def ops_swap(src, ln):
             continue
         k = seen.get(name, 0)
         seen[name] = k + 1
+        only_equality = name in COMPARATORS and (
+            EQUALITY_TEST.match(m, q + 1) or before.endswith("!"))
         for x in range(len(args) - 1):
+            if x == 0 and only_equality:
+                continue
             (s1, e1), (s2, e2) = args[x], args[x + 1]
             t1, t2 = t[s1:e1].strip(), t[s2:e2].strip()
             if not t1 or not t2 or t1 == t2 or "\n" in t1 or "\n" in t2:
