@@ -336,7 +336,6 @@ def agent_send_spans(port, inv, spans, min_bytes, what):
     return s, tx
 
 
-
 def agent_flush(port, token=None, conn=None):
     """The agent's end-of-invocation signal: empty POST ?flushed=true."""
     return agent_send(port, [], flushed=True, token=token, conn=conn, chunked=False)

@@ -1172,12 +1172,12 @@ def audit_10_trickling_bodies_yield(t):
                 else "closed"
         still = [i for i, a in answers.items() if a == "still open"]
         n408 = sum(1 for a in answers.values() if a == 408)
+        outcomes = sorted(collections.Counter(map(str, answers.values())).items())
         print("AUDIT10 trickling bodies: %d answered 408, %d still open %.1f s after their "
               "heads" % (n408, len(still), time.monotonic() - t_heads), flush=True)
         code = t.lam.ext_proc.poll()
         assert code is None, "the extension exited (code %s) while the trickling bodies " \
-            "timed out: %r" % (code, sorted(collections.Counter(
-                map(str, answers.values())).items()))
+            "timed out: %r" % (code, outcomes)
         assert not still, "%d trickling bodies still open %.1f s after their heads (receiver " \
             "timeout 3 s)" % (len(still), time.monotonic() - t_heads)
         # each one got 408, or was closed to make room for a new agent: the
@@ -1186,8 +1186,7 @@ def audit_10_trickling_bodies_yield(t):
         # machine is)
         assert len(socks) - n408 <= attempts, "only %d of %d trickling bodies answered 408, " \
             "and the new agent made only %d connections: %r" % (
-                n408, len(socks), attempts,
-                sorted(collections.Counter(map(str, answers.values())).items()))
+                n408, len(socks), attempts, outcomes)
     finally:
         stop.set()
         for s in socks:

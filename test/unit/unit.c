@@ -2603,6 +2603,20 @@ test_tx_room(void)
 	CHECK_INT(c.tx_len, 0);
 }
 
+/* An agent connection as agent_accept leaves it (kept alive, no payload,
+ * waiting for a head), on the given buffers. */
+static void
+agent_fixture(struct agent *a, int fd, char *rx, size_t rx_cap, char *tx,
+    size_t tx_cap)
+{
+	memset(a, 0, sizeof *a);
+	a->c = (struct conn){ .fd = fd, .rx = rx, .rx_cap = rx_cap, .tx = tx,
+		.tx_cap = tx_cap };
+	a->state = AG_HEAD;
+	a->payload = -1;
+	a->keep_alive = 1;
+}
+
 /* A kept-alive agent connection's next request starts a fresh progress
  * window: agent_head sets window_start and window_total = 0 (body.total
  * restarts at 0 with the new body). Were the previous request's window_total
@@ -2627,18 +2641,10 @@ test_agent_body_window(void)
 		ctx("agent_timeouts after a kept-alive request, %s new bytes",
 		    enough ? "BODY_MIN_BYTES" : "too few");
 		struct agent *a = &ag;
-		memset(a, 0, sizeof *a);
-		a->c.fd = -1;
-		a->c.rx = rx;
-		a->c.rx_cap = sizeof rx;
-		a->c.tx = tx;
-		a->c.tx_cap = sizeof tx;
-		a->payload = -1;
-		a->keep_alive = 1;
+		agent_fixture(a, -1, rx, sizeof rx, tx, sizeof tx);
 		a->requests = 1;
 		/* what the previous request on this connection left: its last
 		 * window began at body.total 5000 */
-		a->state = AG_HEAD;
 		a->window_start = 1;
 		a->window_total = 5000;
 		memcpy(rx, head, sizeof head - 1);
@@ -4329,12 +4335,7 @@ test_agent_answer_unsendable(void)
 {
 	static char rx[64], tx[64];
 	struct agent a;
-	memset(&a, 0, sizeof a);
-	a.c.rx = rx, a.c.rx_cap = sizeof rx;
-	a.c.tx = tx, a.c.tx_cap = sizeof tx;
-	a.c.fd = 77;
-	a.payload = -1;
-	a.keep_alive = 1;
+	agent_fixture(&a, 77, rx, sizeof rx, tx, sizeof tx);
 	struct apm_io saved = io;
 	io.send = stub_send_epipe;
 	io.close = stub_close;
@@ -4359,12 +4360,7 @@ test_agent_otlp_answer(void)
 	};
 	for (size_t i = 0; i < 2; i++) {
 		struct agent a;
-		memset(&a, 0, sizeof a);
-		a.c.rx = rx, a.c.rx_cap = sizeof rx;
-		a.c.tx = tx, a.c.tx_cap = sizeof tx;
-		a.c.fd = 77;
-		a.payload = -1;
-		a.keep_alive = 1;
+		agent_fixture(&a, 77, rx, sizeof rx, tx, sizeof tx);
 		a.otlp = 1;
 		a.accepted_at = now_ms() - 60000;
 		snprintf(a.ctype, sizeof a.ctype, "%s", enc[i].ctype);
@@ -4482,11 +4478,7 @@ test_msg_answer(void)
 	static const char req[] = "POST /intake/v2/events HTTP/1.1\r\n"
 	    "Host: localhost\r\nTransfer-Encoding: gzip\r\n\r\nbody";
 	struct agent a;
-	memset(&a, 0, sizeof a);
-	a.c = (struct conn){ .fd = -1, .rx = rx, .rx_cap = sizeof rx, .tx = atx,
-		.tx_cap = sizeof atx };
-	a.payload = -1;
-	a.keep_alive = 1;
+	agent_fixture(&a, -1, rx, sizeof rx, atx, sizeof atx);
 	memcpy(rx, req, sizeof req - 1);
 	a.c.rx_len = sizeof req - 1;
 	capture_begin(2, LOG_WARN);
